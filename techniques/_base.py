@@ -1,0 +1,340 @@
+"""What every technique shares: spec base class, per-layer settings, registry, apply context."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import typing
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+LAYER_DEFAULT = "_default"
+REGEX_PREFIX = "re:"
+
+
+class SpecError(ValueError):
+    """A technique spec, per-layer setting or serialised document is invalid; the message says why."""
+
+
+# --------------------------------------------------------------------------- per-layer settings
+
+
+@dataclass(frozen=True)
+class LayerMap:
+    """Per-layer values addressed by name: exact name, then `re:` regex (in order), then `_default`.
+
+    A name also matches the layer it was factored from: the setting for `fc1` applies to `fc1.0`
+    and `fc1.1` after low-rank factorisation replaced `fc1` by a two-layer sequence.
+    """
+
+    entries: tuple[tuple[str, Any], ...] = ()
+
+    @classmethod
+    def of(cls, value: LayerMap | Mapping[str, Any] | Any) -> LayerMap:
+        """A LayerMap from a mapping, or from a scalar meaning 'this value for every layer'."""
+        if isinstance(value, LayerMap):
+            return value
+        if isinstance(value, Mapping):
+            for key in value:
+                if not isinstance(key, str) or not key:
+                    raise SpecError(f"per-layer keys must be non-empty strings, got {key!r}")
+                if key.startswith(REGEX_PREFIX):
+                    try:
+                        re.compile(key[len(REGEX_PREFIX) :])
+                    except re.error as exc:
+                        raise SpecError(f"bad regular expression {key!r}: {exc}") from None
+            return cls(tuple(value.items()))
+        return cls(((LAYER_DEFAULT, value),))
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.entries)
+
+    def values(self) -> list[Any]:
+        return [value for _, value in self.entries]
+
+    def resolve(self, name: str) -> Any | None:
+        """The value for layer `name`, or None when no key addresses it."""
+        exact = dict(self.entries)
+        candidate = name
+        while True:
+            if candidate in exact:
+                return exact[candidate]
+            if "." not in candidate:
+                break
+            candidate = candidate.rsplit(".", 1)[0]
+        for key, value in self.entries:
+            if key.startswith(REGEX_PREFIX) and re.fullmatch(key[len(REGEX_PREFIX) :], name):
+                return value
+        return exact.get(LAYER_DEFAULT)
+
+    def unmatched_keys(self, names: Iterable[str]) -> list[str]:
+        """Keys (other than `_default`) that address none of `names`."""
+        names = list(names)
+        unmatched = []
+        for key, _ in self.entries:
+            if key == LAYER_DEFAULT:
+                continue
+            if key.startswith(REGEX_PREFIX):
+                pattern = re.compile(key[len(REGEX_PREFIX) :])
+                hit = any(pattern.fullmatch(n) for n in names)
+            else:
+                hit = any(n == key or n.startswith(key + ".") for n in names)
+            if not hit:
+                unmatched.append(key)
+        return unmatched
+
+
+# --------------------------------------------------------------------------- specs
+
+
+@dataclass(frozen=True)
+class TechniqueSpec:
+    """Base of every technique's frozen spec; subclasses validate in `__post_init__`.
+
+    Fields annotated `LayerMap` hold per-layer settings; they accept a mapping or a scalar and are
+    normalised to a LayerMap. Serialised form: `{"_type", "_version", "_data"}`.
+    """
+
+    technique: ClassVar[str] = ""
+    version: ClassVar[int] = 1
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            if _is_layer_map(type(self), f.name):
+                object.__setattr__(self, f.name, LayerMap.of(getattr(self, f.name)))
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise SpecError when a value is out of range (override in subclasses)."""
+
+    def layer_maps(self) -> dict[str, LayerMap]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if _is_layer_map(type(self), f.name)}
+
+    def to_json(self) -> dict[str, Any]:
+        data = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            data[f.name] = value.as_dict() if isinstance(value, LayerMap) else _plain(value)
+        return {"_type": self.technique, "_version": self.version, "_data": data}
+
+    @classmethod
+    def from_data(cls, data: Mapping[str, Any]) -> TechniqueSpec:
+        if not isinstance(data, Mapping):
+            raise SpecError(f"{cls.technique}: settings must be an object, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise SpecError(f"{cls.technique}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items()}
+        try:
+            return cls(**kwargs)
+        except TypeError as exc:
+            raise SpecError(f"{cls.technique}: {exc}") from None
+
+
+def _is_layer_map(cls: type, name: str) -> bool:
+    hints = typing.get_type_hints(cls)
+    return hints.get(name) is LayerMap
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def check_range(technique: str, what: str, value: Any, low: float, high: float, *, layer: str | None = None) -> None:
+    """Raise SpecError unless low <= value <= high (and value is a real number)."""
+    where = f" for layer {layer!r}" if layer else ""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not (low <= value <= high):
+        raise SpecError(f"{technique}: {what}{where} must be in [{low}, {high}], got {value!r}")
+
+
+# --------------------------------------------------------------------------- apply context
+
+
+@dataclass
+class Context:
+    """What a technique may use besides the model: inputs, data, device, seed, and a log of notes.
+
+    Data come as callables so nothing is materialised unless a technique needs it:
+    `calibration()` yields input batches; `train_batches(epoch)` yields (inputs, targets) batches in a
+    deterministic order for that epoch; `evaluate(model)` returns the validation metric (higher is better).
+    """
+
+    example_inputs: torch.Tensor
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    seed: int = 0
+    calibration: Callable[[], Iterable[torch.Tensor]] | None = None
+    train_batches: Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor]]] | None = None
+    task_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    evaluate: Callable[[nn.Module], float] | None = None
+    teacher: nn.Module | None = None
+    on_epoch: Callable[[int, float], None] | None = None
+    notes: list[dict[str, Any]] = field(default_factory=list)
+
+    def note(self, technique: str, layer: str | None, message: str, **data: Any) -> None:
+        """Record what a technique did or skipped (shown in metrics and reports)."""
+        self.notes.append({"technique": technique, "layer": layer, "message": message, **data})
+
+
+# --------------------------------------------------------------------------- registry
+
+
+@dataclass(frozen=True)
+class ParamRange:
+    """A per-layer parameter a technique offers to the search space."""
+
+    low: float | None = None
+    high: float | None = None
+    choices: tuple[Any, ...] | None = None
+    log: bool = False
+    integer: bool = False
+
+
+@dataclass(frozen=True)
+class Technique:
+    """A registered technique: its spec type, apply function and what it offers to a search space.
+
+    `stage` fixes the canonical order (low-rank 10 → structured pruning 20 → unstructured pruning 30 →
+    quantization 40 → distillation 50); a policy whose steps go backwards in stage is rejected.
+    """
+
+    name: str
+    spec_type: type[TechniqueSpec]
+    apply: Callable[[nn.Module, Any, Context], nn.Module]
+    layer_types: tuple[type[nn.Module], ...]
+    ranges: Mapping[str, ParamRange]
+    stage: int
+    structural: bool = False
+
+
+_REGISTRY: dict[str, Technique] = {}
+
+
+def register(technique: Technique) -> Technique:
+    if technique.name in _REGISTRY:
+        raise RuntimeError(f"technique {technique.name!r} registered twice")
+    if technique.spec_type.technique != technique.name:
+        raise RuntimeError(f"spec {technique.spec_type.__name__} names {technique.spec_type.technique!r}")
+    _REGISTRY[technique.name] = technique
+    return technique
+
+
+def registry() -> Mapping[str, Technique]:
+    _load_builtin()
+    return dict(_REGISTRY)
+
+
+def get(name: str) -> Technique:
+    _load_builtin()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise SpecError(f"unknown technique {name!r}; known: {', '.join(sorted(_REGISTRY))}") from None
+
+
+def spec_from_json(doc: Any) -> TechniqueSpec:
+    """Build a spec from its `{"_type", "_version", "_data"}` form; only registered types load."""
+    if not isinstance(doc, Mapping) or set(doc) != {"_type", "_version", "_data"}:
+        raise SpecError('a technique step must be an object with exactly "_type", "_version" and "_data"')
+    technique = get(doc["_type"]) if isinstance(doc["_type"], str) else get(repr(doc["_type"]))
+    if doc["_version"] != technique.spec_type.version:
+        raise SpecError(
+            f"{technique.name}: unsupported version {doc['_version']!r} (this build reads {technique.spec_type.version})"
+        )
+    return technique.spec_type.from_data(doc["_data"])
+
+
+def apply_spec(model: nn.Module, spec: TechniqueSpec, ctx: Context) -> nn.Module:
+    """Apply one spec through its registered technique."""
+    return get(spec.technique).apply(model, spec, ctx)
+
+
+def layers_of(model: nn.Module, types: tuple[type[nn.Module], ...]) -> Iterator[tuple[str, nn.Module]]:
+    """Named modules of the given types (exact type match, so subclasses such as packed layers are not
+    mistaken for plain ones)."""
+    for name, module in model.named_modules():
+        if name and type(module) in types:
+            yield name, module
+
+
+def resolve_layers(
+    model: nn.Module, settings: LayerMap, types: tuple[type[nn.Module], ...], technique: str
+) -> list[tuple[str, nn.Module, Any]]:
+    """(name, module, value) for each layer of `types` that `settings` addresses.
+
+    Raises SpecError naming the key when a per-layer key addresses no eligible layer.
+    """
+    layers = list(layers_of(model, types))
+    unmatched = settings.unmatched_keys(name for name, _ in layers)
+    if unmatched:
+        kinds = "/".join(t.__name__ for t in types)
+        raise SpecError(f"{technique}: layer key(s) {', '.join(map(repr, unmatched))} match no {kinds} layer of the model")
+    resolved = []
+    for name, module in layers:
+        value = settings.resolve(name)
+        if value is not None:
+            resolved.append((name, module, value))
+    return resolved
+
+
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the submodule at dotted path `name`."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def _load_builtin() -> None:
+    # Importing the technique modules registers them; done lazily so `import techniques` stays light.
+    import importlib
+
+    for module in ("lowrank", "channel_pruning", "pruning", "quantization", "distillation"):
+        importlib.import_module(f"techniques.{module}")
+
+
+# --------------------------------------------------------------------------- rebuildable modules
+
+_MODULE_TYPES: dict[str, type[nn.Module]] = {}
+
+
+def rebuildable(cls: type[nn.Module]) -> type[nn.Module]:
+    """Class decorator: a module type a technique inserts, which checkpoints can rebuild from JSON.
+
+    The class implements `rebuild_config() -> dict` (JSON-safe constructor arguments, shapes included)
+    and `from_rebuild_config(config) -> module` (a module whose state_dict has the same keys and shapes,
+    ready for `load_state_dict`).
+    """
+    for method in ("rebuild_config", "from_rebuild_config"):
+        if not hasattr(cls, method):
+            raise TypeError(f"{cls.__name__} must define {method}")
+    _MODULE_TYPES[cls.__name__] = cls
+    return cls
+
+
+def module_types() -> Mapping[str, type[nn.Module]]:
+    _load_builtin()
+    return dict(_MODULE_TYPES)
+
+
+# --------------------------------------------------------------------------- shared parametrisation
+
+
+class WeightMask(nn.Module):
+    """Parametrisation that keeps pruned weights at zero through fine-tuning (`weight = original * mask`).
+
+    Unstructured pruning registers it on a layer's weight with `torch.nn.utils.parametrize`; finalize
+    bakes it in and stores the layer sparsely.
+    """
+
+    def __init__(self, mask: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mask", mask.to(torch.bool))
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight * self.mask
