@@ -56,10 +56,16 @@ def count_weights(model: nn.Module) -> tuple[int, int]:
     return total, nonzero
 
 
+def _int_mm_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+
+
 def count_flops(model: nn.Module, example_inputs: torch.Tensor) -> int:
     """Floating-point operations of one forward pass on `example_inputs` (a multiply-add counts as 2)."""
     model.eval()
-    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+    # Integer GEMMs (torch._int_mm) are multiply-adds too; the stock counter does not know them.
+    custom = {torch.ops.aten._int_mm: _int_mm_flops}
+    with torch.inference_mode(), FlopCounterMode(display=False, custom_mapping=custom) as counter:
         model(example_inputs)
     return int(counter.get_total_flops())
 
