@@ -11,6 +11,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 LAYER_DEFAULT = "_default"
 REGEX_PREFIX = "re:"
@@ -257,10 +258,18 @@ def apply_spec(model: nn.Module, spec: TechniqueSpec, ctx: Context) -> nn.Module
 
 def layers_of(model: nn.Module, types: tuple[type[nn.Module], ...]) -> Iterator[tuple[str, nn.Module]]:
     """Named modules of the given types (exact type match, so subclasses such as packed layers are not
-    mistaken for plain ones)."""
+    mistaken for plain ones; a layer with parametrisations counts as its original type)."""
     for name, module in model.named_modules():
-        if name and type(module) in types:
+        if name and base_type(module) in types:
             yield name, module
+
+
+def base_type(module: nn.Module) -> type[nn.Module]:
+    """The module's class, seeing through the subclass torch.nn.utils.parametrize generates."""
+    cls = type(module)
+    if parametrize.is_parametrized(module):
+        cls = cls.__bases__[0]
+    return cls
 
 
 def resolve_layers(
