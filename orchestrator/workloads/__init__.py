@@ -1,0 +1,53 @@
+"""Workloads: the built-in ones by name, or a user's own as `package.module:function`."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from pathlib import Path
+
+from orchestrator.errors import UserError
+from orchestrator.workloads._workload import SPLITS, Workload, accuracy
+
+__all__ = ["BUILTIN", "SPLITS", "Workload", "accuracy", "resolve_workload"]
+
+BUILTIN = ("digits", "cifar10")
+
+
+def resolve_workload(spec: str, *, data_dir: str | Path | None = None, weights: str | Path | None = None) -> Workload:
+    """The workload named `spec`: "digits", "cifar10" (needs `data_dir`), or "pkg.module:function".
+
+    A user's function is called with no arguments, or with `data_dir=` when one is given, and must
+    return a Workload.
+    """
+    if spec == "digits":
+        from orchestrator.workloads.digits import make_digits
+
+        return make_digits()
+    if spec == "cifar10":
+        from orchestrator.workloads.cifar10 import make_cifar10
+
+        if data_dir is None:
+            raise UserError("the cifar10 workload needs --data-dir pointing at the CIFAR-10 python batches")
+        return make_cifar10(data_dir, weights=weights)
+    if ":" not in spec:
+        raise UserError(f"unknown workload {spec!r}: use one of {', '.join(BUILTIN)} or package.module:function")
+    factory = _import_factory(spec)
+    workload = factory(data_dir=str(data_dir)) if data_dir is not None else factory()
+    if not isinstance(workload, Workload):
+        raise UserError(f"{spec} returned {type(workload).__name__}, not an orchestrator Workload")
+    return workload
+
+
+def _import_factory(spec: str) -> Callable[..., Workload]:
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise UserError(f"bad workload {spec!r}: expected package.module:function")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UserError(f"cannot import workload module {module_name!r}: {exc}") from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise UserError(f"module {module_name!r} has no callable {attr!r}")
+    return factory

@@ -1,0 +1,104 @@
+"""Train a baseline once and cache it on disk, keyed by a hash of its recipe."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from orchestrator.data import Split
+from orchestrator.weights import load_weights, save_weights
+
+
+def cache_dir() -> Path:
+    """Where trained baselines are kept: $COMPRESSION_CACHE, else ~/.cache/compression-orchestrator."""
+    if os.environ.get("COMPRESSION_CACHE"):
+        return Path(os.environ["COMPRESSION_CACHE"]) / "baselines"
+    xdg = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return xdg / "compression-orchestrator" / "baselines"
+
+
+def tensor_digest(*tensors: torch.Tensor) -> str:
+    """A short sha256 of tensors' bytes (identifies a data set in a recipe)."""
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        digest.update(tensor.contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def recipe_hash(recipe: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def progress(message: str) -> None:
+    """Console progress for long work (stderr, so stdout stays parseable)."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def train_classifier(
+    model: nn.Module,
+    train: Split,
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    prepare: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    label: str = "baseline",
+) -> nn.Module:
+    """Plain supervised training (AdamW, cosine schedule, cross-entropy), seeded, with per-epoch progress."""
+    torch.manual_seed(seed)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    steps = epochs * -(-len(train) // batch_size)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=lr, total_steps=steps)
+    start = time.perf_counter()
+    for epoch in range(epochs):
+        model.train()
+        total, correct, loss_sum = 0, 0, 0.0
+        for x, y in train.batches(batch_size, shuffle_seed=seed * 1000 + epoch):
+            x = prepare(x) if prepare else x
+            optimiser.zero_grad()
+            out = model(x)
+            loss = nn.functional.cross_entropy(out, y)
+            loss.backward()
+            optimiser.step()
+            schedule.step()
+            loss_sum += loss.item() * len(y)
+            correct += int((out.argmax(1) == y).sum())
+            total += len(y)
+        progress(
+            f"  training {label}: epoch {epoch + 1}/{epochs}  loss {loss_sum / total:.4f}  "
+            f"train acc {correct / total:.4f}  ({time.perf_counter() - start:.1f}s)"
+        )
+    return model.eval()
+
+
+def cached_baseline(
+    name: str, recipe: Mapping[str, Any], build: Callable[[], nn.Module], train: Callable[[nn.Module], nn.Module]
+) -> nn.Module:
+    """The trained baseline for `recipe`: loaded from the cache if present, else trained and cached."""
+    key = recipe_hash(recipe)
+    path = cache_dir() / f"{name}-{key}.safetensors"
+    model = build()
+    if path.exists():
+        try:
+            model.load_state_dict(load_weights(path))
+        except Exception as exc:  # a damaged cache entry is retrained, never trusted
+            progress(f"cached baseline {path} is unreadable ({exc.__class__.__name__}); retraining")
+            model = build()
+        else:
+            progress(f"reusing cached baseline {path} (recipe {key}); no retraining")
+            return model.eval()
+    progress(f"training baseline for {name} (recipe {key}); cached at {path} for next time")
+    model = train(model)
+    save_weights(model, path)
+    (path.with_suffix(".json")).write_text(json.dumps(dict(recipe), indent=2, sort_keys=True))
+    return model.eval()

@@ -1,0 +1,81 @@
+"""The workload contract: everything the orchestrator knows about a user's problem."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from orchestrator.data import Split
+
+SPLITS = ("train", "calibration", "validation", "test")
+
+
+def accuracy(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    """Top-1 accuracy in [0, 1]."""
+    return float((logits.argmax(dim=1) == targets).float().mean())
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A model to compress, its data, and how to score it.
+
+    - `build_model()` returns the untrained architecture (checkpoints rebuild from it);
+    - `load_baseline()` returns the trained baseline (trained on first use and cached, or loaded);
+    - `splits` holds "train", "calibration", "validation" and "test" (the search only sees validation;
+      test is touched once, for the final models);
+    - `metric_fn(outputs, targets)` is higher-is-better, named `metric_name`;
+    - `loss_fn(outputs, targets)` is the fine-tuning task loss;
+    - `fingerprint` identifies the recipe (architecture, data, training), so checkpoints from another
+      workload are recognised;
+    - `build_student(width)` optionally returns a lighter architecture for distillation;
+    - `prepare_fn(inputs)` optionally turns stored inputs (e.g. uint8 images) into model inputs.
+    """
+
+    name: str
+    build_model: Callable[[], nn.Module]
+    load_baseline: Callable[[], nn.Module]
+    splits: Mapping[str, Split]
+    fingerprint: str
+    metric_name: str = "accuracy"
+    metric_fn: Callable[[torch.Tensor, torch.Tensor], float] = accuracy
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = nn.functional.cross_entropy
+    batch_size: int = 128
+    build_student: Callable[[float], nn.Module] | None = None
+    prepare_fn: Callable[[torch.Tensor], torch.Tensor] | None = None
+    info: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        missing = [s for s in SPLITS if s not in self.splits]
+        if missing:
+            raise ValueError(f"workload {self.name!r} lacks split(s) {', '.join(missing)}")
+
+    def example_inputs(self, batch_size: int = 1, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Real inputs (from the validation split) for tracing and latency, as float tensors."""
+        return self.prepare(self.splits["validation"].inputs[:batch_size]).to(device)
+
+    def prepare(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Stored inputs as the model takes them (stored uint8 images are scaled here)."""
+        return self.prepare_fn(inputs) if self.prepare_fn else inputs
+
+    def batches(self, split: str, *, shuffle_seed: int | None = None, device: torch.device | str = "cpu"):
+        """(inputs, targets) batches of a split, ready for the model."""
+        for x, y in self.splits[split].batches(self.batch_size, shuffle_seed=shuffle_seed, device=device):
+            yield self.prepare(x), y
+
+    def evaluate(self, model: nn.Module, split: str = "validation", device: torch.device | str | None = None) -> float:
+        """The metric of `model` on a split (model put in eval mode, no gradients)."""
+        if split not in self.splits:
+            raise ValueError(f"unknown split {split!r}; one of {', '.join(SPLITS)}")
+        if device is None:
+            device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        model.eval()
+        outputs, targets = [], []
+        with torch.inference_mode():
+            for x, y in self.batches(split, device=device):
+                outputs.append(model(x).float().cpu())
+                targets.append(y.cpu())
+        return self.metric_fn(torch.cat(outputs), torch.cat(targets))

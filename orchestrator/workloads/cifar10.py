@@ -1,0 +1,149 @@
+"""Built-in `cifar10` workload: ResNet-18 adapted to 32×32 on the CIFAR-10 python batches in a local directory.
+
+Nothing is downloaded. The batches are Python pickles; they are read with an unpickler that can only
+build dicts, lists, strings, numbers and numpy arrays, so a malicious file cannot run code.
+"""
+
+from __future__ import annotations
+
+import functools
+import pickle
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from orchestrator.data import Split
+from orchestrator.errors import UserError
+from orchestrator.workloads._baseline import cached_baseline, progress, recipe_hash, tensor_digest, train_classifier
+from orchestrator.workloads._workload import Workload
+
+TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
+TEST_FILE = "test_batch"
+MEAN = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)
+STD = torch.tensor([0.2470, 0.2435, 0.2616]).view(1, 3, 1, 1)
+RECIPE = {"arch": "resnet18-cifar", "epochs": 30, "lr": 2e-3, "batch_size": 128, "seed": 0}
+
+_ALLOWED_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("_codecs", "encode"),  # how protocol-2 pickles spell bytes; it only encodes text
+}
+
+
+class _ArraysOnlyUnpickler(pickle.Unpickler):
+    """Refuses every global except what numpy arrays need."""
+
+    def find_class(self, module: str, name: str):  # noqa: ANN201
+        if (module, name) in _ALLOWED_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"forbidden global {module}.{name}")
+
+
+def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(N×3×32×32 uint8 images, N labels) from one CIFAR-10 python batch file."""
+    try:
+        with path.open("rb") as handle:
+            batch = _ArraysOnlyUnpickler(handle, encoding="bytes").load()
+        data = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        labels = np.asarray(batch[b"labels"], dtype=np.int64)
+    except FileNotFoundError:
+        raise UserError(f"CIFAR-10 batch {path} is missing") from None
+    except Exception as exc:
+        raise UserError(f"CIFAR-10 batch {path} is malformed: {exc}") from None
+    if len(data) != len(labels) or (len(labels) and not 0 <= labels.min() <= labels.max() <= 9):
+        raise UserError(f"CIFAR-10 batch {path} is malformed: {len(data)} images, {len(labels)} labels")
+    return data, labels
+
+
+def load_splits(data_dir: str | Path, seed: int = 0) -> dict[str, Split]:
+    """Train = data_batch_1..5 less a seeded 10% validation hold-out; test = test_batch."""
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise UserError(f"CIFAR-10 data directory {root} does not exist")
+    progress(f"loading CIFAR-10 batches from {root}")
+    parts = [read_batch(root / name) for name in TRAIN_FILES]
+    x = torch.from_numpy(np.concatenate([p[0] for p in parts]))
+    y = torch.from_numpy(np.concatenate([p[1] for p in parts]))
+    test_x, test_y = read_batch(root / TEST_FILE)
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    n_val = max(1, len(y) // 10)
+    val, train = order[:n_val], order[n_val:]
+    train_split = Split(x[train], y[train])
+    return {
+        "train": train_split,
+        "calibration": train_split.subset(512),
+        "validation": Split(x[val], y[val]),
+        "test": Split(torch.from_numpy(test_x), torch.from_numpy(test_y)),
+    }
+
+
+def prepare(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images → normalised float tensors."""
+    return (images.float() / 255.0 - MEAN) / STD
+
+
+def resnet18_cifar(classes: int = 10) -> nn.Module:
+    """torchvision's ResNet-18 with a 3×3 stride-1 stem and no max-pool, as usual for 32×32 inputs."""
+    from torchvision.models import resnet18
+
+    model = resnet18(num_classes=classes)
+    model.conv1 = nn.Conv2d(3, 64, 3, stride=1, padding=1, bias=False)
+    model.maxpool = nn.Identity()
+    return model
+
+
+def mobilenet_student(width: float, classes: int = 10) -> nn.Module:
+    """A lighter student for distillation: torchvision's MobileNetV2 at a width multiplier."""
+    from torchvision.models import mobilenet_v2
+
+    return mobilenet_v2(num_classes=classes, width_mult=width)
+
+
+def make_cifar10(data_dir: str | Path, *, weights: str | Path | None = None, epochs: int | None = None) -> Workload:
+    """The cifar10 workload; baseline from `weights` (a local safetensors file) or trained and cached."""
+    splits = load_splits(data_dir)
+    recipe = {**RECIPE, "epochs": epochs or RECIPE["epochs"]}
+    recipe["data"] = tensor_digest(splits["train"].inputs[:4096], splits["train"].targets)
+    build = resnet18_cifar
+    if weights is not None:
+        if not Path(weights).is_file():
+            raise UserError(f"baseline weights {weights} do not exist")
+        load = functools.partial(_load_weights_file, Path(weights), build)
+        recipe["weights"] = tensor_digest(torch.frombuffer(bytearray(Path(weights).read_bytes()), dtype=torch.uint8))
+    else:
+        train = functools.partial(
+            train_classifier,
+            train=splits["train"],
+            epochs=recipe["epochs"],
+            lr=recipe["lr"],
+            batch_size=recipe["batch_size"],
+            seed=recipe["seed"],
+            prepare=prepare,
+            label="cifar10",
+        )
+        load = functools.partial(cached_baseline, "cifar10", recipe, build, train)
+    return Workload(
+        name="cifar10",
+        build_model=build,
+        load_baseline=load,
+        splits=splits,
+        fingerprint=f"cifar10-{recipe_hash(recipe)}",
+        batch_size=128,
+        prepare_fn=prepare,
+        build_student=mobilenet_student,
+        info={"recipe": recipe, "data_dir": str(data_dir)},
+    )
+
+
+def _load_weights_file(path: Path, build) -> nn.Module:  # noqa: ANN001
+    model = build()
+    try:
+        model.load_state_dict(load_file(str(path)))
+    except Exception as exc:
+        raise UserError(f"baseline weights {path} do not fit {model.__class__.__name__}: {exc}") from None
+    return model.eval()

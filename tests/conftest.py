@@ -1,0 +1,41 @@
+"""Test-wide settings: baselines are cached in a temporary directory, never in the user's cache."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory):
+    previous = os.environ.get("COMPRESSION_CACHE")
+    os.environ["COMPRESSION_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if previous is None:
+        os.environ.pop("COMPRESSION_CACHE", None)
+    else:
+        os.environ["COMPRESSION_CACHE"] = previous
+
+
+@pytest.fixture(scope="session")
+def digits():
+    """The real digits workload (its baseline trains once per test session, in about 10 s)."""
+    from orchestrator.workloads import resolve_workload
+
+    return resolve_workload("digits")
+
+
+@pytest.fixture(scope="session")
+def digits_baseline(digits):
+    return digits.load_baseline()
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

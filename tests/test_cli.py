@@ -1,0 +1,49 @@
+"""The command line: subcommands, and one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from orchestrator.cli import main
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator", *args], capture_output=True, text=True, env=os.environ, timeout=300
+    )
+
+
+def test_help_lists_subcommands():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    assert "baseline" in result.stdout
+
+
+@pytest.mark.slow
+def test_baseline_prints_measurements_as_json(digits_baseline, capsys):
+    assert main(["baseline", "--workload", "digits", "--json", "--device", "cpu"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["test"] >= 0.97
+    assert metrics["size_bytes"] > 0 and metrics["latency_ms"] > 0 and metrics["flops"] > 0
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--workload", "nope"], "unknown workload"),
+        (["--workload", "not_a_module_xyz:f"], "cannot import"),
+        (["--workload", "cifar10", "--data-dir", "/no/such/dir"], "does not exist"),
+        (["--workload", "cifar10"], "needs --data-dir"),
+        (["--device", "cuda:7"], "CUDA"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_code_2(args, message):
+    result = run_cli("baseline", *args)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0]
