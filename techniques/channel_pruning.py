@@ -1,0 +1,227 @@
+"""Structured channel pruning with Torch-Pruning's dependency graph: whole output channels are removed, and
+every coupled layer (BatchNorm, the next layer's inputs, both sides of a residual add) shrinks with them,
+so the model is physically smaller and cheaper, not just sparser."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from techniques._base import (
+    LAYER_DEFAULT,
+    Context,
+    LayerMap,
+    ParamRange,
+    SpecError,
+    Technique,
+    TechniqueSpec,
+    check_range,
+    register,
+    resolve_layers,
+)
+
+NAME = "structured_pruning"
+LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear)
+IMPORTANCES = {"l1": 1, "l2": 2}
+MAX_RATIO = 0.9
+
+
+@dataclass(frozen=True)
+class StructuredPruningSpec(TechniqueSpec):
+    """Per-layer fraction of output channels (features) to remove, ranked by the group's L1/L2 norm.
+
+    Layers coupled by the dependency graph (e.g. the convolutions feeding one residual add) must keep the
+    same channels, so such a group is pruned by the smallest ratio among its layers, a layer no key
+    addresses counting as 0: no layer ever loses more channels than it asked for. Layers whose outputs
+    are the model's output are never pruned. `round_to` rounds each group's kept channels up to a multiple.
+    A layer low-rank factored into `name.0`, `name.1` inherits `name`'s ratio in each factor, so the inner
+    rank shrinks with the output channels.
+    """
+
+    technique: ClassVar[str] = NAME
+
+    ratio: LayerMap
+    importance: str = "l2"
+    round_to: int | None = None
+
+    def validate(self) -> None:
+        for key, value in self.ratio.entries:
+            layer = None if key == LAYER_DEFAULT else key
+            check_range(NAME, "ratio", value, 0.0, MAX_RATIO, layer=layer)
+        if self.importance not in IMPORTANCES:
+            raise SpecError(
+                f"{NAME}: importance must be one of {', '.join(IMPORTANCES)}, got {self.importance!r}"
+            )
+        if self.round_to is not None and (
+            isinstance(self.round_to, bool) or not isinstance(self.round_to, int) or self.round_to < 1
+        ):
+            raise SpecError(f"{NAME}: round_to must be a positive integer or null, got {self.round_to!r}")
+
+
+@dataclass(frozen=True)
+class _Cut:
+    """One planned group prune: the root layer, its pruning function and the channel indices to drop."""
+
+    root: nn.Module
+    handler: Any
+    drop: list[int]
+
+
+def kept_channels(channels: int, ratio: float, round_to: int | None) -> int:
+    """Channels left after removing `ratio` of `channels` (rounded down), at least one, then rounded up."""
+    keep = max(1, channels - math.floor(ratio * channels + 1e-9))
+    if round_to:
+        keep = min(channels, math.ceil(keep / round_to) * round_to)
+    return keep
+
+
+def _output_tensors(out: Any) -> list[torch.Tensor]:
+    """The tensors among a model's outputs (a tensor, or tuples, lists and dicts of them)."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, tuple | list):
+        return [t for item in out for t in _output_tensors(item)]
+    return []
+
+
+def _producers(graph: Any, group: Any) -> list[nn.Module]:
+    """Conv/Linear layers whose output channels the group removes."""
+    return [
+        dep.target.module
+        for dep, _ in group
+        if graph.is_out_channel_pruning_fn(dep.handler) and type(dep.target.module) in LAYER_TYPES
+    ]
+
+
+def _unprunable(graph: Any, group: Any, output_fns: set[Any]) -> str | None:
+    """Why the group's channels must stay: they are a model output (a cut node yields an output tensor or
+    has no consumer), or they pass through a grouped (not depthwise) convolution, whose channels move in
+    blocks."""
+    for dep, _ in group:
+        node = dep.target
+        if graph.is_out_channel_pruning_fn(dep.handler) and (not node.outputs or node.grad_fn in output_fns):
+            return "they are the model's output"
+    for dep, _ in group:
+        module = dep.target.module
+        if isinstance(module, nn.Conv2d) and 1 < module.groups < module.out_channels:
+            return "they pass through a grouped convolution"
+    return None
+
+
+def _plan(
+    model: nn.Module,
+    graph: Any,
+    output_fns: set[Any],
+    spec: StructuredPruningSpec,
+    ratios: dict[nn.Module, float],
+    ctx: Context,
+) -> list[_Cut]:
+    """Decide every group's channels to drop before pruning any, so importance sees the original weights."""
+    import torch_pruning as tp
+
+    names = {module: name for name, module in model.named_modules()}
+    scorer = tp.importance.MagnitudeImportance(
+        p=IMPORTANCES[spec.importance], group_reduction="mean", normalizer=None
+    )
+    cuts = []
+    for group in graph.get_all_groups(root_module_types=LAYER_TYPES):
+        producers = _producers(graph, group)
+        ratio = min((ratios.get(m, 0.0) for m in producers), default=0.0)
+        if ratio <= 0:
+            continue
+        addressed = [names[m] for m in producers if m in ratios]
+        reason = _unprunable(graph, group, output_fns)
+        if reason:
+            for name in addressed:
+                ctx.note(NAME, name, f"kept all output channels: {reason}")
+            continue
+        if len(producers) > 1:
+            coupled = ", ".join(names[m] for m in producers)
+            for name in addressed:
+                ctx.note(NAME, name, f"coupled with {coupled}: the group is pruned by {ratio}", ratio=ratio)
+        root, handler = group[0].dep.target.module, group[0].dep.handler
+        channels = graph.get_out_channels(root)
+        keep = kept_channels(channels, ratio, spec.round_to)
+        scores = scorer(group)
+        if keep == channels or scores is None:
+            continue
+        order = torch.argsort(scores.detach().float().cpu(), stable=True)
+        cuts.append(_Cut(root, handler, sorted(order[: channels - keep].tolist())))
+    return cuts
+
+
+def _shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Weight shapes of every layer, to report what changed."""
+    return {
+        name: tuple(module.weight.shape)
+        for name, module in model.named_modules()
+        if isinstance(getattr(module, "weight", None), torch.Tensor)
+    }
+
+
+def _prune(
+    model: nn.Module, spec: StructuredPruningSpec, ratios: dict[nn.Module, float], ctx: Context
+) -> None:
+    """Trace the dependency graph on the example inputs, prune every planned group and check the output."""
+    import torch_pruning as tp
+
+    parameter = next(model.parameters(), None)
+    example = ctx.example_inputs.to(parameter.device if parameter is not None else ctx.device)
+    outputs: list[torch.Tensor] = []
+
+    def forward(module: nn.Module, x: torch.Tensor) -> Any:
+        out = module(x)
+        outputs.extend(_output_tensors(out))
+        return out
+
+    before = _shapes(model)
+    with torch.enable_grad():
+        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example, forward_fn=forward)
+    output_fns = {t.grad_fn for t in outputs if t.grad_fn is not None}
+    for cut in _plan(model, graph, output_fns, spec, ratios, ctx):
+        graph.get_pruning_group(cut.root, cut.handler, idxs=cut.drop).prune()
+    with torch.no_grad():
+        shapes = [t.shape for t in _output_tensors(model(example))]
+    if shapes != [t.shape for t in outputs]:
+        raise RuntimeError(f"{NAME}: pruning changed the model's output shapes; this graph is not supported")
+    for name, shape in _shapes(model).items():
+        if shape != before[name]:
+            ctx.note(NAME, name, f"weight {list(before[name])} -> {list(shape)}", shape=list(shape))
+
+
+def apply(model: nn.Module, spec: StructuredPruningSpec, ctx: Context) -> nn.Module:
+    """Remove the least important output channels of every addressed layer group, in place."""
+    if any(parametrize.is_parametrized(m) for m in model.modules()):
+        raise SpecError(f"{NAME}: the model has parametrised layers; structured pruning must run before them")
+    ratios = {
+        module: float(value) for _, module, value in resolve_layers(model, spec.ratio, LAYER_TYPES, NAME)
+    }
+    if not any(value > 0 for value in ratios.values()):
+        ctx.note(NAME, None, "no layer asked for a ratio above 0; nothing pruned")
+        return model
+    training = model.training
+    try:
+        _prune(model.eval(), spec, ratios, ctx)
+    finally:
+        model.train(training)
+    return model
+
+
+register(
+    Technique(
+        name=NAME,
+        spec_type=StructuredPruningSpec,
+        apply=apply,
+        layer_types=LAYER_TYPES,
+        ranges={"ratio": ParamRange(0.0, 0.75)},
+        stage=20,
+        structural=True,
+    )
+)

@@ -1,0 +1,141 @@
+"""Unstructured magnitude pruning: zero the smallest |w| of each layer (or of all layers together) and keep
+them at zero through fine-tuning with a `WeightMask` parametrisation; finalize bakes and packs them."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from techniques._base import (
+    LAYER_DEFAULT,
+    Context,
+    LayerMap,
+    ParamRange,
+    SpecError,
+    Technique,
+    TechniqueSpec,
+    WeightMask,
+    check_range,
+    register,
+    resolve_layers,
+)
+
+NAME = "unstructured_pruning"
+LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
+SCOPES = ("layer", "global")
+MAX_SPARSITY = 0.99
+
+
+@dataclass(frozen=True)
+class UnstructuredPruningSpec(TechniqueSpec):
+    """Per-layer fraction of weights to zero by magnitude (0 leaves a layer alone).
+
+    `scope="layer"`: each layer prunes its own smallest weights to its own sparsity.
+    `scope="global"`: each addressed layer adds `sparsity × its weight count` to one budget, and the budget
+    is spent on the smallest |w| across all addressed layers together, so a scalar `s` means "a fraction s
+    of all addressed weights" and layers end up with different sparsities (possibly a whole layer).
+    """
+
+    technique: ClassVar[str] = NAME
+
+    sparsity: LayerMap
+    scope: str = "layer"
+
+    def validate(self) -> None:
+        for key, value in self.sparsity.entries:
+            layer = None if key == LAYER_DEFAULT else key
+            check_range(NAME, "sparsity", value, 0.0, MAX_SPARSITY, layer=layer)
+        if self.scope not in SCOPES:
+            raise SpecError(f"{NAME}: scope must be one of {', '.join(SCOPES)}, got {self.scope!r}")
+
+
+def pruned_count(sparsity: float, numel: int) -> int:
+    """How many of `numel` weights a sparsity asks to prune (nearest whole number)."""
+    return min(numel, math.floor(sparsity * numel + 0.5))
+
+
+def smallest_mask(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """Boolean keep-mask (shape of `scores`) that drops the `count` smallest scores.
+
+    Ties break by position (stable sort), so the mask is deterministic for equal magnitudes.
+    """
+    flat = scores.flatten()
+    order = torch.argsort(flat, stable=True)
+    keep = torch.ones(flat.numel(), dtype=torch.bool, device=flat.device)
+    keep[order[:count]] = False
+    return keep.view_as(scores)
+
+
+def existing_mask(module: nn.Module) -> WeightMask | None:
+    """The WeightMask already parametrising `module.weight`, if any."""
+    if not parametrize.is_parametrized(module, "weight"):
+        return None
+    for parametrization in module.parametrizations.weight:
+        if isinstance(parametrization, WeightMask):
+            return parametrization
+    return None
+
+
+def attach_mask(module: nn.Module, keep: torch.Tensor) -> torch.Tensor:
+    """Enforce `keep` on `module.weight` (merging with an earlier mask); return the mask now in force."""
+    current = existing_mask(module)
+    if current is not None:
+        current.mask &= keep.to(current.mask.device)
+        return current.mask
+    parametrize.register_parametrization(module, "weight", WeightMask(keep))
+    return existing_mask(module).mask
+
+
+def _masks(weights: list[torch.Tensor], counts: list[int], scope: str) -> list[torch.Tensor]:
+    """Keep-masks for each weight: per layer, or one magnitude ranking over all of them."""
+    scores = [w.detach().abs().float() for w in weights]
+    if scope == "layer":
+        return [smallest_mask(s, k) for s, k in zip(scores, counts, strict=True)]
+    keep = smallest_mask(torch.cat([s.flatten().cpu() for s in scores]), sum(counts))
+    parts = keep.split([s.numel() for s in scores])
+    return [part.view_as(s).to(s.device) for part, s in zip(parts, scores, strict=True)]
+
+
+def apply(model: nn.Module, spec: UnstructuredPruningSpec, ctx: Context) -> nn.Module:
+    """Mask the smallest-magnitude weights of every addressed layer; the model keeps its architecture."""
+    targets = [
+        (name, module, float(value))
+        for name, module, value in resolve_layers(model, spec.sparsity, LAYER_TYPES, NAME)
+        if value > 0
+    ]
+    if not targets:
+        ctx.note(NAME, None, "no layer asked for a sparsity above 0; nothing pruned")
+        return model
+    with torch.no_grad():
+        weights = [module.weight for _, module, _ in targets]
+        counts = [pruned_count(value, w.numel()) for (_, _, value), w in zip(targets, weights, strict=True)]
+        masks = _masks(weights, counts, spec.scope)
+        pruned = total = 0
+        for (name, module, value), keep in zip(targets, masks, strict=True):
+            in_force = attach_mask(module, keep)
+            zeros = int(in_force.numel() - in_force.sum())
+            pruned, total = pruned + zeros, total + in_force.numel()
+            achieved = zeros / in_force.numel()
+            ctx.note(NAME, name, f"{achieved:.1%} of weights pruned", requested=value, sparsity=achieved)
+    if spec.scope == "global":
+        ctx.note(
+            NAME, None, f"{pruned / total:.1%} of addressed weights pruned globally", sparsity=pruned / total
+        )
+    return model
+
+
+register(
+    Technique(
+        name=NAME,
+        spec_type=UnstructuredPruningSpec,
+        apply=apply,
+        layer_types=LAYER_TYPES,
+        ranges={"sparsity": ParamRange(0.0, 0.95)},
+        stage=30,
+    )
+)
