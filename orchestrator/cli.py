@@ -9,6 +9,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from orchestrator.errors import UserError
 
@@ -36,6 +37,51 @@ def _baseline(args: argparse.Namespace) -> int:
     return 0
 
 
+def _apply(args: argparse.Namespace) -> int:
+    from orchestrator import executor, store
+    from orchestrator.device import resolve_device
+    from orchestrator.policy import Policy
+    from orchestrator.workloads import resolve_workload
+
+    policy = Policy.load(args.policy)
+    if "://" not in args.out and Path(args.out).exists():
+        raise UserError(f"{args.out} already exists; choose a new checkpoint directory")
+    device = resolve_device(args.device)
+    workload = resolve_workload(args.workload, data_dir=args.data_dir, weights=args.weights)
+    result = executor.apply(policy, workload, seed=args.seed, device=device)
+    store.save(result.model, policy, result.metrics, workload, args.out)
+    print(json.dumps(result.metrics, indent=2) if args.json else format_result(result.metrics, args.out))
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from orchestrator.checkpoints import evaluate_checkpoint
+
+    metrics = evaluate_checkpoint(
+        args.checkpoint, workload=args.workload, data_dir=args.data_dir, weights=args.weights, device=args.device
+    )
+    print(json.dumps(metrics, indent=2) if args.json else format_result(metrics, args.checkpoint))
+    return 0
+
+
+def format_result(metrics: dict, where: str) -> str:
+    """The headline numbers of a compressed model, against its baseline."""
+    lines = [
+        f"checkpoint           {where}",
+        f"validation {metrics['metric']:<9} {metrics['validation']:.4f}  (baseline {metrics['baseline_validation']:.4f})",
+    ]
+    if "test" in metrics:
+        lines.append(f"test {metrics['metric']:<15} {metrics['test']:.4f}")
+    lines += [
+        f"size on disk         {metrics['size_bytes']:,} bytes  ({metrics['compression_ratio']:.1f}x smaller)",
+        f"latency (median)     {metrics['latency_ms']:.3f} ms  ({metrics['speedup']:.2f}x the baseline's speed)",
+        f"parameters           {metrics['params']:,}  ({metrics['nonzero_params']:,} non-zero)",
+        f"FLOPs (per example)  {metrics['flops']:,}",
+        f"measured on          {metrics['device']}, torch {metrics['torch_version']}, {metrics['threads']} threads",
+    ]
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m orchestrator", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -45,6 +91,23 @@ def build_parser() -> argparse.ArgumentParser:
     baseline.add_argument("--latency-batch-size", type=int, default=1)
     baseline.add_argument("--json", action="store_true", help="print the measurements as JSON")
     baseline.set_defaults(handler=_baseline)
+
+    apply = commands.add_parser("apply", help="apply a policy to a workload's baseline and save a checkpoint")
+    _add_workload_args(apply)
+    apply.add_argument("--policy", required=True, help="policy JSON file")
+    apply.add_argument("--out", required=True, help="new checkpoint directory (local path or s3://, gs://)")
+    apply.add_argument("--seed", type=int, help="override the policy's seed")
+    apply.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    apply.set_defaults(handler=_apply)
+
+    evaluate = commands.add_parser("evaluate", help="reload a checkpoint and re-measure it, test split included")
+    evaluate.add_argument("checkpoint", help="checkpoint directory (local path or s3://, gs://)")
+    evaluate.add_argument("--workload", help="workload (default: the one recorded in the checkpoint)")
+    evaluate.add_argument("--data-dir", help="data directory (cifar10: the CIFAR-10 python batches)")
+    evaluate.add_argument("--weights", help="cifar10: baseline weights as a local safetensors file")
+    evaluate.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, or cuda[:N]")
+    evaluate.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    evaluate.set_defaults(handler=_evaluate)
     return parser
 
 

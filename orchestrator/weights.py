@@ -33,6 +33,7 @@ def save_weights(model: nn.Module, path: str | os.PathLike[str]) -> int:
     os.close(fd)
     try:
         save_file(state_tensors(model), tmp)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; an artifact is meant to be shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

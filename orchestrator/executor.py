@@ -1,0 +1,132 @@
+"""The policy executor: one deterministic path from (policy, workload, seed) to a measured compressed model.
+
+Search trials, `python -m orchestrator apply`, and re-materialising a Pareto point all call `apply`.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+import techniques
+from orchestrator.measure import Environment, count_flops, count_weights, time_latency
+from orchestrator.policy import Policy, PolicyError, validate_for_model
+from orchestrator.store import measure_artifact
+from orchestrator.workloads import Workload
+from techniques.finalize import finalize, kernel_report
+
+TRACE_BATCH = 2
+
+
+@dataclass
+class Reference:
+    """The baseline's measurements, taken in the same process so ratios compare like with like."""
+
+    metric: float
+    size_bytes: int
+    latency_ms: float
+    params: int
+    flops: int
+
+
+@dataclass
+class CompressedModel:
+    model: nn.Module
+    policy: Policy
+    metrics: dict[str, Any]
+    notes: list[dict[str, Any]] = field(default_factory=list)
+
+
+def measure_reference(workload: Workload, baseline: nn.Module, device: torch.device, *, latency_batch_size: int = 1) -> Reference:
+    """Measure the uncompressed baseline exactly as `apply` measures a compressed model."""
+    base = workload.build_model()
+    inputs = workload.example_inputs(latency_batch_size, device)
+    return Reference(
+        metric=workload.evaluate(baseline, "validation", device),
+        size_bytes=measure_artifact(baseline, base),
+        latency_ms=time_latency(baseline, inputs).median_ms,
+        params=count_weights(baseline)[0],
+        flops=count_flops(baseline, inputs[:1]),
+    )
+
+
+def make_context(
+    workload: Workload, teacher: nn.Module, seed: int, device: torch.device, on_epoch: Callable[[int, float], None] | None
+) -> techniques.Context:
+    """The technique context: data through the workload, validation as the only metric the chain sees."""
+    return techniques.Context(
+        example_inputs=workload.example_inputs(TRACE_BATCH, device),
+        device=device,
+        seed=seed,
+        calibration=lambda: (x for x, _ in workload.batches("calibration", device=device)),
+        train_batches=lambda epoch: workload.batches("train", shuffle_seed=seed * 10_007 + epoch, device=device),
+        task_loss=workload.loss_fn,
+        evaluate=lambda model: workload.evaluate(model, "validation", device),
+        teacher=teacher,
+        on_epoch=on_epoch,
+    )
+
+
+def apply(
+    policy: Policy,
+    workload: Workload,
+    *,
+    seed: int | None = None,
+    device: torch.device | str = "cpu",
+    baseline: nn.Module | None = None,
+    reference: Reference | None = None,
+    on_epoch: Callable[[int, float], None] | None = None,
+    latency_batch_size: int = 1,
+) -> CompressedModel:
+    """Apply the policy's steps in order, finalize (bake masks, pack weights), and measure the artifact.
+
+    `seed` defaults to the policy's. `baseline`/`reference` may be passed in to avoid reloading and
+    re-measuring the baseline for every policy.
+    """
+    device = torch.device(device)
+    seed = policy.seed if seed is None else seed
+    teacher = (baseline if baseline is not None else workload.load_baseline()).to(device).eval()
+    validate_for_model(policy, teacher)
+    if reference is None:
+        reference = measure_reference(workload, teacher, device, latency_batch_size=latency_batch_size)
+
+    torch.manual_seed(seed)
+    model = copy.deepcopy(teacher)
+    ctx = make_context(workload, teacher, seed, device, on_epoch)
+    for index, step in enumerate(policy.steps, start=1):
+        try:
+            model = techniques.apply_spec(model, step, ctx)
+        except techniques.SpecError as exc:
+            raise PolicyError(f"step {index} ({step.technique}): {exc}") from None
+    model = finalize(model).eval()
+
+    inputs = workload.example_inputs(latency_batch_size, device)
+    params, nonzero = count_weights(model)
+    size = measure_artifact(model, workload.build_model())
+    latency = time_latency(model, inputs)
+    metrics = {
+        "metric": workload.metric_name,
+        "validation": workload.evaluate(model, "validation", device),
+        "size_bytes": size,
+        "latency_ms": latency.median_ms,
+        "latency_p90_ms": latency.p90_ms,
+        "latency_batch_size": latency.batch_size,
+        "params": params,
+        "nonzero_params": nonzero,
+        "flops": count_flops(model, inputs[:1]),
+        "baseline_validation": reference.metric,
+        "baseline_size_bytes": reference.size_bytes,
+        "baseline_latency_ms": reference.latency_ms,
+        "compression_ratio": reference.size_bytes / size,
+        "speedup": reference.latency_ms / latency.median_ms,
+        "kernels": kernel_report(model),
+        "techniques": policy.techniques(),
+        "seed": seed,
+        **vars(Environment.current(device)),
+    }
+    return CompressedModel(model, policy, metrics, ctx.notes)

@@ -1,0 +1,121 @@
+"""The record of structural changes that lets a checkpoint rebuild its architecture without pickles.
+
+`describe(model, base)` lists, in module order, every module whose type or shape differs from the
+base architecture (new modules included) as `{"name", "type", "config"}`; `rebuild(base, record)`
+constructs those modules from an allow-list of types and puts them in place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+import techniques
+
+
+def _conv_config(m: nn.Conv2d) -> dict[str, Any]:
+    return {
+        "in_channels": m.in_channels,
+        "out_channels": m.out_channels,
+        "kernel_size": list(m.kernel_size),
+        "stride": list(m.stride),
+        "padding": m.padding if isinstance(m.padding, str) else list(m.padding),
+        "dilation": list(m.dilation),
+        "groups": m.groups,
+        "bias": m.bias is not None,
+        "padding_mode": m.padding_mode,
+    }
+
+
+def _norm_config(m: nn.BatchNorm1d | nn.BatchNorm2d) -> dict[str, Any]:
+    return {
+        "num_features": m.num_features,
+        "eps": m.eps,
+        "momentum": m.momentum,
+        "affine": m.affine,
+        "track_running_stats": m.track_running_stats,
+    }
+
+
+# type name → (config of an instance, constructor from a config)
+_BUILTIN: dict[str, tuple[type[nn.Module], Callable[[Any], dict[str, Any]], Callable[[dict[str, Any]], nn.Module]]] = {
+    "Linear": (
+        nn.Linear,
+        lambda m: {"in_features": m.in_features, "out_features": m.out_features, "bias": m.bias is not None},
+        lambda c: nn.Linear(**c),
+    ),
+    "Conv2d": (
+        nn.Conv2d,
+        _conv_config,
+        lambda c: nn.Conv2d(**{k: tuple(v) if isinstance(v, list) else v for k, v in c.items()}),
+    ),
+    "BatchNorm1d": (nn.BatchNorm1d, _norm_config, lambda c: nn.BatchNorm1d(**c)),
+    "BatchNorm2d": (nn.BatchNorm2d, _norm_config, lambda c: nn.BatchNorm2d(**c)),
+    "LayerNorm": (
+        nn.LayerNorm,
+        lambda m: {
+            "normalized_shape": list(m.normalized_shape),
+            "eps": m.eps,
+            "elementwise_affine": m.elementwise_affine,
+            "bias": getattr(m, "bias", None) is not None,
+        },
+        lambda c: nn.LayerNorm(**{**c, "normalized_shape": tuple(c["normalized_shape"])}),
+    ),
+    "Sequential": (nn.Sequential, lambda m: {}, lambda c: nn.Sequential()),
+}
+
+
+class StructureError(ValueError):
+    """A structure record names an unknown module type or a bad configuration."""
+
+
+def module_entry(module: nn.Module) -> tuple[str, dict[str, Any]] | None:
+    """(type name, config) for a module we know how to rebuild, else None."""
+    cls = techniques.base_type(module)
+    builtin = _BUILTIN.get(cls.__name__)
+    if builtin is not None and builtin[0] is cls:
+        return cls.__name__, builtin[1](module)
+    if techniques.module_types().get(cls.__name__) is cls:
+        return cls.__name__, module.rebuild_config()
+    return None
+
+
+def describe(model: nn.Module, base: nn.Module) -> list[dict[str, Any]]:
+    """Every module of `model` that is new or differs from the same-named module of `base`."""
+    base_modules = dict(base.named_modules())
+    record = []
+    for name, module in model.named_modules():
+        if not name:
+            continue
+        entry = module_entry(module)
+        if entry is None:
+            if name not in base_modules or type(base_modules[name]) is not techniques.base_type(module):
+                raise StructureError(f"cannot record module {name!r} of type {type(module).__name__}")
+            continue
+        original = base_modules.get(name)
+        if original is None or module_entry(original) != entry:
+            record.append({"name": name, "type": entry[0], "config": entry[1]})
+    return record
+
+
+def build_module(type_name: str, config: dict[str, Any]) -> nn.Module:
+    """Construct one recorded module from the allow-list (built-in layers and registered packed layers)."""
+    if type_name in _BUILTIN:
+        return _BUILTIN[type_name][2](config)
+    cls = techniques.module_types().get(type_name)
+    if cls is None:
+        raise StructureError(f"unknown module type {type_name!r} in structure record")
+    return cls.from_rebuild_config(config)
+
+
+def rebuild(base: nn.Module, record: list[dict[str, Any]]) -> nn.Module:
+    """Apply a structure record to a freshly built base architecture (in place; returns it)."""
+    for entry in record:
+        try:
+            module = build_module(entry["type"], entry["config"])
+            techniques.set_module(base, entry["name"], module)
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise StructureError(f"bad structure entry {entry.get('name')!r}: {exc}") from None
+    return base
