@@ -1,0 +1,114 @@
+"""Finalize: bake masks and fake-quant into packed layers, leaving only plain or packed modules.
+
+Decisions:
+- A Linear/Conv2d carrying a WeightFakeQuant (it must be the last parametrisation on `weight`) becomes a
+  PackedLinear/PackedConv2d with its codes; one carrying only WeightMask(s) becomes a float32 packed
+  layer with sparse storage when the 1-bit mask saves bytes, else a plain layer with the mask baked in.
+  Layers pruned with torch.nn.utils.prune (a `weight_mask` buffer and hook) are treated like WeightMask.
+- Any other parametrisation is baked in (`leave_parametrized=True`) and the layer stays plain.
+- Activation fake-quant hooks and `input_quant` submodules are removed; their static scale moves into the
+  packed layer, so a reloaded model behaves identically.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize, prune
+
+from techniques._base import WeightMask, base_type, set_module
+from techniques.packed import INT_KERNEL, PackedConv2d, PackedLayer, PackedLinear
+from techniques.quantization import LAYER_TYPES, WeightFakeQuant, quantize_input_hook
+
+PLAIN_KERNEL = "fp32"
+_Chain = tuple[torch.Tensor, torch.Tensor | None, WeightFakeQuant | None]
+
+
+def _remove_input_quant(module: nn.Module) -> torch.Tensor | None:
+    """Remove the activation fake-quant hook and submodule; return its static scale (None if absent)."""
+    for key, hook in list(module._forward_pre_hooks.items()):
+        if hook is quantize_input_hook:
+            del module._forward_pre_hooks[key]
+    observer = module._modules.pop("input_quant", None)
+    return None if observer is None else observer.scale.detach().clone()
+
+
+def _weight_chain(module: nn.Module, name: str) -> _Chain:
+    """(weight before quantisation, combined keep-mask or None, the fake-quant or None) of a layer."""
+    if prune.is_pruned(module) and hasattr(module, "weight_mask"):
+        mask = module.weight_mask.detach().to(torch.bool)
+        prune.remove(module, "weight")
+        return module.weight.detach(), mask, None
+    if not parametrize.is_parametrized(module, "weight"):
+        return module.weight.detach(), None, None
+    chain = module.parametrizations["weight"]
+    weight, mask, quant = chain.original.detach(), None, None
+    for index, step in enumerate(chain):
+        if isinstance(step, WeightFakeQuant):
+            if index != len(chain) - 1:
+                raise ValueError(f"finalize: quantisation must be the last parametrisation on {name!r}")
+            quant = step
+            break
+        if isinstance(step, WeightMask):
+            keep = step.mask.expand_as(weight)
+            mask = keep if mask is None else mask & keep
+        with torch.no_grad():
+            weight = step(weight)
+    return weight, mask, quant
+
+
+def _bake(module: nn.Module, name: str) -> nn.Module:
+    """The packed (or plain, baked) replacement for one Linear/Conv2d."""
+    act_scale = _remove_input_quant(module)
+    weight, mask, quant = _weight_chain(module, name)
+    if parametrize.is_parametrized(module, "weight"):
+        parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+    bits = quant.bits if quant is not None else 32
+    if quant is None and mask is None and act_scale is None:
+        return module
+    if isinstance(module, nn.Linear):
+        cls, layer = PackedLinear, {"in_features": module.in_features, "out_features": module.out_features}
+    else:
+        cls, layer = PackedConv2d, PackedConv2d.like(module)
+    packed = cls.from_weight(
+        weight,
+        bits=bits,
+        group_size=quant.group_size if quant is not None else None,
+        mask=mask,
+        bias=module.bias,
+        act_scale=act_scale,
+        kernel=quant.kernel if quant is not None else "auto",
+        **layer,
+    )
+    if quant is None and not packed.sparse and act_scale is None:
+        return module  # only pruned, and dense storage is smaller: the baked plain layer is the artifact
+    return packed
+
+
+def finalize(model: nn.Module) -> nn.Module:
+    """Replace every pruned or quantised Linear/Conv2d by its packed form (in place); return the model."""
+    layers = [(name, module) for name, module in model.named_modules() if base_type(module) in LAYER_TYPES]
+    for name, module in layers:
+        new = _bake(module, name or "<model>")
+        if new is module:
+            continue
+        if not name:
+            return new
+        set_module(model, name, new)
+    return model
+
+
+def kernel_report(model: nn.Module) -> dict[str, str]:
+    """Layer name -> kernel its forward runs: INT_KERNEL, "dequantized-fp32", or "fp32" for plain layers."""
+    report: dict[str, str] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, PackedLayer):
+            report[name] = module.kernel
+        elif base_type(module) in LAYER_TYPES:
+            report[name] = PLAIN_KERNEL
+    return report
+
+
+def integer_layers(model: nn.Module) -> list[str]:
+    """Names of the layers that run an integer GEMM."""
+    return [name for name, kernel in kernel_report(model).items() if kernel == INT_KERNEL]

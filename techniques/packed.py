@@ -1,0 +1,326 @@
+"""Packed Linear/Conv2d layers as deployed, and the quantisation arithmetic they and fake-quant share.
+
+Decisions:
+- Weights are quantised symmetrically: per output channel, or per group of `group_size` consecutive
+  elements of each flattened output row; scale = max|w| / (2^(b-1)-1) (1.0 for an all-zero group),
+  codes = round(w / scale) clamped to +-(2^(b-1)-1); the weight is `codes * scale` in float32. Fake-quant
+  (techniques.quantization) calls the same functions, so decoding a packed layer reproduces the weights the
+  model was fine-tuned with bitwise.
+- Storage: `values` holds b-bit codes packed into uint8 (bits <= 8), float16 values (bits=16) or float32
+  values (bits=32: pruned, not quantised). With `sparse`, a 1-bit `mask` is stored and `values` only
+  holds the kept positions. `scale` is float32 (out, groups); `bias` and `act_scale` are float32.
+  Decoded weights are cached in non-persistent buffers, so the artifact holds only the packed form.
+- Activations (act_bits=8) are quantised per tensor with a static scale: round(x / s) clamped to +-127.
+- Kernel: a PackedLinear with 8-bit per-channel weights, 8-bit activations and kernel="auto" runs
+  `torch._int_mm` (int8 x int8 -> int32) and rescales by act_scale * w_scale; everything else decodes once
+  and runs float32. On CUDA, `_int_mm` needs K and N to be multiples of 8 and more than 16 rows (rows are
+  padded; untested here for want of a GPU); layers that cannot fall back to float32 and `kernel_reason`
+  says why. Packed layers are for inference: the integer path carries no autograd graph.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from techniques._base import rebuildable
+from techniques.packing import code_range, pack_bits, pack_mask, packed_nbytes, unpack_bits, unpack_mask
+
+ACT_QMAX = 127
+INT_KERNEL = "int8_int_mm"
+DEQUANT_KERNEL = "dequantized-fp32"
+FLOAT_BITS = (16, 32)
+
+
+def weight_codes(
+    weight: torch.Tensor, bits: int, group_size: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes as float32 of shape (out, groups, group), scale of shape (out, groups, 1)) of `weight`."""
+    rows = weight.reshape(weight.shape[0], -1)
+    grouped = rows.reshape(rows.shape[0], -1, group_size or rows.shape[1])
+    qmax = code_range(bits)
+    amax = grouped.abs().amax(dim=2, keepdim=True)
+    scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+    return torch.round(grouped / scale).clamp(-qmax, qmax), scale
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+    """The float32 weight `codes * scale` (grouped shapes as `weight_codes` returns them) in `shape`."""
+    return (codes * scale).reshape(shape)
+
+
+def quantize_activation(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Integer codes (as float) of 8-bit static per-tensor activation quantisation."""
+    return torch.div(x, scale).round_().clamp_(-ACT_QMAX, ACT_QMAX)
+
+
+class PackedLayer(nn.Module):
+    """Storage, decoding and activation quantisation shared by PackedLinear and PackedConv2d."""
+
+    def __init__(
+        self,
+        weight_shape: tuple[int, ...],
+        *,
+        bits: int,
+        group_size: int | None = None,
+        sparse: bool = False,
+        nnz: int | None = None,
+        has_bias: bool = True,
+        act_bits: int | None = None,
+        kernel: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.weight_shape = tuple(int(s) for s in weight_shape)
+        self.bits = bits
+        self.group_size = group_size
+        self.sparse = sparse
+        self.act_bits = act_bits
+        self.requested_kernel = kernel
+        numel = math.prod(self.weight_shape)
+        self.nnz = numel if nnz is None else int(nnz)
+        count = self.nnz if sparse else numel
+        if bits in FLOAT_BITS:
+            self.register_buffer(
+                "values", torch.zeros(count, dtype=torch.float16 if bits == 16 else torch.float32)
+            )
+        else:
+            self.register_buffer("values", torch.zeros(packed_nbytes(count, bits), dtype=torch.uint8))
+            row = numel // self.weight_shape[0]
+            self.register_buffer("scale", torch.ones(self.weight_shape[0], row // (group_size or row)))
+        if sparse:
+            self.register_buffer("mask", torch.zeros(packed_nbytes(numel, 1), dtype=torch.uint8))
+        self.register_buffer("bias", torch.zeros(self.weight_shape[0]) if has_bias else None)
+        if act_bits is not None:
+            self.register_buffer("act_scale", torch.ones(()))
+        self.register_buffer("_dense", None, persistent=False)
+        self.register_buffer("_wt_int8", None, persistent=False)
+
+    @classmethod
+    def from_weight(
+        cls,
+        weight: torch.Tensor,
+        *,
+        bits: int,
+        group_size: int | None,
+        mask: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        act_scale: torch.Tensor | None,
+        kernel: str,
+        **layer: Any,
+    ) -> PackedLayer:
+        """Pack `weight` (masked, not yet quantised); the mask is dropped when it would not save bytes."""
+        numel = weight.numel()
+        keep = None if mask is None else mask.expand_as(weight).reshape(-1)
+        nnz = numel if keep is None else int(keep.sum())
+        sparse_bytes = packed_nbytes(numel, 1) + packed_nbytes(nnz, bits)
+        sparse = keep is not None and sparse_bytes < packed_nbytes(numel, bits)
+        module = cls(
+            **layer,
+            bits=bits,
+            group_size=group_size,
+            sparse=sparse,
+            nnz=nnz if sparse else None,
+            has_bias=bias is not None,
+            act_bits=None if act_scale is None else 8,
+            kernel=kernel,
+        )
+        with torch.no_grad():
+            weight = weight.detach().float()
+            if bits in FLOAT_BITS:
+                flat = weight.reshape(-1).to(module.values.dtype)
+            else:
+                codes, scale = weight_codes(weight, bits, group_size)
+                module.scale.copy_(scale.squeeze(2))
+                flat = codes.reshape(-1).to(torch.int32)
+            if sparse:
+                module.mask.copy_(pack_mask(keep))
+                flat = flat[keep]
+            module.values.copy_(flat if bits in FLOAT_BITS else pack_bits(flat, bits))
+            if bias is not None:
+                module.bias.copy_(bias.detach())
+            if act_scale is not None:
+                module.act_scale.copy_(act_scale)
+        return module.to(weight.device)
+
+    def _layer_config(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def rebuild_config(self) -> dict[str, Any]:
+        """JSON-safe arguments that rebuild an empty module with this one's state_dict keys and shapes."""
+        return {
+            **self._layer_config(),
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "sparse": self.sparse,
+            "nnz": self.nnz,
+            "has_bias": self.bias is not None,
+            "act_bits": self.act_bits,
+            "kernel": self.requested_kernel,
+        }
+
+    @classmethod
+    def from_rebuild_config(cls, config: dict[str, Any]) -> PackedLayer:
+        return cls(**config)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{key}={value}" for key, value in self.rebuild_config().items())
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._dense = self._wt_int8 = None
+
+    def _decode_flat(self) -> torch.Tensor:
+        """All weight values (float32 or int8 codes), zeros at masked positions, as a flat tensor."""
+        numel = math.prod(self.weight_shape)
+        if self.bits in FLOAT_BITS:
+            values = self.values.float()
+        else:
+            values = unpack_bits(self.values, self.bits, self.nnz if self.sparse else numel)
+        if not self.sparse:
+            return values
+        full = values.new_zeros(numel)
+        full[unpack_mask(self.mask, numel)] = values
+        return full
+
+    @torch.inference_mode(False)
+    @torch.no_grad()
+    def dense_weight(self) -> torch.Tensor:
+        """The decoded float32 weight, computed once and cached (not part of the state_dict).
+
+        Decoded outside inference mode, so a cache filled during a latency run stays usable with autograd.
+        """
+        if self._dense is None:
+            flat = self._decode_flat()
+            if self.bits not in FLOAT_BITS:
+                codes = flat.float().view(self.weight_shape[0], self.scale.shape[1], -1)
+                flat = dequantize(codes, self.scale.unsqueeze(2), self.weight_shape)
+            self._dense = flat.reshape(self.weight_shape)
+        return self._dense
+
+    def _quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act_bits is None:
+            return x
+        return quantize_activation(x, self.act_scale) * self.act_scale
+
+    @property
+    def kernel_reason(self) -> str | None:
+        """Why this layer does not run an integer kernel on its current device (None when it does)."""
+        return "integer kernels are implemented for Linear layers only"
+
+    @property
+    def kernel(self) -> str:
+        """Which kernel the forward pass runs: INT_KERNEL or DEQUANT_KERNEL."""
+        return INT_KERNEL if self.kernel_reason is None else DEQUANT_KERNEL
+
+
+@rebuildable
+class PackedLinear(PackedLayer):
+    """A Linear layer with packed (quantised and/or sparse) weights; see the module docstring."""
+
+    def __init__(self, in_features: int, out_features: int, **storage: Any) -> None:
+        super().__init__((out_features, in_features), **storage)
+        self.in_features, self.out_features = in_features, out_features
+
+    def _layer_config(self) -> dict[str, Any]:
+        return {"in_features": self.in_features, "out_features": self.out_features}
+
+    @property
+    def kernel_reason(self) -> str | None:
+        if self.requested_kernel != "auto":
+            return f"kernel={self.requested_kernel!r} requested"
+        if self.bits != 8 or self.act_bits != 8:
+            return f"needs 8-bit weights and activations, has bits={self.bits}, act_bits={self.act_bits}"
+        if self.group_size is not None:
+            return "grouped weight scales do not factor out of an integer GEMM"
+        device = self.values.device.type
+        if device == "cuda" and (self.in_features % 8 or self.out_features % 8):
+            return "torch._int_mm on CUDA needs in_features and out_features to be multiples of 8"
+        if device not in ("cpu", "cuda"):
+            return f"torch._int_mm is not available on {device}"
+        return None
+
+    def _int_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._wt_int8 is None:
+            with torch.inference_mode(False):
+                self._wt_int8 = self._decode_flat().view(self.weight_shape).t()
+        rows = x.reshape(-1, self.in_features)
+        codes = quantize_activation(rows, self.act_scale).to(torch.int8)
+        pad = 17 - codes.shape[0] if codes.is_cuda and codes.shape[0] <= 16 else 0
+        if pad:
+            codes = torch.cat([codes, codes.new_zeros(pad, codes.shape[1])])
+        acc = torch._int_mm(codes, self._wt_int8)[: rows.shape[0]]
+        rescale = self.act_scale * self.scale[:, 0]
+        # int32 * float32 promotes to float32 inside the kernel, saving a converted copy of `acc`.
+        out = acc * rescale if self.bias is None else torch.addcmul(self.bias, acc, rescale)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel_reason is None:
+            return self._int_forward(x)
+        return F.linear(self._quantize_input(x), self.dense_weight(), self.bias)
+
+
+@rebuildable
+class PackedConv2d(PackedLayer):
+    """A Conv2d layer with packed (quantised and/or sparse) weights; runs a decoded float32 convolution."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: list[int] | tuple[int, int],
+        *,
+        stride: list[int] | tuple[int, int] = (1, 1),
+        padding: str | list[int] | tuple[int, int] = (0, 0),
+        dilation: list[int] | tuple[int, int] = (1, 1),
+        groups: int = 1,
+        padding_mode: str = "zeros",
+        **storage: Any,
+    ) -> None:
+        # A weightless Conv2d on the meta device validates the geometry and works out non-zero padding.
+        geometry = nn.Conv2d(
+            in_channels,
+            out_channels,
+            tuple(kernel_size),
+            tuple(stride),
+            padding if isinstance(padding, str) else tuple(padding),
+            tuple(dilation),
+            groups,
+            bias=False,
+            padding_mode=padding_mode,
+            device="meta",
+        )
+        super().__init__(tuple(geometry.weight.shape), **storage)
+        for attr in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups"):
+            setattr(self, attr, getattr(geometry, attr))
+        self.padding_mode = padding_mode
+        self._pad_twice = geometry._reversed_padding_repeated_twice
+
+    @classmethod
+    def like(cls, conv: nn.Conv2d) -> dict[str, Any]:
+        """Constructor arguments describing `conv`'s geometry."""
+        return {
+            "in_channels": conv.in_channels,
+            "out_channels": conv.out_channels,
+            "kernel_size": list(conv.kernel_size),
+            "stride": list(conv.stride),
+            "padding": conv.padding if isinstance(conv.padding, str) else list(conv.padding),
+            "dilation": list(conv.dilation),
+            "groups": conv.groups,
+            "padding_mode": conv.padding_mode,
+        }
+
+    def _layer_config(self) -> dict[str, Any]:
+        return PackedConv2d.like(self)  # type: ignore[arg-type]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._quantize_input(x)
+        padding = self.padding
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self._pad_twice, mode=self.padding_mode)
+            padding = (0, 0)
+        return F.conv2d(x, self.dense_weight(), self.bias, self.stride, padding, self.dilation, self.groups)

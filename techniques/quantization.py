@@ -1,0 +1,205 @@
+"""Quantization: per-layer weight bit-widths as fake-quant parametrisations, optional 8-bit activations.
+
+Decisions:
+- `apply` registers a `WeightFakeQuant` parametrisation on each addressed layer's weight (after any
+  WeightMask, so pruned weights stay zero). Its scales are recomputed from the current weight on every
+  forward, so fine-tuning is quantisation-aware; gradients pass straight through (identity STE) to
+  `parametrizations.weight.original`. bits=16 rounds weights through float16.
+- Arithmetic (symmetric per-channel or per-group scales) lives in techniques.packed and is shared with the
+  packed deployment layers, so `finalize` reproduces the fake-quant weights bitwise.
+- activation_bits=8 attaches an `ActivationFakeQuant` submodule (`input_quant`) and a forward pre-hook to
+  each quantised layer. Its static per-tensor scale is max|x| / 127 over the inputs seen while running the
+  model (weights already fake-quantised, eval mode) over `ctx.calibration()` (or `ctx.example_inputs` when
+  the context has no calibration data). Max rather than a percentile: deterministic, no sort over large
+  tensors, and a calibration set is small enough that outliers are real inputs.
+- A layer whose bits resolve to None (e.g. `{"fc2": None, "_default": 4}`) is left in float.
+- The group size must divide every quantised layer's row length (in_features, or in/groups*kh*kw).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from techniques._base import (
+    Context,
+    LayerMap,
+    ParamRange,
+    SpecError,
+    Technique,
+    TechniqueSpec,
+    register,
+    resolve_layers,
+)
+from techniques.packed import ACT_QMAX, dequantize, quantize_activation, weight_codes
+
+BITS = (2, 3, 4, 5, 6, 8, 16)
+KERNELS = ("auto", "dequantize")
+LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
+
+
+@dataclass(frozen=True)
+class QuantizationSpec(TechniqueSpec):
+    """Weight bits per layer, optional weight group size, optional 8-bit activations, kernel preference."""
+
+    technique = "quantization"
+
+    bits: LayerMap
+    group_size: int | None = None
+    activation_bits: int | None = None
+    kernel: str = "auto"
+
+    def validate(self) -> None:
+        for key, value in self.bits.entries:
+            if value is not None and (isinstance(value, bool) or value not in BITS):
+                choices = ", ".join(map(str, BITS))
+                raise SpecError(
+                    f"quantization: bits for layer {key!r} must be in {{{choices}}}, got {value!r}"
+                )
+        size = self.group_size
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+            raise SpecError(f"quantization: group_size must be a positive integer or null, got {size!r}")
+        if self.activation_bits not in (None, 8) or isinstance(self.activation_bits, bool):
+            raise SpecError(f"quantization: activation_bits must be 8 or null, got {self.activation_bits!r}")
+        if self.kernel not in KERNELS:
+            raise SpecError(f"quantization: kernel must be one of {', '.join(KERNELS)}, got {self.kernel!r}")
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward `fn(x)` exactly; backward passes the gradient to `x` unchanged."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        return fn(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
+
+
+class WeightFakeQuant(nn.Module):
+    """Parametrisation: the weight as symmetric `bits`-bit codes times float32 scales (float16 at 16 bits)."""
+
+    def __init__(self, bits: int, group_size: int | None = None, kernel: str = "auto") -> None:
+        super().__init__()
+        self.bits = bits
+        self.group_size = group_size
+        self.kernel = kernel
+
+    def quantize(self, weight: torch.Tensor) -> torch.Tensor:
+        """The fake-quantised weight, without gradient bookkeeping."""
+        if self.bits == 16:
+            return weight.half().float()
+        codes, scale = weight_codes(weight, self.bits, self.group_size)
+        return dequantize(codes, scale, weight.shape)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return _StraightThrough.apply(weight, self.quantize)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, group_size={self.group_size}"
+
+
+class ActivationFakeQuant(nn.Module):
+    """8-bit static per-tensor fake-quant of a layer's input; records max|x| while `observing`."""
+
+    bits = 8
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("scale", torch.ones(()))
+        self.register_buffer("amax", torch.zeros(()))
+        self.observing = False
+
+    def freeze(self) -> None:
+        """Stop observing; the scale becomes max|x| / 127 (1.0 when nothing non-zero was seen)."""
+        amax = self.amax
+        self.scale.copy_(torch.where(amax > 0, amax / ACT_QMAX, torch.ones_like(amax)))
+        self.observing = False
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        return quantize_activation(x, self.scale) * self.scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observing:
+            self.amax.copy_(torch.maximum(self.amax, x.detach().abs().amax().float()))
+            return x
+        return _StraightThrough.apply(x, self.quantize)
+
+
+def quantize_input_hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Forward pre-hook: pass the layer's first input through its `input_quant`."""
+    return (module.input_quant(args[0]), *args[1:])
+
+
+def quantizable_layers(model: nn.Module, spec: QuantizationSpec) -> list[tuple[str, nn.Module, int]]:
+    """(name, layer, bits) of each Linear/Conv2d the spec quantises; raises SpecError for a bad address."""
+    layers = resolve_layers(model, spec.bits, LAYER_TYPES, "quantization")
+    for name, module, _ in layers:
+        row = module.weight[0].numel()
+        if spec.group_size is not None and row % spec.group_size:
+            size = spec.group_size
+            raise SpecError(
+                f"quantization: group_size {size} does not divide row length {row} of layer {name!r}"
+            )
+        if parametrize.is_parametrized(module, "weight") and any(
+            isinstance(p, WeightFakeQuant) for p in module.parametrizations["weight"]
+        ):
+            raise SpecError(f"quantization: layer {name!r} is already quantised")
+    return layers
+
+
+def _calibrate(model: nn.Module, observers: list[ActivationFakeQuant], ctx: Context) -> None:
+    """Run the model over the calibration batches in eval mode to set every observer's static scale."""
+    if ctx.calibration is not None:
+        batches = ctx.calibration()
+    else:
+        ctx.note("quantization", None, "no calibration data; activation scales from example inputs")
+        batches = [ctx.example_inputs]
+    device = next((p.device for p in model.parameters()), ctx.device)
+    for observer in observers:
+        observer.observing = True
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                model(batch.to(device))
+    finally:
+        model.train(was_training)
+        for observer in observers:
+            observer.freeze()
+
+
+def apply(model: nn.Module, spec: QuantizationSpec, ctx: Context) -> nn.Module:
+    """Register weight fake-quant (and calibrated activation fake-quant) on the addressed layers."""
+    layers = quantizable_layers(model, spec)
+    for name, module, bits in layers:
+        fake_quant = WeightFakeQuant(bits, spec.group_size, spec.kernel)
+        parametrize.register_parametrization(module, "weight", fake_quant)
+        ctx.note("quantization", name, f"{bits}-bit weights", bits=bits, group_size=spec.group_size)
+    if spec.activation_bits is not None and layers:
+        observers = []
+        for _, module, _ in layers:
+            module.input_quant = ActivationFakeQuant().to(module.weight.device)
+            module.register_forward_pre_hook(quantize_input_hook)
+            observers.append(module.input_quant)
+        _calibrate(model, observers, ctx)
+    return model
+
+
+register(
+    Technique(
+        name="quantization",
+        spec_type=QuantizationSpec,
+        apply=apply,
+        layer_types=LAYER_TYPES,
+        ranges={"bits": ParamRange(choices=BITS)},
+        stage=40,
+    )
+)

@@ -1,0 +1,114 @@
+"""Quantization technique: the shared contract, fake-quant arithmetic, STE gradients, calibration."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+import techniques
+from techniques.quantization import ActivationFakeQuant, QuantizationSpec, WeightFakeQuant
+from tests.technique_contract import TechniqueContract, make_context
+from tests.tiny_models import TinyCNN, seeded
+
+
+class TestQuantizationContract(TechniqueContract):
+    bad_spec_data = [
+        {"bits": 1},
+        {"bits": 7},
+        {"bits": {"fc1": 32}},
+        {"bits": True},
+        {"bits": "8"},
+        {"bits": 8, "group_size": 0},
+        {"bits": 8, "group_size": 2.5},
+        {"bits": 8, "activation_bits": 4},
+        {"bits": 8, "kernel": "fast"},
+        {"bits": 8, "unknown": 1},
+        {"bits": {"re:[": 4}},
+    ]
+
+    def make_spec(self) -> techniques.TechniqueSpec:
+        return QuantizationSpec(bits={"conv1": 8, "re:fc.*": 4, "_default": 6})
+
+
+def _quantize(model: nn.Module, **spec: object) -> nn.Module:
+    return techniques.apply_spec(model, QuantizationSpec(**spec), make_context())
+
+
+def test_error_names_bad_value_and_layer() -> None:
+    with pytest.raises(techniques.SpecError, match=r"'fc1'.*got 7"):
+        QuantizationSpec(bits={"fc1": 7, "_default": 8})
+
+
+def test_fake_quant_weights_use_few_levels_per_channel() -> None:
+    model = _quantize(seeded(TinyCNN), bits={"fc1": 3, "fc2": 16})
+    weight = model.fc1.weight.detach()
+    original = model.fc1.parametrizations.weight.original.detach()
+    for row, raw in zip(weight, original, strict=True):
+        scale = raw.abs().max() / 3
+        assert len(row.unique()) <= 7
+        assert torch.allclose(row.abs().max(), raw.abs().max())
+        assert (row - raw).abs().max() <= scale / 2 + 1e-6
+    assert torch.equal(model.fc2.weight, model.fc2.parametrizations.weight.original.half().float())
+    assert not parametrize.is_parametrized(model.conv1)
+
+
+def test_group_size_gives_one_scale_per_group() -> None:
+    model = _quantize(seeded(TinyCNN), bits={"fc1": 2}, group_size=64)
+    groups = model.fc1.weight.detach().view(32, 4, 64)
+    raw = model.fc1.parametrizations.weight.original.detach().view(32, 4, 64)
+    assert torch.allclose(groups.abs().amax(dim=2), raw.abs().amax(dim=2))
+    assert (groups.abs().amax(dim=2) != groups.abs().amax(dim=(1, 2), keepdim=True).squeeze(2)).any()
+
+
+def test_group_size_must_divide_rows_and_error_names_layer() -> None:
+    with pytest.raises(techniques.SpecError, match=r"row length 9 of layer 'conv1'"):
+        _quantize(seeded(TinyCNN), bits=4, group_size=8)
+
+
+def test_unaddressed_layer_stays_float_and_none_skips() -> None:
+    model = _quantize(seeded(TinyCNN), bits={"fc1": None, "_default": 4})
+    assert not parametrize.is_parametrized(model.fc1)
+    assert parametrize.is_parametrized(model.fc2)
+
+
+def test_quantising_twice_is_rejected() -> None:
+    model = _quantize(seeded(TinyCNN), bits=4)
+    with pytest.raises(techniques.SpecError, match="already quantised"):
+        _quantize(model, bits=8)
+
+
+def test_straight_through_gradient_reaches_original_weights() -> None:
+    model = _quantize(seeded(TinyCNN), bits=4, activation_bits=8).train()
+    x = make_context().example_inputs.requires_grad_(True)
+    model(x).square().sum().backward()
+    for layer in (model.conv1, model.fc1, model.fc2):
+        grad = layer.parametrizations.weight.original.grad
+        assert grad is not None and grad.abs().sum() > 0
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_quantises_on_top_of_a_weight_mask() -> None:
+    model = seeded(TinyCNN)
+    keep = torch.rand_like(model.fc1.weight) > 0.5
+    parametrize.register_parametrization(model.fc1, "weight", techniques.WeightMask(keep))
+    _quantize(model, bits={"fc1": 4})
+    chain = model.fc1.parametrizations.weight
+    assert [type(step) for step in chain] == [techniques.WeightMask, WeightFakeQuant]
+    assert (model.fc1.weight[~keep] == 0).all()
+
+
+def test_activation_scale_is_calibrated_max_over_calibration_data() -> None:
+    model = seeded(TinyCNN)
+    ctx = make_context()
+    techniques.apply_spec(model, QuantizationSpec(bits={"conv1": 8}, activation_bits=8), ctx)
+    observer = model.conv1.input_quant
+    assert isinstance(observer, ActivationFakeQuant) and not observer.observing
+    amax = max(float(batch.abs().max()) for batch in ctx.calibration())
+    assert observer.scale.item() == pytest.approx(amax / 127)
+    x = ctx.example_inputs
+    with torch.no_grad():
+        quantized = observer(x)
+    assert len((quantized / observer.scale).round().unique()) <= 255
+    assert torch.allclose(quantized, x, atol=observer.scale.item() / 2 + 1e-7)
