@@ -90,8 +90,8 @@ def apply(
     """
     device = torch.device(device)
     seed = policy.seed if seed is None else seed
+    validate_for_model(policy, workload.build_model())  # before any training or loading
     teacher = (baseline if baseline is not None else workload.load_baseline()).to(device).eval()
-    validate_for_model(policy, teacher)
     if reference is None:
         reference = measure_reference(workload, teacher, device, latency_batch_size=latency_batch_size)
 
