@@ -32,8 +32,11 @@ def format_measurements(metrics: dict[str, Any]) -> str:
         (f"test {metrics['metric']}", f"{metrics['test']:.4f}"),
         (f"validation {metrics['metric']}", f"{metrics['validation']:.4f}"),
         ("size on disk", f"{metrics['size_bytes']:,} bytes"),
-        ("latency (median)", f"{metrics['latency_ms']:.3f} ms  (batch {metrics['latency_batch_size']}, "
-         f"p90 {metrics['latency_p90_ms']:.3f} ms, {metrics['latency_runs']} runs)"),
+        (
+            "latency (median)",
+            f"{metrics['latency_ms']:.3f} ms  (batch {metrics['latency_batch_size']}, "
+            f"p90 {metrics['latency_p90_ms']:.3f} ms, {metrics['latency_runs']} runs)",
+        ),
         ("FLOPs (per example)", f"{metrics['flops']:,}"),
         ("parameters", f"{metrics['params']:,}  ({metrics['nonzero_params']:,} non-zero)"),
         ("measured on", f"{metrics['device']}, torch {metrics['torch_version']}, {metrics['threads']} threads"),

@@ -33,7 +33,9 @@ def _baseline(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     workload = resolve_workload(args.workload, data_dir=args.data_dir, weights=args.weights)
     metrics = measure_baseline(workload, device=device, latency_batch_size=args.latency_batch_size)
-    print(json.dumps(metrics, indent=2) if args.json else f"baseline of {workload.name}\n{format_measurements(metrics)}")
+    print(
+        json.dumps(metrics, indent=2) if args.json else f"baseline of {workload.name}\n{format_measurements(metrics)}"
+    )
     return 0
 
 
@@ -68,7 +70,8 @@ def format_result(metrics: dict, where: str) -> str:
     """The headline numbers of a compressed model, against its baseline."""
     lines = [
         f"checkpoint           {where}",
-        f"validation {metrics['metric']:<9} {metrics['validation']:.4f}  (baseline {metrics['baseline_validation']:.4f})",
+        f"validation {metrics['metric']:<9} {metrics['validation']:.4f}"
+        f"  (baseline {metrics['baseline_validation']:.4f})",
     ]
     if "test" in metrics:
         lines.append(f"test {metrics['metric']:<15} {metrics['test']:.4f}")
@@ -109,8 +112,6 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", action="store_true", help="print the metrics as JSON")
     evaluate.set_defaults(handler=_evaluate)
     return parser
-
-
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -8,7 +8,7 @@ from orchestrator.errors import UserError
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """"auto" is CUDA when present, else CPU; an explicit CUDA request without CUDA is an error."""
+    """ "auto" is CUDA when present, else CPU; an explicit CUDA request without CUDA is an error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

@@ -18,7 +18,7 @@ from orchestrator.measure import Environment, count_flops, count_weights, time_l
 from orchestrator.policy import Policy, PolicyError, validate_for_model
 from orchestrator.store import measure_artifact
 from orchestrator.workloads import Workload
-from techniques.finalize import finalize, kernel_report
+from techniques.finalize import finalize, finalized_copy, kernel_report
 
 TRACE_BATCH = 2
 
@@ -42,7 +42,9 @@ class CompressedModel:
     notes: list[dict[str, Any]] = field(default_factory=list)
 
 
-def measure_reference(workload: Workload, baseline: nn.Module, device: torch.device, *, latency_batch_size: int = 1) -> Reference:
+def measure_reference(
+    workload: Workload, baseline: nn.Module, device: torch.device, *, latency_batch_size: int = 1
+) -> Reference:
     """Measure the uncompressed baseline exactly as `apply` measures a compressed model."""
     base = workload.build_model()
     inputs = workload.example_inputs(latency_batch_size, device)
@@ -56,7 +58,11 @@ def measure_reference(workload: Workload, baseline: nn.Module, device: torch.dev
 
 
 def make_context(
-    workload: Workload, teacher: nn.Module, seed: int, device: torch.device, on_epoch: Callable[[int, float], None] | None
+    workload: Workload,
+    teacher: nn.Module,
+    seed: int,
+    device: torch.device,
+    on_epoch: Callable[[int, float], None] | None,
 ) -> techniques.Context:
     """The technique context: data through the workload, validation as the only metric the chain sees."""
     return techniques.Context(
@@ -72,6 +78,27 @@ def make_context(
     )
 
 
+def measure_artifact_metrics(
+    model: nn.Module, workload: Workload, device: torch.device, reference: Reference, latency_batch_size: int = 1
+) -> dict[str, Any]:
+    """Size, latency, parameters and FLOPs of a finalized model, with ratios to the reference."""
+    inputs = workload.example_inputs(latency_batch_size, device)
+    params, nonzero = count_weights(model)
+    size = measure_artifact(model, workload.build_model())
+    latency = time_latency(model, inputs)
+    return {
+        "size_bytes": size,
+        "latency_ms": latency.median_ms,
+        "latency_p90_ms": latency.p90_ms,
+        "latency_batch_size": latency.batch_size,
+        "params": params,
+        "nonzero_params": nonzero,
+        "flops": count_flops(model, inputs[:1]),
+        "compression_ratio": reference.size_bytes / size,
+        "speedup": reference.latency_ms / latency.median_ms,
+    }
+
+
 def apply(
     policy: Policy,
     workload: Workload,
@@ -80,13 +107,15 @@ def apply(
     device: torch.device | str = "cpu",
     baseline: nn.Module | None = None,
     reference: Reference | None = None,
-    on_epoch: Callable[[int, float], None] | None = None,
+    on_epoch: Callable[[int, float, dict[str, Any]], None] | None = None,
     latency_batch_size: int = 1,
 ) -> CompressedModel:
     """Apply the policy's steps in order, finalize (bake masks, pack weights), and measure the artifact.
 
     `seed` defaults to the policy's. `baseline`/`reference` may be passed in to avoid reloading and
-    re-measuring the baseline for every policy.
+    re-measuring the baseline for every policy. `on_epoch(epoch, validation, artifact)` is called after
+    each fine-tuning epoch; `artifact` holds the size/latency/FLOPs the final model will have (they are
+    fixed before fine-tuning starts), so a search can report every objective at every epoch.
     """
     device = torch.device(device)
     seed = policy.seed if seed is None else seed
@@ -97,33 +126,25 @@ def apply(
 
     torch.manual_seed(seed)
     model = copy.deepcopy(teacher)
-    ctx = make_context(workload, teacher, seed, device, on_epoch)
+    ctx = make_context(workload, teacher, seed, device, None)
     for index, step in enumerate(policy.steps, start=1):
+        if on_epoch is not None and step.technique == "distillation":
+            preview = finalized_copy(model).eval()
+            artifact = measure_artifact_metrics(preview, workload, device, reference, latency_batch_size)
+            ctx.on_epoch = lambda epoch, value, artifact=artifact: on_epoch(epoch, value, artifact)
         try:
             model = techniques.apply_spec(model, step, ctx)
         except techniques.SpecError as exc:
             raise PolicyError(f"step {index} ({step.technique}): {exc}") from None
     model = finalize(model).eval()
 
-    inputs = workload.example_inputs(latency_batch_size, device)
-    params, nonzero = count_weights(model)
-    size = measure_artifact(model, workload.build_model())
-    latency = time_latency(model, inputs)
     metrics = {
         "metric": workload.metric_name,
         "validation": workload.evaluate(model, "validation", device),
-        "size_bytes": size,
-        "latency_ms": latency.median_ms,
-        "latency_p90_ms": latency.p90_ms,
-        "latency_batch_size": latency.batch_size,
-        "params": params,
-        "nonzero_params": nonzero,
-        "flops": count_flops(model, inputs[:1]),
+        **measure_artifact_metrics(model, workload, device, reference, latency_batch_size),
         "baseline_validation": reference.metric,
         "baseline_size_bytes": reference.size_bytes,
         "baseline_latency_ms": reference.latency_ms,
-        "compression_ratio": reference.size_bytes / size,
-        "speedup": reference.latency_ms / latency.median_ms,
         "kernels": kernel_report(model),
         "techniques": policy.techniques(),
         "seed": seed,

@@ -70,9 +70,7 @@ def count_flops(model: nn.Module, example_inputs: torch.Tensor) -> int:
     return int(counter.get_total_flops())
 
 
-def time_latency(
-    model: nn.Module, example_inputs: torch.Tensor, *, warmup: int = 10, runs: int = 50
-) -> Latency:
+def time_latency(model: nn.Module, example_inputs: torch.Tensor, *, warmup: int = 10, runs: int = 50) -> Latency:
     """Median wall time of `runs` forward passes after `warmup`, in inference mode, on the inputs' device."""
     model.eval()
     device = example_inputs.device

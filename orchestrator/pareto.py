@@ -61,9 +61,7 @@ def feasible_pareto_front(points: np.ndarray, directions: Sequence[str], feasibl
     loss = _as_minimization(points, directions)
     ok = np.asarray(feasible)
     if ok.dtype != bool or ok.shape != (loss.shape[0],):
-        raise ValueError(
-            f"feasible must be a boolean array of shape ({loss.shape[0]},), got {ok.dtype} {ok.shape}"
-        )
+        raise ValueError(f"feasible must be a boolean array of shape ({loss.shape[0]},), got {ok.dtype} {ok.shape}")
     return np.flatnonzero(_nondominated(loss, ok & ~np.isnan(loss).any(axis=1)))
 
 
@@ -112,9 +110,7 @@ def hypervolume(points: np.ndarray, directions: Sequence[str], reference: Sequen
     ref = ref * signs
     inside = loss[np.all(loss < ref, axis=1)]  # NaN compares False, so NaN rows drop out here
     if not np.all(np.isfinite(inside)):
-        raise ValueError(
-            "points better than the reference must be finite (an infinite one has infinite volume)"
-        )
+        raise ValueError("points better than the reference must be finite (an infinite one has infinite volume)")
     if loss.shape[1] > 2:
         inside = inside[_nondominated(inside, np.ones(len(inside), dtype=bool))]
     return _hv_slicing(inside, ref)

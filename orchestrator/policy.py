@@ -136,7 +136,9 @@ def validate_for_model(policy: Policy, model: nn.Module) -> None:
                 if key.startswith("re:"):
                     pattern = re.compile(key[3:])
                     if not any(pattern.fullmatch(name) for name in eligible):
-                        raise PolicyError(f"step {index} ({step.technique}.{setting}): {key!r} matches no {kinds} layer")
+                        raise PolicyError(
+                            f"step {index} ({step.technique}.{setting}): {key!r} matches no {kinds} layer"
+                        )
                 elif key not in modules:
                     raise PolicyError(f"step {index} ({step.technique}.{setting}): the model has no layer {key!r}")
                 elif key not in eligible:

@@ -53,9 +53,7 @@ TRIAL_FIELDS = [
     pa.field("error", pa.string()),
 ]
 TRIALS_SCHEMA = pa.schema(TRIAL_FIELDS)
-PARETO_SCHEMA = pa.schema(
-    [*TRIAL_FIELDS, pa.field("test", pa.float64()), pa.field("checkpoint", pa.string())]
-)
+PARETO_SCHEMA = pa.schema([*TRIAL_FIELDS, pa.field("test", pa.float64()), pa.field("checkpoint", pa.string())])
 
 
 class ResultsError(UserError):
@@ -96,7 +94,9 @@ def read_table(location: str, name: str) -> tuple[list[dict[str, Any]], dict[str
     try:
         table = pq.read_table(path, filesystem=filesystem)
     except (pa.ArrowInvalid, OSError) as exc:
-        raise ResultsError(f"{join(location, name)} is not a readable Parquet file: {str(exc).splitlines()[0]}") from None
+        raise ResultsError(
+            f"{join(location, name)} is not a readable Parquet file: {str(exc).splitlines()[0]}"
+        ) from None
     metadata = (table.schema.metadata or {}).get(METADATA_KEY)
     if metadata is None:
         raise ResultsError(f"{join(location, name)} was not written by this tool (no run metadata)")

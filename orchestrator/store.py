@@ -86,9 +86,7 @@ def _versions() -> dict[str, str]:
     return versions
 
 
-def save(
-    model: nn.Module, policy: Policy, metrics: dict[str, Any], workload: Workload, destination: str
-) -> str:
+def save(model: nn.Module, policy: Policy, metrics: dict[str, Any], workload: Workload, destination: str) -> str:
     """Write a checkpoint to `destination` (a local path or a pyarrow filesystem URI); return it."""
     base = workload.build_model()
     staging = Path(tempfile.mkdtemp(prefix=".ckpt-"))

@@ -129,7 +129,9 @@ class TechniqueSpec:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise SpecError(f"{cls.technique}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+            raise SpecError(
+                f"{cls.technique}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            )
         kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items()}
         try:
             return cls(**kwargs)
@@ -244,10 +246,9 @@ def spec_from_json(doc: Any) -> TechniqueSpec:
     if not isinstance(doc, Mapping) or set(doc) != {"_type", "_version", "_data"}:
         raise SpecError('a technique step must be an object with exactly "_type", "_version" and "_data"')
     technique = get(doc["_type"]) if isinstance(doc["_type"], str) else get(repr(doc["_type"]))
-    if doc["_version"] != technique.spec_type.version:
-        raise SpecError(
-            f"{technique.name}: unsupported version {doc['_version']!r} (this build reads {technique.spec_type.version})"
-        )
+    expected = technique.spec_type.version
+    if doc["_version"] != expected:
+        raise SpecError(f"{technique.name}: unsupported version {doc['_version']!r} (this build reads {expected})")
     return technique.spec_type.from_data(doc["_data"])
 
 
@@ -283,7 +284,9 @@ def resolve_layers(
     unmatched = settings.unmatched_keys(name for name, _ in layers)
     if unmatched:
         kinds = "/".join(t.__name__ for t in types)
-        raise SpecError(f"{technique}: layer key(s) {', '.join(map(repr, unmatched))} match no {kinds} layer of the model")
+        raise SpecError(
+            f"{technique}: layer key(s) {', '.join(map(repr, unmatched))} match no {kinds} layer of the model"
+        )
     resolved = []
     for name, module in layers:
         value = settings.resolve(name)

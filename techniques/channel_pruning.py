@@ -54,9 +54,7 @@ class StructuredPruningSpec(TechniqueSpec):
             layer = None if key == LAYER_DEFAULT else key
             check_range(NAME, "ratio", value, 0.0, MAX_RATIO, layer=layer)
         if self.importance not in IMPORTANCES:
-            raise SpecError(
-                f"{NAME}: importance must be one of {', '.join(IMPORTANCES)}, got {self.importance!r}"
-            )
+            raise SpecError(f"{NAME}: importance must be one of {', '.join(IMPORTANCES)}, got {self.importance!r}")
         if self.round_to is not None and (
             isinstance(self.round_to, bool) or not isinstance(self.round_to, int) or self.round_to < 1
         ):
@@ -127,9 +125,7 @@ def _plan(
     import torch_pruning as tp
 
     names = {module: name for name, module in model.named_modules()}
-    scorer = tp.importance.MagnitudeImportance(
-        p=IMPORTANCES[spec.importance], group_reduction="mean", normalizer=None
-    )
+    scorer = tp.importance.MagnitudeImportance(p=IMPORTANCES[spec.importance], group_reduction="mean", normalizer=None)
     cuts = []
     for group in graph.get_all_groups(root_module_types=LAYER_TYPES):
         producers = _producers(graph, group)
@@ -166,9 +162,7 @@ def _shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
     }
 
 
-def _prune(
-    model: nn.Module, spec: StructuredPruningSpec, ratios: dict[nn.Module, float], ctx: Context
-) -> None:
+def _prune(model: nn.Module, spec: StructuredPruningSpec, ratios: dict[nn.Module, float], ctx: Context) -> None:
     """Trace the dependency graph on the example inputs, prune every planned group and check the output."""
     import torch_pruning as tp
 
@@ -200,9 +194,7 @@ def apply(model: nn.Module, spec: StructuredPruningSpec, ctx: Context) -> nn.Mod
     """Remove the least important output channels of every addressed layer group, in place."""
     if any(parametrize.is_parametrized(m) for m in model.modules()):
         raise SpecError(f"{NAME}: the model has parametrised layers; structured pruning must run before them")
-    ratios = {
-        module: float(value) for _, module, value in resolve_layers(model, spec.ratio, LAYER_TYPES, NAME)
-    }
+    ratios = {module: float(value) for _, module, value in resolve_layers(model, spec.ratio, LAYER_TYPES, NAME)}
     if not any(value > 0 for value in ratios.values()):
         ctx.note(NAME, None, "no layer asked for a ratio above 0; nothing pruned")
         return model

@@ -58,9 +58,7 @@ class DistillationSpec(TechniqueSpec):
         if not isinstance(self.feature_layers, tuple) or not all(
             isinstance(name, str) and name for name in self.feature_layers
         ):
-            raise SpecError(
-                f"{NAME}: feature_layers must be a list of layer names, got {self.feature_layers!r}"
-            )
+            raise SpecError(f"{NAME}: feature_layers must be a list of layer names, got {self.feature_layers!r}")
         if self.feature_weight > 0 and not self.feature_layers:
             raise SpecError(f"{NAME}: feature_weight {self.feature_weight} needs feature_layers")
 
@@ -147,19 +145,13 @@ def distill(student: nn.Module, teacher: nn.Module, spec: DistillationSpec, ctx:
     if ctx.train_batches is None:
         raise ValueError(f"{NAME}: the context has no train_batches; distillation needs training data")
     if spec.alpha < 1 and ctx.task_loss is None:
-        raise ValueError(
-            f"{NAME}: alpha={spec.alpha} < 1 mixes in the task loss, but the context has no task_loss"
-        )
+        raise ValueError(f"{NAME}: alpha={spec.alpha} < 1 mixes in the task loss, but the context has no task_loss")
     device = torch.device(ctx.device)
     student.to(device)
     teacher_was_training = teacher.training
     teacher.to(device).eval()
     features = _Features(student, teacher, spec.feature_layers)
-    cuda = (
-        [device.index if device.index is not None else torch.cuda.current_device()]
-        if device.type == "cuda"
-        else []
-    )
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
     try:
         with torch.random.fork_rng(devices=cuda):
             torch.manual_seed(ctx.seed)

@@ -12,6 +12,8 @@ Decisions:
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 from torch.nn.utils import parametrize, prune
@@ -112,3 +114,18 @@ def kernel_report(model: nn.Module) -> dict[str, str]:
 def integer_layers(model: nn.Module) -> list[str]:
     """Names of the layers that run an integer GEMM."""
     return [name for name, kernel in kernel_report(model).items() if kernel == INT_KERNEL]
+
+
+def finalized_copy(model: nn.Module) -> nn.Module:
+    """Finalize a deep copy, leaving `model` (and its parametrisations) untouched.
+
+    torch.nn.utils.parametrize gives each parametrised module a generated class holding the property
+    for the parametrised tensor, and removing a parametrisation deletes that property from the class.
+    A plain deepcopy shares the class, so each copied module gets a class of its own first.
+    """
+    copied = copy.deepcopy(model)
+    for module in copied.modules():
+        if parametrize.is_parametrized(module):
+            cls = type(module)
+            module.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
+    return finalize(copied)

@@ -81,9 +81,7 @@ class LowRankSpec(TechniqueSpec):
         for layer, value in self.rank.entries:
             _check_rank(layer, value)
         if self.conv_method not in CONV_METHODS:
-            raise SpecError(
-                f"{NAME}: conv_method must be one of {', '.join(CONV_METHODS)}, got {self.conv_method!r}"
-            )
+            raise SpecError(f"{NAME}: conv_method must be one of {', '.join(CONV_METHODS)}, got {self.conv_method!r}")
 
 
 # --------------------------------------------------------------------------- rank selection
@@ -128,9 +126,7 @@ def _n_params(layer: nn.Module) -> int:
 # --------------------------------------------------------------------------- factorisations
 
 
-def _new(
-    cls: type[nn.Module], weight: torch.Tensor, *args: Any, like: torch.Tensor, **kwargs: Any
-) -> nn.Module:
+def _new(cls: type[nn.Module], weight: torch.Tensor, *args: Any, like: torch.Tensor, **kwargs: Any) -> nn.Module:
     """A layer holding `weight` (and `bias=` tensor or None), built without random init so the global RNG
     is left alone, on the dtype/device of `like`."""
     bias = kwargs.pop("bias", None)
@@ -162,9 +158,7 @@ def _decompose(fn: Callable[..., Any], weight: torch.Tensor, **kwargs: Any) -> A
         return fn(weight.detach().double().cpu().numpy(), **kwargs)
 
 
-def _conv(
-    like: torch.Tensor, weight: torch.Tensor, c_in: int, c_out: int, kernel: Any, **kw: Any
-) -> nn.Module:
+def _conv(like: torch.Tensor, weight: torch.Tensor, c_in: int, c_out: int, kernel: Any, **kw: Any) -> nn.Module:
     """A Conv2d holding `weight` (bias-free unless `bias=` is given)."""
     return _new(nn.Conv2d, weight, c_in, c_out, kernel, like=like, **kw)
 
@@ -218,9 +212,7 @@ def factor_conv_cp(layer: nn.Conv2d, rank: int, seed: int = 0) -> nn.Sequential:
     """CP (Lebedev et al. 2015): 1×1 in→r, depthwise k×1, depthwise 1×k, 1×1 r→out with the bias."""
     from tensorly.decomposition import parafac
 
-    weights, factors = _decompose(
-        parafac, layer.weight, rank=rank, init="svd", random_state=seed, n_iter_max=200
-    )
+    weights, factors = _decompose(parafac, layer.weight, rank=rank, init="svd", random_state=seed, n_iter_max=200)
     a_out, a_in, a_h, a_w = (torch.from_numpy(a) for a in factors)
     return nn.Sequential(
         _conv(layer.weight, a_in.T, layer.in_channels, rank, 1),

@@ -36,9 +36,7 @@ DEQUANT_KERNEL = "dequantized-fp32"
 FLOAT_BITS = (16, 32)
 
 
-def weight_codes(
-    weight: torch.Tensor, bits: int, group_size: int | None
-) -> tuple[torch.Tensor, torch.Tensor]:
+def weight_codes(weight: torch.Tensor, bits: int, group_size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes as float32 of shape (out, groups, group), scale of shape (out, groups, 1)) of `weight`."""
     rows = weight.reshape(weight.shape[0], -1)
     grouped = rows.reshape(rows.shape[0], -1, group_size or rows.shape[1])
@@ -84,9 +82,7 @@ class PackedLayer(nn.Module):
         self.nnz = numel if nnz is None else int(nnz)
         count = self.nnz if sparse else numel
         if bits in FLOAT_BITS:
-            self.register_buffer(
-                "values", torch.zeros(count, dtype=torch.float16 if bits == 16 else torch.float32)
-            )
+            self.register_buffer("values", torch.zeros(count, dtype=torch.float16 if bits == 16 else torch.float32))
         else:
             self.register_buffer("values", torch.zeros(packed_nbytes(count, bits), dtype=torch.uint8))
             row = numel // self.weight_shape[0]

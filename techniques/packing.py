@@ -50,9 +50,7 @@ def _unpack_unsigned(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     if packed.dtype != torch.uint8 or packed.dim() != 1:
         raise ValueError(f"packed data must be a 1-d uint8 tensor, got {packed.dtype} {tuple(packed.shape)}")
     if packed.numel() != packed_nbytes(n, bits):
-        raise ValueError(
-            f"{n} fields of {bits} bits need {packed_nbytes(n, bits)} bytes, got {packed.numel()}"
-        )
+        raise ValueError(f"{n} fields of {bits} bits need {packed_nbytes(n, bits)} bytes, got {packed.numel()}")
     byte_shifts = torch.arange(8, dtype=torch.int32, device=packed.device)
     weights = torch.tensor([1 << i for i in range(bits)], dtype=torch.int32, device=packed.device)
     chunk_bytes = _CHUNK * bits // 8

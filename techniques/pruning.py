@@ -123,9 +123,7 @@ def apply(model: nn.Module, spec: UnstructuredPruningSpec, ctx: Context) -> nn.M
             achieved = zeros / in_force.numel()
             ctx.note(NAME, name, f"{achieved:.1%} of weights pruned", requested=value, sparsity=achieved)
     if spec.scope == "global":
-        ctx.note(
-            NAME, None, f"{pruned / total:.1%} of addressed weights pruned globally", sparsity=pruned / total
-        )
+        ctx.note(NAME, None, f"{pruned / total:.1%} of addressed weights pruned globally", sparsity=pruned / total)
     return model
 
 

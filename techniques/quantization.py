@@ -58,9 +58,7 @@ class QuantizationSpec(TechniqueSpec):
         for key, value in self.bits.entries:
             if value is not None and (isinstance(value, bool) or value not in BITS):
                 choices = ", ".join(map(str, BITS))
-                raise SpecError(
-                    f"quantization: bits for layer {key!r} must be in {{{choices}}}, got {value!r}"
-                )
+                raise SpecError(f"quantization: bits for layer {key!r} must be in {{{choices}}}, got {value!r}")
         size = self.group_size
         if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
             raise SpecError(f"quantization: group_size must be a positive integer or null, got {size!r}")
@@ -144,9 +142,7 @@ def quantizable_layers(model: nn.Module, spec: QuantizationSpec) -> list[tuple[s
         row = module.weight[0].numel()
         if spec.group_size is not None and row % spec.group_size:
             size = spec.group_size
-            raise SpecError(
-                f"quantization: group_size {size} does not divide row length {row} of layer {name!r}"
-            )
+            raise SpecError(f"quantization: group_size {size} does not divide row length {row} of layer {name!r}")
         if parametrize.is_parametrized(module, "weight") and any(
             isinstance(p, WeightFakeQuant) for p in module.parametrizations["weight"]
         ):
