@@ -76,7 +76,7 @@ def measure_artifact(model: nn.Module, base: nn.Module) -> int:
         return write_artifact(model, base, Path(tmp))
 
 
-def _versions() -> dict[str, str]:
+def package_versions() -> dict[str, str]:
     versions = {}
     for package in _PACKAGES:
         try:
@@ -104,7 +104,7 @@ def save(model: nn.Module, policy: Policy, metrics: dict[str, Any], workload: Wo
             "workload_fingerprint": workload.fingerprint,
             "files": files,
             "artifact_files": list(ARTIFACT_FILES),
-            "versions": _versions(),
+            "versions": package_versions(),
         }
         (staging / MANIFEST).write_bytes(_json_bytes(manifest))
         _publish(staging, destination)

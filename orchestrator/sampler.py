@@ -1,0 +1,86 @@
+"""Optuna inside Ray Tune: the multi-objective sampler, the accuracy-drop constraint, failed trials.
+
+Ray's OptunaSearch tells Optuna a trial COMPLETE whenever it has a last result, even when the trial
+raised, and it cannot pass constraints. `ConstrainedOptunaSearch` fixes both: errors and NaN objectives
+become FAIL (never left RUNNING), and each completed trial carries its constraint value as a user
+attribute that the sampler's `constraints_func` reads.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+from ray.tune.search.optuna import OptunaSearch
+
+from orchestrator.errors import UserError
+
+SAMPLERS = ("nsga2", "tpe", "random")
+CONSTRAINT_ATTR = "accuracy_drop_excess"  # ≤ 0 means feasible
+
+
+def constraint_of(trial: optuna.trial.FrozenTrial) -> Sequence[float]:
+    """Optuna's constraints_func: the recorded excess accuracy drop (trials without one count as feasible)."""
+    return (trial.user_attrs.get(CONSTRAINT_ATTR, 0.0),)
+
+
+def make_sampler(name: str, *, seed: int, num_trials: int, constrained: bool) -> optuna.samplers.BaseSampler:
+    """NSGA-II (default; population sized so the budget spans several generations), TPE or random."""
+    constraints = constraint_of if constrained else None
+    if name == "nsga2":
+        population = max(4, min(50, num_trials // 4))
+        return optuna.samplers.NSGAIISampler(population_size=population, seed=seed, constraints_func=constraints)
+    if name == "tpe":
+        startup = max(4, min(10, num_trials // 4))
+        return optuna.samplers.TPESampler(
+            seed=seed, n_startup_trials=startup, multivariate=True, constraints_func=constraints
+        )
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    raise UserError(f"unknown sampler {name!r}; one of {', '.join(SAMPLERS)}")
+
+
+def journal_storage(path: str | Path) -> optuna.storages.JournalStorage:
+    """A journal-file Optuna storage (optuna-dashboard opens the file directly)."""
+    from optuna.storages.journal import JournalFileBackend
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+
+
+@dataclass(frozen=True)
+class AccuracyDropConstraint:
+    """Excess of the trial's accuracy drop over the allowed one (picklable: Tune saves the searcher)."""
+
+    baseline: float
+    max_drop: float
+    metric: str = "validation"
+
+    def __call__(self, result: dict) -> float:
+        return (self.baseline - result[self.metric]) - self.max_drop
+
+
+class ConstrainedOptunaSearch(OptunaSearch):
+    """OptunaSearch that records constraints and never tells Optuna a failed trial is complete."""
+
+    def __init__(self, *args: Any, constraint: AccuracyDropConstraint | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._constraint = constraint
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+            return super().on_trial_complete(trial_id, result, error)
+        ot_trial = self._ot_trials[trial_id]
+        values = [None if not result else result.get(m) for m in self._metric]
+        broken = any(v is None or (isinstance(v, float) and math.isnan(v)) for v in values)
+        if error or broken:
+            self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.FAIL)
+            self._completed_trials.add(trial_id)
+            return None
+        if self._constraint is not None:
+            ot_trial.set_user_attr(CONSTRAINT_ATTR, float(self._constraint(result)))
+        return super().on_trial_complete(trial_id, result, error)
