@@ -130,6 +130,10 @@ def run(config: SearchConfig) -> SearchOutcome:
     _quiet()
     started = time.time()
     storage, name, run_dir = run_directory(config)
+    if config.resume and not tune.Tuner.can_restore(run_dir):
+        raise UserError(f"nothing to resume at {run_dir}")
+    if not config.resume and _experiment_exists(run_dir):
+        raise UserError(f"{run_dir} already holds a search; pass --resume to continue it, or a new --name")
     overrides = {**config.space_overrides, **(load_space_file(config.space_file) if config.space_file else {})}
     workload = resolve_workload(config.workload, data_dir=config.data_dir, weights=config.weights)
     baseline = workload.load_baseline()
@@ -165,12 +169,8 @@ def run(config: SearchConfig) -> SearchOutcome:
         verbose=0,
     )
     if config.resume:
-        if not tune.Tuner.can_restore(run_dir):
-            raise UserError(f"nothing to resume at {run_dir}")
         tuner = tune.Tuner.restore(run_dir, trainable=trainable, resume_errored=False, restart_errored=False)
     else:
-        if _experiment_exists(run_dir):
-            raise UserError(f"{run_dir} already holds a search; pass --resume to continue it, or a new --name")
         constraint = (
             AccuracyDropConstraint(reference.metric, config.max_accuracy_drop)
             if config.max_accuracy_drop is not None

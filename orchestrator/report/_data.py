@@ -1,0 +1,50 @@
+"""Everything a report shows, read from a run directory's Parquet tables (and checkpoint existence)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from orchestrator.report._fs import directory_note, exists, locate
+from orchestrator.results import PARETO_FILE, TRIALS_FILE, ResultsError, read_table
+
+
+@dataclass(frozen=True)
+class RunData:
+    """A run's trials, its front (as recorded in pareto.parquet) and facts, plus a note per checkpoint."""
+
+    run_dir: str
+    run_info: dict[str, Any]
+    trials: list[dict[str, Any]]
+    front: list[dict[str, Any]]
+    notes: dict[str, str] = field(default_factory=dict)  # trial id → "checkpoint missing", ...
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def metric(self) -> str:
+        return str(self.run_info.get("metric") or "metric")
+
+
+def _front_from_trials(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The trials flagged as Pareto, for runs whose pareto.parquet was never written."""
+    return [{**t, "test": None, "checkpoint": None} for t in trials if t.get("pareto")]
+
+
+def load_run(run_dir: str) -> RunData:
+    """Read trials.parquet (required) and pareto.parquet (falling back to the trials' Pareto flags)."""
+    trials, run_info = read_table(run_dir, TRIALS_FILE)
+    if not any(t.get("status") == "completed" for t in trials):
+        raise ResultsError(f"no finished trials in {run_dir}")
+    warnings = []
+    if exists(run_dir, PARETO_FILE):
+        front, pareto_info = read_table(run_dir, PARETO_FILE)
+        run_info = {**run_info, **pareto_info}
+    else:
+        front = _front_from_trials(trials)
+        warnings.append(f"{PARETO_FILE} is missing: the front is taken from {TRIALS_FILE}, without test metrics")
+    notes = {
+        str(row["trial_id"]): directory_note(locate(run_dir, row["checkpoint"]))
+        for row in front
+        if row.get("checkpoint")
+    }
+    return RunData(run_dir, run_info, trials, front, {k: v for k, v in notes.items() if v}, warnings)

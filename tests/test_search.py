@@ -1,0 +1,223 @@
+"""The search end to end on Ray: smoke run, failures, a simulated cluster, and resume after SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+
+from orchestrator import store
+from orchestrator.driver import SearchConfig, run
+from orchestrator.results import PARETO_FILE, TRIALS_FILE, read_table
+from orchestrator.sampler import journal_storage
+from orchestrator.workloads import Workload, resolve_workload
+from techniques.packed import PackedLayer
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+REPO = Path(__file__).resolve().parents[1]
+ONE_EPOCH = {"distillation": {"epochs": [1]}}
+
+
+def search_command(*args: str) -> list[str]:
+    return [sys.executable, str(REPO / "search.py"), *args]
+
+
+def study_of(run_dir: Path, name: str) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=journal_storage(run_dir / "optuna-journal.log"))
+
+
+def test_smoke_test_leaves_checkpoints_that_reproduce_their_metrics(tmp_path):
+    started = time.perf_counter()
+    result = subprocess.run(
+        search_command("--smoke-test", "--storage-path", str(tmp_path), "--name", "smoke"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=os.environ,
+    )
+    wall = time.perf_counter() - started
+    assert result.returncode == 0, result.stderr[-4000:]
+    run_dir = tmp_path / "smoke"
+    trials, info = read_table(str(run_dir), TRIALS_FILE)
+    pareto, _ = read_table(str(run_dir), PARETO_FILE)
+    assert len(trials) == 6 and {r["status"] for r in trials} == {"completed"}
+    assert [r["role"] for r in trials].count("baseline") == 1
+    assert info["objectives"] == ["validation", "size_bytes"]
+    assert "Pareto front" in result.stdout and f"run directory: {run_dir}" in result.stdout
+    print(f"smoke test wall time {wall:.0f} s")
+
+    workload = resolve_workload("digits")
+    assert pareto
+    for row in pareto:
+        checkpoint = store.load(str(run_dir / row["checkpoint"]), workload)
+        assert workload.evaluate(checkpoint.model, "validation") == row["validation"]
+        assert workload.evaluate(checkpoint.model, "test") == row["test"] == checkpoint.metrics["test"]
+        files = sum((run_dir / row["checkpoint"] / name).stat().st_size for name in store.ARTIFACT_FILES)
+        assert files == row["size_bytes"]
+
+    study = study_of(run_dir, "smoke")
+    assert study.metric_names == ["validation", "size_bytes"]
+    assert [t.state for t in study.trials].count(optuna.trial.TrialState.COMPLETE) == 6
+    assert (run_dir / "report.html").is_file()
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+
+    ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@dataclass(frozen=True)
+class FlakyWorkload(Workload):
+    """digits, except that quantised 8-bit models score NaN and 4-bit models crash the evaluation."""
+
+    def evaluate(self, model, split="validation", device=None):  # noqa: ANN001, ANN201
+        bits = {m.bits for m in model.modules() if isinstance(m, PackedLayer)}
+        if 4 in bits:
+            raise RuntimeError("injected failure")
+        if 8 in bits:
+            return float("nan")
+        return super().evaluate(model, split, device)
+
+
+def make_flaky() -> FlakyWorkload:
+    digits = resolve_workload("digits")
+    return FlakyWorkload(**{f: getattr(digits, f) for f in Workload.__dataclass_fields__})
+
+
+def test_failing_and_nan_trials_are_failed_and_the_search_completes(tmp_path, local_ray, monkeypatch):
+    import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    monkeypatch.syspath_prepend(str(REPO))
+    config = SearchConfig(
+        workload="tests.test_search:make_flaky",
+        families=("quantization",),
+        num_trials=5,
+        storage_path=str(tmp_path),
+        name="flaky",
+        max_failures=0,
+        space_overrides={"choices": {"bits": [4, 8, 32]}},
+        report=False,
+    )
+    outcome = run(config)
+    by_role = {}
+    for row in outcome.trials:
+        by_role.setdefault(row["role"], []).append(row)
+    # the references come first: uniform int8 (NaN) and uniform 4-bit (raises); the baseline succeeds
+    assert len(outcome.trials) == 5
+    statuses = {
+        json.loads(r["policy_json"])["steps"][0]["_data"]["bits"]["conv1"]: r["status"] for r in by_role["reference"]
+    }
+    assert statuses == {8: "failed", 4: "failed"}
+    assert all("injected failure" in r["error"] or "not finite" in r["error"] for r in by_role["reference"])
+    assert by_role["baseline"][0]["status"] == "completed"
+    assert not any(r["pareto"] for r in outcome.trials if r["status"] != "completed")
+    states = [t.state for t in study_of(tmp_path / "flaky", "flaky").trials]
+    assert optuna.trial.TrialState.RUNNING not in states
+    assert states.count(optuna.trial.TrialState.FAIL) == sum(r["status"] == "failed" for r in outcome.trials) >= 2
+
+
+def test_trials_spread_over_a_simulated_multi_node_cluster(tmp_path):
+    import ray
+    from ray.cluster_utils import Cluster
+
+    ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    nodes = [cluster.add_node(num_cpus=1, num_gpus=1) for _ in range(3)]
+    try:
+        outcome = run(
+            SearchConfig(
+                address=cluster.address,
+                families=("quantization", "unstructured_pruning"),
+                num_trials=6,
+                cpus_per_trial=1,
+                gpus_per_trial=1,
+                concurrency=3,
+                storage_path=str(tmp_path),
+                name="cluster",
+                space_overrides=ONE_EPOCH,
+                report=False,
+            )
+        )
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    used = {row["node_id"] for row in outcome.trials}
+    assert used <= {node.node_id for node in nodes}  # the CPU-less head runs no trial
+    assert len(used) >= 2
+    assert all(row["status"] == "completed" for row in outcome.trials)
+    assert all(row["device"] == ("cuda" if torch.cuda.is_available() else "cpu") for row in outcome.trials)
+
+
+def finished_trials(run_dir: Path) -> list[Path]:
+    done = []
+    for result_file in run_dir.glob("run_trial_*/result.json"):
+        if any(json.loads(line).get("final") for line in result_file.read_text().splitlines() if line.strip()):
+            done.append(result_file)
+    return done
+
+
+def test_resume_after_sigkill_finishes_the_budget_without_rerunning_trials(tmp_path):
+    args = [
+        "--storage-path",
+        str(tmp_path),
+        "--name",
+        "resume",
+        "--families",
+        "quantization,unstructured_pruning",
+        "--num-trials",
+        "8",
+        "--concurrency",
+        "1",
+        "--no-report",
+    ]
+    (tmp_path / "space.json").write_text(json.dumps({**ONE_EPOCH, "distillation": {"epochs": [2]}}))
+    args += ["--search-space", str(tmp_path / "space.json")]
+    driver = subprocess.Popen(
+        search_command(*args),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        env=os.environ,
+    )
+    run_dir = tmp_path / "resume"
+    deadline = time.time() + 400
+    while len(finished_trials(run_dir)) < 3 and time.time() < deadline and driver.poll() is None:
+        time.sleep(0.5)
+    assert driver.poll() is None, "the search ended before it could be interrupted"
+    assert len(finished_trials(run_dir)) >= 3
+    os.kill(driver.pid, signal.SIGKILL)
+    driver.wait()
+    time.sleep(2)
+    try:
+        os.killpg(driver.pid, signal.SIGKILL)  # Ray's own processes, orphaned by the driver's death
+    except ProcessLookupError:
+        pass
+    interrupted = {p.parent.name for p in finished_trials(run_dir)}
+    assert 3 <= len(interrupted) < 8
+
+    result = subprocess.run(
+        search_command(*args, "--resume"), capture_output=True, text=True, timeout=600, env=os.environ
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    trials, _ = read_table(str(run_dir), TRIALS_FILE)
+    assert len(trials) == 8 and {r["status"] for r in trials} == {"completed"}
+    assert len({r["trial_id"] for r in trials}) == 8
+    for result_file in finished_trials(run_dir):
+        finals = [line for line in result_file.read_text().splitlines() if json.loads(line).get("final")]
+        assert len(finals) == 1, f"{result_file.parent.name} finished more than once"
+    assert {p.parent.name for p in finished_trials(run_dir)} >= interrupted

@@ -1,0 +1,102 @@
+"""The search space: built from the model, pure define-by-run, parameters → valid policies."""
+
+from __future__ import annotations
+
+import json
+
+import optuna
+import pytest
+
+from orchestrator.policy import Policy, validate_for_model
+from orchestrator.space import SpaceError, build_space, load_space_file
+from orchestrator.workloads.digits import DigitsCNN
+from tests.tiny_models import TinyResNet
+
+
+def sample(space, seed: int = 0) -> dict:
+    trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed)).ask()
+    space.define(trial)
+    return trial.params
+
+
+def test_per_layer_space_of_the_digits_model():
+    space = build_space(DigitsCNN())
+    assert set(space.groups) == {"lowrank", "structured_pruning", "unstructured_pruning", "quantization"}
+    assert list(space.groups["quantization"]) == ["conv1", "conv2", "conv3", "fc1", "fc2"]
+    assert "fc2" not in space.groups["structured_pruning"]  # the output layer keeps its features
+    assert "conv1" not in space.groups["lowrank"]  # one input channel: nothing to factor
+    assert len(space.parameter_names()) == space.describe()["dimensions"] == 4 + 4 + 5 + 5 + 4
+
+
+def test_define_by_run_is_pure_and_every_sample_is_a_valid_policy():
+    model = DigitsCNN()
+    space = build_space(model)
+    for seed in range(25):
+        params = sample(space, seed)
+        assert params == sample(space, seed)
+        policy = space.policy(params)
+        validate_for_model(policy, model)
+        assert Policy.loads(policy.dumps()) == policy
+        if policy.steps:
+            assert policy.techniques()[-1] == "distillation"
+
+
+def test_off_values_leave_layers_alone_and_the_baseline_point_is_empty():
+    space = build_space(DigitsCNN())
+    points = {name: (role, params) for name, role, params in space.fixed_points()}
+    assert points["baseline"][0] == "baseline" and space.policy(points["baseline"][1]).steps == ()
+    int8 = space.policy(points["uniform int8"][1])
+    assert int8.techniques() == ["quantization", "distillation"]
+    assert set(int8.steps[0].bits.as_dict().values()) == {8}
+    for _, params in points.values():
+        assert set(params) == set(space.parameter_names())
+
+
+def test_grouping_by_block_and_type_and_by_regex_groups():
+    model = TinyResNet()
+    by_type = build_space(model, grouping="type")
+    assert set(by_type.groups["quantization"]) == {"Conv2d", "Linear"}
+    by_regex = build_space(model, overrides={"groups": {"convs": "re:conv_.*", "head": "re:fc"}})
+    assert by_regex.groups["quantization"] == {"convs": ("conv_a", "conv_b"), "head": ("fc",)}
+    for seed in range(10):  # one value per group, given to every layer in it
+        policy = by_regex.policy(sample(by_regex, seed))
+        for step in policy.steps:
+            for layer_map in step.layer_maps().values():
+                values = layer_map.as_dict()
+                assert values.get("conv_a") == values.get("conv_b")
+
+
+def test_families_can_be_switched_off():
+    space = build_space(DigitsCNN(), families=("quantization",))
+    assert set(space.groups) == {"quantization"} and space.distill is None
+    params = sample(space)
+    assert all(name.startswith("bits.") for name in params)
+    assert set(space.policy(params).techniques()) <= {"quantization"}
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"colour": 1}, "unknown search-space key"),
+        ({"families": ["magic"]}, "unknown technique famil"),
+        ({"grouping": "random"}, "grouping must be one of"),
+        ({"choices": {"bits": []}}, "non-empty list"),
+        ({"choices": {"bits": [1, 4]}}, "choices.bits"),
+        ({"choices": {"sparsity": [0.5, 1.5]}}, "choices.sparsity"),
+        ({"distillation": {"heat": [1]}}, "distillation.heat"),
+    ],
+)
+def test_bad_space_overrides_are_clear_errors(overrides, message):
+    with pytest.raises(SpaceError, match=message):
+        build_space(DigitsCNN(), overrides=overrides)
+
+
+def test_space_file(tmp_path):
+    (tmp_path / "space.json").write_text(json.dumps({"families": ["quantization"], "choices": {"bits": [4, 8]}}))
+    space = build_space(DigitsCNN(), overrides=load_space_file(tmp_path / "space.json"))
+    assert space.choices["bits"] == (4, 8) and list(space.groups) == ["quantization"]
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(SpaceError, match="not valid JSON"):
+        load_space_file(tmp_path / "bad.json")
+    with pytest.raises(SpaceError, match="cannot read"):
+        load_space_file(tmp_path / "absent.json")
