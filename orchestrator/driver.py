@@ -200,6 +200,9 @@ def run(config: SearchConfig) -> SearchOutcome:
             run_config=run_config,
         )
     grid = tuner.fit()
+    fail_orphaned_trials(_journal_path(run_dir), name)
+    if _is_uri(run_dir):  # the journal was kept locally; it belongs beside the results
+        upload_file(_journal_path(run_dir), f"{run_dir}/optuna-journal.log")
     run_info = {
         "workload": workload.name,
         "workload_fingerprint": workload.fingerprint,
@@ -227,6 +230,28 @@ def run(config: SearchConfig) -> SearchOutcome:
         started=started,
         report=config.report,
     )
+
+
+def fail_orphaned_trials(journal: str, study_name: str) -> int:
+    """Mark Optuna trials still RUNNING after the search as FAIL: they were asked for by a driver that died
+    before Tune recorded them, and no trial will ever tell their result."""
+    import optuna
+
+    from orchestrator.sampler import journal_storage
+
+    study = optuna.load_study(study_name=study_name, storage=journal_storage(journal))
+    orphans = [t.number for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))]
+    for number in orphans:
+        study.tell(number, state=optuna.trial.TrialState.FAIL)
+    return len(orphans)
+
+
+def upload_file(local: str, uri: str) -> None:
+    import pyarrow.fs as pafs
+
+    filesystem, path = pafs.FileSystem.from_uri(uri)
+    with filesystem.open_output_stream(path) as out:
+        out.write(Path(local).read_bytes())
 
 
 def _journal_path(run_dir: str) -> str:

@@ -19,6 +19,7 @@ from orchestrator.workloads import Workload
 OBJECTIVE_KEYS = {"accuracy": "validation", "size": "size_bytes", "latency": "latency_ms", "flops": "flops"}
 DIRECTIONS = {"validation": "maximize", "size_bytes": "minimize", "latency_ms": "minimize", "flops": "minimize"}
 CHECKPOINT_SUBDIR = "model"
+RESULT_FILE = "final_result.json"  # beside the model in a trial's only checkpoint: the trial is done
 
 
 @dataclass(frozen=True)
@@ -66,10 +67,20 @@ def _check_finite(result: dict[str, Any], objectives: tuple[str, ...]) -> None:
 
 
 def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
-    """The Tune function trainable: reports every objective after each fine-tuning epoch and at the end."""
+    """The Tune function trainable: reports every objective after each fine-tuning epoch and at the end.
+
+    Only the final report carries a checkpoint, so a trial restored from a checkpoint (after the driver
+    died between its end and Tune's next snapshot) is already done.
+    """
     import ray
     from ray import tune
 
+    finished = tune.get_checkpoint()
+    if finished is not None:  # resumed after its final report: report it again instead of redoing the work
+        with finished.as_directory() as local:
+            result = json.loads((Path(local) / RESULT_FILE).read_text())
+        tune.report({**result, "restored": True}, checkpoint=finished)
+        return
     torch.set_num_threads(max(1, int(setup.cpus_per_trial)))
     started = time.perf_counter()
     device = _device()
@@ -109,4 +120,5 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     _check_finite(result, setup.objectives)
     with tempfile.TemporaryDirectory(prefix="trial-") as tmp:
         store.save(outcome.model, policy, metrics, setup.workload, str(Path(tmp) / CHECKPOINT_SUBDIR))
+        (Path(tmp) / RESULT_FILE).write_text(json.dumps(result))
         tune.report(result, checkpoint=tune.Checkpoint.from_directory(tmp))

@@ -218,6 +218,10 @@ def test_resume_after_sigkill_finishes_the_budget_without_rerunning_trials(tmp_p
     assert len(trials) == 8 and {r["status"] for r in trials} == {"completed"}
     assert len({r["trial_id"] for r in trials}) == 8
     for result_file in finished_trials(run_dir):
-        finals = [line for line in result_file.read_text().splitlines() if json.loads(line).get("final")]
-        assert len(finals) == 1, f"{result_file.parent.name} finished more than once"
+        results = [json.loads(line) for line in result_file.read_text().splitlines()]
+        computed = [r for r in results if r.get("final") and not r.get("restored")]
+        assert len(computed) == 1, f"{result_file.parent.name} was computed {len(computed)} times"
     assert {p.parent.name for p in finished_trials(run_dir)} >= interrupted
+    states = [t.state for t in study_of(run_dir, "resume").trials]
+    assert states.count(optuna.trial.TrialState.COMPLETE) == 8
+    assert optuna.trial.TrialState.RUNNING not in states
