@@ -66,6 +66,22 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from orchestrator.report import write_report
+
+    paths = write_report(args.run_dir)
+    print(f"report:  {paths.html}\nsummary: {paths.summary}")
+    return 0
+
+
+def _search(args: argparse.Namespace) -> int:
+    from orchestrator.driver import run
+    from orchestrator.search_cli import config_from_args, print_outcome
+
+    print_outcome(run(config_from_args(args)))
+    return 0
+
+
 def format_result(metrics: dict, where: str) -> str:
     """The headline numbers of a compressed model, against its baseline."""
     lines = [
@@ -111,6 +127,16 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, or cuda[:N]")
     evaluate.add_argument("--json", action="store_true", help="print the metrics as JSON")
     evaluate.set_defaults(handler=_evaluate)
+
+    from orchestrator.search_cli import add_search_arguments
+
+    search = commands.add_parser("search", help="run a search (the same as python search.py)")
+    add_search_arguments(search)
+    search.set_defaults(handler=_search)
+
+    report = commands.add_parser("report", help="(re)write report.html and summary.md of a search run")
+    report.add_argument("run_dir", help="the run directory (local path or s3://, gs://)")
+    report.set_defaults(handler=_report)
     return parser
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import re
 import time
 from pathlib import Path
 from typing import Any
@@ -26,8 +25,7 @@ def _trial_id(result: Any) -> str:
     found = (result.metrics or {}).get("trial_id")
     if found:
         return found
-    match = re.search(r"_([0-9a-f]{8})_\d+_", Path(result.path).name)
-    return match.group(1) if match else Path(result.path).name
+    return Path(result.path).name.removeprefix("trial_")
 
 
 def _role(config: dict[str, Any], fixed: list[tuple[str, str, dict[str, Any]]]) -> str:

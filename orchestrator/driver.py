@@ -196,6 +196,8 @@ def run(config: SearchConfig) -> SearchOutcome:
                 search_alg=ConcurrencyLimiter(searcher, max_concurrent=concurrency),
                 scheduler=_scheduler(config, space),
                 num_samples=config.num_trials,
+                reuse_actors=True,
+                trial_dirname_creator=trial_dirname,
             ),
             run_config=run_config,
         )
@@ -230,6 +232,11 @@ def run(config: SearchConfig) -> SearchOutcome:
         started=started,
         report=config.report,
     )
+
+
+def trial_dirname(trial: Any) -> str:
+    """`trial_<id>`: Tune's default puts every parameter in the directory name."""
+    return f"trial_{trial.trial_id}"
 
 
 def fail_orphaned_trials(journal: str, study_name: str) -> int:

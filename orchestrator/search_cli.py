@@ -7,7 +7,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from orchestrator.driver import SearchConfig, SearchOutcome, run
+from orchestrator.driver import SearchConfig, SearchOutcome
 from orchestrator.errors import UserError
 from orchestrator.space import FAMILIES, GROUPINGS
 
@@ -95,12 +95,7 @@ def print_outcome(outcome: SearchOutcome) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="search.py", description="Search per-layer compression policies.")
-    add_search_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        print_outcome(run(config_from_args(args)))
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    """`python search.py`: the `search` subcommand of `python -m orchestrator`."""
+    from orchestrator.cli import main as cli_main
+
+    return cli_main(["search", *(sys.argv[1:] if argv is None else argv)])

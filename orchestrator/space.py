@@ -3,7 +3,7 @@
 Built once from the baseline model (which layers each family can act on, how they are grouped); after
 that, `define(trial)` — the define-by-run function Optuna calls — is pure and fast, and `policy(params)`
 turns a trial's parameters into a Policy. Parameter names are `SETTING.GROUP` (e.g. `bits.fc1`) and
-`distill.temperature`, `distill.alpha`, `distill.epochs`, `distill.lr`.
+`distill.temperature`, `distill.alpha`, `distill.epochs`, `distill.lr`; `use.FAMILY` switches a family on.
 """
 
 from __future__ import annotations
@@ -25,12 +25,12 @@ FAMILIES = ("lowrank", "structured_pruning", "unstructured_pruning", "quantizati
 SETTING = {"lowrank": "rank", "structured_pruning": "ratio", "unstructured_pruning": "sparsity", "quantization": "bits"}
 OFF = {"rank": "none", "ratio": 0.0, "sparsity": 0.0, "bits": 32}  # the value meaning "leave the layer alone"
 DEFAULT_CHOICES: dict[str, tuple[Any, ...]] = {
-    "rank": ("none", 0.5, 0.35, 0.25, 0.15),  # fraction of a layer's parameters kept by factorisation
+    "rank": ("none", 0.5, 0.35, 0.25),  # fraction of a layer's parameters kept by factorisation
     "ratio": (0.0, 0.125, 0.25, 0.375, 0.5),  # fraction of output channels removed
     "sparsity": (0.0, 0.5, 0.7, 0.8, 0.9, 0.95),  # fraction of weights zeroed
     "bits": (2, 3, 4, 5, 6, 8, 32),  # weight bit-width; 32 keeps fp32
 }
-DEFAULT_DISTILL = {"temperature": (1.0, 8.0), "alpha": (0.1, 0.95), "epochs": (1, 2, 3), "lr": (3e-4, 3e-3)}
+DEFAULT_DISTILL = {"temperature": (1.0, 8.0), "alpha": (0.1, 0.95), "epochs": (2, 4, 8), "lr": (3e-4, 3e-3)}
 GROUPINGS = ("auto", "layer", "block", "type")
 _SPACE_FILE_KEYS = {"families", "grouping", "groups", "choices", "distillation", "exclude"}
 
@@ -49,8 +49,11 @@ class SearchSpace:
     seed: int = 0
 
     def define(self, trial: Any) -> None:
-        """Optuna's define-by-run function: suggest every parameter (no model is built)."""
+        """Optuna's define-by-run function (no model is built): a switch per family, then, for the families
+        switched on, one setting per layer group; the distillation globals always."""
         for family, groups in self.groups.items():
+            if not trial.suggest_categorical(f"use.{family}", [False, True]):
+                continue
             setting = SETTING[family]
             for group in groups:
                 trial.suggest_categorical(f"{setting}.{group}", list(self.choices[setting]))
@@ -65,6 +68,8 @@ class SearchSpace:
         steps = []
         for family in FAMILIES[:-1]:
             setting = SETTING[family]
+            if not params.get(f"use.{family}"):
+                continue
             values = {
                 layer: params[f"{setting}.{group}"]
                 for group, layers in self.groups.get(family, {}).items()
@@ -85,7 +90,9 @@ class SearchSpace:
         return Policy(tuple(steps), seed=self.seed)
 
     def parameter_names(self) -> list[str]:
-        names = [f"{SETTING[f]}.{g}" for f, groups in self.groups.items() for g in groups]
+        """Every parameter the space can suggest (per-layer ones only when their family is switched on)."""
+        names = [f"use.{f}" for f in self.groups]
+        names += [f"{SETTING[f]}.{g}" for f, groups in self.groups.items() for g in groups]
         if self.distill is not None:
             names += ["distill.temperature", "distill.alpha", "distill.epochs", "distill.lr"]
         return names
@@ -104,11 +111,12 @@ class SearchSpace:
         return any(SETTING[f] == setting and groups for f, groups in self.groups.items())
 
     def _point(self, settings: Mapping[str, Any]) -> dict[str, Any]:
-        point = {}
+        point: dict[str, Any] = {}
         for family, groups in self.groups.items():
             setting = SETTING[family]
-            for group in groups:
-                point[f"{setting}.{group}"] = settings.get(setting, OFF[setting])
+            point[f"use.{family}"] = setting in settings
+            if setting in settings:
+                point.update({f"{setting}.{group}": settings[setting] for group in groups})
         if self.distill is not None:
             low_t, high_t = self.distill["temperature"]
             low_a, high_a = self.distill["alpha"]

@@ -165,7 +165,7 @@ def test_trials_spread_over_a_simulated_multi_node_cluster(tmp_path):
 
 def finished_trials(run_dir: Path) -> list[Path]:
     done = []
-    for result_file in run_dir.glob("run_trial_*/result.json"):
+    for result_file in run_dir.glob("trial_*/result.json"):
         if any(json.loads(line).get("final") for line in result_file.read_text().splitlines() if line.strip()):
             done.append(result_file)
     return done

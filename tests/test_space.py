@@ -25,7 +25,7 @@ def test_per_layer_space_of_the_digits_model():
     assert list(space.groups["quantization"]) == ["conv1", "conv2", "conv3", "fc1", "fc2"]
     assert "fc2" not in space.groups["structured_pruning"]  # the output layer keeps its features
     assert "conv1" not in space.groups["lowrank"]  # one input channel: nothing to factor
-    assert len(space.parameter_names()) == space.describe()["dimensions"] == 4 + 4 + 5 + 5 + 4
+    assert len(space.parameter_names()) == space.describe()["dimensions"] == 4 + (4 + 4 + 5 + 5) + 4
 
 
 def test_define_by_run_is_pure_and_every_sample_is_a_valid_policy():
@@ -48,8 +48,13 @@ def test_off_values_leave_layers_alone_and_the_baseline_point_is_empty():
     int8 = space.policy(points["uniform int8"][1])
     assert int8.techniques() == ["quantization", "distillation"]
     assert set(int8.steps[0].bits.as_dict().values()) == {8}
-    for _, params in points.values():
-        assert set(params) == set(space.parameter_names())
+    for _, params in points.values():  # a fixed point names exactly the parameters its switches call for
+        assert set(params) <= set(space.parameter_names())
+        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+        study.enqueue_trial(params)
+        asked = study.ask()
+        space.define(asked)
+        assert asked.params == params
 
 
 def test_grouping_by_block_and_type_and_by_regex_groups():
@@ -70,7 +75,7 @@ def test_families_can_be_switched_off():
     space = build_space(DigitsCNN(), families=("quantization",))
     assert set(space.groups) == {"quantization"} and space.distill is None
     params = sample(space)
-    assert all(name.startswith("bits.") for name in params)
+    assert all(name.startswith(("bits.", "use.quantization")) for name in params)
     assert set(space.policy(params).techniques()) <= {"quantization"}
 
 
