@@ -14,7 +14,11 @@ from orchestrator.cli import main
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "orchestrator", *args], capture_output=True, text=True, env=os.environ, timeout=300
+        [sys.executable, "-m", "orchestrator", *args],
+        capture_output=True,
+        text=True,
+        env=os.environ,
+        timeout=300,
     )
 
 

@@ -33,7 +33,13 @@ def saved(applied, digits, tmp_path_factory):
 
 def test_all_four_families_compress_and_metrics_are_of_the_artifact(applied):
     metrics = applied.metrics
-    assert metrics["techniques"] == ["lowrank", "structured_pruning", "unstructured_pruning", "quantization", "distillation"]
+    assert metrics["techniques"] == [
+        "lowrank",
+        "structured_pruning",
+        "unstructured_pruning",
+        "quantization",
+        "distillation",
+    ]
     assert metrics["size_bytes"] * 5 < metrics["baseline_size_bytes"]
     assert metrics["compression_ratio"] == pytest.approx(metrics["baseline_size_bytes"] / metrics["size_bytes"])
     assert metrics["nonzero_params"] < metrics["params"]

@@ -59,9 +59,7 @@ def test_large_tensor_crosses_chunk_boundaries() -> None:
 def test_known_layout_is_lsb_first() -> None:
     # 4-bit codes 1 and -1 (two's complement 0b1111) share one byte: low nibble first.
     assert pack_bits(torch.tensor([1, -1]), 4).tolist() == [0xF1]
-    assert pack_mask(
-        torch.tensor([True, False, False, False, False, False, False, False, True])
-    ).tolist() == [1, 1]
+    assert pack_mask(torch.tensor([True, False, False, False, False, False, False, False, True])).tolist() == [1, 1]
 
 
 @pytest.mark.parametrize(

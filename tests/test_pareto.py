@@ -52,9 +52,7 @@ def sorted_rows(a: np.ndarray) -> list[tuple[float, ...]]:
 
 
 @st.composite
-def problems(
-    draw, *, min_points: int = 0, max_points: int = 12, min_objectives: int = 1, max_objectives: int = 4
-):
+def problems(draw, *, min_points: int = 0, max_points: int = 12, min_objectives: int = 1, max_objectives: int = 4):
     """Points on a small integer grid (so ties and duplicates are common) with random directions."""
     m = draw(st.integers(min_objectives, max_objectives))
     n = draw(st.integers(min_points, max_points))
@@ -195,9 +193,7 @@ def test_single_point_is_its_box(problem, slack):
     points, directions = problem
     ref = reference_for(points, directions, slack)
     gaps = np.abs(ref - points[0])
-    strictly_inside = all(
-        (p < r) if d == MIN else (p > r) for p, r, d in zip(points[0], ref, directions, strict=True)
-    )
+    strictly_inside = all((p < r) if d == MIN else (p > r) for p, r, d in zip(points[0], ref, directions, strict=True))
     expected = float(np.prod(gaps)) if strictly_inside else 0.0
     assert hypervolume(points, directions, ref) == pytest.approx(expected)
 

@@ -59,9 +59,7 @@ def test_each_layer_reaches_its_requested_sparsity() -> None:
         assert abs(_sparsity(layer) - value) <= 0.5 / layer.weight.numel(), name
     assert not parametrize.is_parametrized(model.fc2), "sparsity 0 leaves the layer alone"
     kept = model.conv2.weight.detach().abs()
-    assert (
-        kept[kept > 0].min() >= model.conv2.parametrizations.weight.original.detach().abs()[kept == 0].max()
-    )
+    assert kept[kept > 0].min() >= model.conv2.parametrizations.weight.original.detach().abs()[kept == 0].max()
 
 
 @settings(max_examples=30, deadline=None)
@@ -129,9 +127,7 @@ def test_ties_break_by_position() -> None:
 
 def test_factored_layers_inherit_the_setting_of_the_layer_they_came_from() -> None:
     model = seeded(TinyResNet)
-    model.conv_a = nn.Sequential(
-        nn.Conv2d(8, 3, (3, 1), padding=(1, 0)), nn.Conv2d(3, 8, (1, 3), padding=(0, 1))
-    )
+    model.conv_a = nn.Sequential(nn.Conv2d(8, 3, (3, 1), padding=(1, 0)), nn.Conv2d(3, 8, (1, 3), padding=(0, 1)))
     ctx = make_context()
     apply(model, UnstructuredPruningSpec(sparsity={"conv_a": 0.5}), ctx)
     assert [note["layer"] for note in ctx.notes] == ["conv_a.0", "conv_a.1"]

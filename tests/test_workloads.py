@@ -94,7 +94,10 @@ def test_cifar10_baseline_from_a_local_weights_file(tmp_path):
     [
         (lambda root: (root / "data_batch_3").unlink(), "data_batch_3 is missing"),
         (lambda root: (root / "test_batch").write_bytes(b"not a pickle"), "test_batch is malformed"),
-        (lambda root: (root / "data_batch_1").write_bytes(pickle.dumps({b"data": np.zeros((2, 5))})), "malformed"),
+        (
+            lambda root: (root / "data_batch_1").write_bytes(pickle.dumps({b"data": np.zeros((2, 5))})),
+            "malformed",
+        ),
     ],
 )
 def test_cifar10_malformed_directories_give_one_line_errors(tmp_path, damage, message):
