@@ -94,6 +94,7 @@ class PackedLayer(nn.Module):
             self.register_buffer("act_scale", torch.ones(()))
         self.register_buffer("_dense", None, persistent=False)
         self.register_buffer("_wt_int8", None, persistent=False)
+        self._plan: tuple[torch.device, bool] | None = None  # (device, runs the integer kernel)
 
     @classmethod
     def from_weight(
@@ -167,7 +168,7 @@ class PackedLayer(nn.Module):
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(*args, **kwargs)
-        self._dense = self._wt_int8 = None
+        self._dense = self._wt_int8 = self._plan = None
 
     def _decode_flat(self) -> torch.Tensor:
         """All weight values (float32 or int8 codes), zeros at masked positions, as a flat tensor."""
@@ -182,20 +183,21 @@ class PackedLayer(nn.Module):
         full[unpack_mask(self.mask, numel)] = values
         return full
 
+    def dense_weight(self) -> torch.Tensor:
+        """The decoded float32 weight, computed once and cached (not part of the state_dict)."""
+        if self._dense is None:
+            self._dense = self._decode_dense()
+        return self._dense
+
     @torch.inference_mode(False)
     @torch.no_grad()
-    def dense_weight(self) -> torch.Tensor:
-        """The decoded float32 weight, computed once and cached (not part of the state_dict).
-
-        Decoded outside inference mode, so a cache filled during a latency run stays usable with autograd.
-        """
-        if self._dense is None:
-            flat = self._decode_flat()
-            if self.bits not in FLOAT_BITS:
-                codes = flat.float().view(self.weight_shape[0], self.scale.shape[1], -1)
-                flat = dequantize(codes, self.scale.unsqueeze(2), self.weight_shape)
-            self._dense = flat.reshape(self.weight_shape)
-        return self._dense
+    def _decode_dense(self) -> torch.Tensor:
+        # Decoded outside inference mode, so a cache filled during a latency run stays usable with autograd.
+        flat = self._decode_flat()
+        if self.bits not in FLOAT_BITS:
+            codes = flat.float().view(self.weight_shape[0], self.scale.shape[1], -1)
+            flat = dequantize(codes, self.scale.unsqueeze(2), self.weight_shape)
+        return flat.reshape(self.weight_shape)
 
     def _quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.act_bits is None:
@@ -255,7 +257,9 @@ class PackedLinear(PackedLayer):
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel_reason is None:
+        if self._plan is None or self._plan[0] != x.device:  # decided once per device, not per call
+            self._plan = (x.device, self.kernel_reason is None)
+        if self._plan[1]:
             return self._int_forward(x)
         return F.linear(self._quantize_input(x), self.dense_weight(), self.bias)
 
