@@ -28,15 +28,17 @@ def _trial_id(result: Any) -> str:
     return Path(result.path).name.removeprefix("trial_")
 
 
-def _role(config: dict[str, Any], fixed: list[tuple[str, str, dict[str, Any]]]) -> str:
-    for _, role, params in fixed:
-        if all(config.get(k) == v for k, v in params.items()):
+def _role(config: dict[str, Any], unclaimed: list[tuple[str, str, dict[str, Any]]]) -> str:
+    """The role of the first trial matching each fixed point (they are enqueued first); "search" otherwise."""
+    for index, (_, role, params) in enumerate(unclaimed):
+        if config == params:
+            del unclaimed[index]
             return role
     return "search"
 
 
 def trial_rows(grid: Any, space: SearchSpace, max_drop: float | None, baseline_metric: float) -> list[dict]:
-    """One row per trial (status, feasibility and metrics), in trial order."""
+    """One row per trial (status, feasibility and metrics), in the order Tune created the trials."""
     fixed = space.fixed_points()
     rows = []
     for result in grid:
@@ -58,7 +60,6 @@ def trial_rows(grid: Any, space: SearchSpace, max_drop: float | None, baseline_m
                 "_result": result,
             }
         )
-    rows.sort(key=lambda r: r["trial_id"])
     for number, row in enumerate(rows):
         row["number"] = number
     return rows

@@ -288,7 +288,8 @@ def _scheduler(config: SearchConfig, space: Any) -> Any:
         time_attr="epoch",
         metric="validation",
         mode="max",
-        max_t=max(space.distill["epochs"]),
+        # one past the last epoch: ASHA stops a trial that reaches max_t, which would cut off its final report
+        max_t=max(space.distill["epochs"]) + 1,
         grace_period=1,
         reduction_factor=2,
     )

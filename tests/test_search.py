@@ -225,3 +225,23 @@ def test_resume_after_sigkill_finishes_the_budget_without_rerunning_trials(tmp_p
     states = [t.state for t in study_of(run_dir, "resume").trials]
     assert states.count(optuna.trial.TrialState.COMPLETE) == 8
     assert optuna.trial.TrialState.RUNNING not in states
+
+
+def test_asha_stops_weak_fine_tunes_and_stopped_trials_stay_off_the_front(tmp_path, local_ray):
+    outcome = run(
+        SearchConfig(
+            families=("quantization", "unstructured_pruning", "distillation"),
+            num_trials=10,
+            concurrency=1,
+            asha=True,
+            storage_path=str(tmp_path),
+            name="asha",
+            space_overrides={"distillation": {"epochs": [4]}, "choices": {"bits": [2, 3, 8], "sparsity": [0.9, 0.95]}},
+            report=False,
+        )
+    )
+    stopped = [r for r in outcome.trials if r["status"] == "stopped_early"]
+    assert stopped, "ASHA stopped no trial"
+    assert all(r["epochs_completed"] < 4 and not r["pareto"] for r in stopped)
+    assert all(r["status"] == "completed" for r in outcome.trials if r["pareto"])
+    assert any(r["status"] == "completed" and r["epochs_completed"] == 4 for r in outcome.trials)
