@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -12,6 +13,7 @@ import numpy as np
 from orchestrator import store
 from orchestrator.executor import Reference
 from orchestrator.pareto import feasible_pareto_front
+from orchestrator.policy import Policy
 from orchestrator.results import PARETO_FILE, PARETO_SCHEMA, TRIALS_FILE, TRIALS_SCHEMA, join, write_table
 from orchestrator.space import SearchSpace
 from orchestrator.trial import CHECKPOINT_SUBDIR
@@ -28,13 +30,13 @@ def _trial_id(result: Any) -> str:
     return Path(result.path).name.removeprefix("trial_")
 
 
-def _role(config: dict[str, Any], unclaimed: list[tuple[str, str, dict[str, Any]]]) -> str:
-    """The role of the first trial matching each fixed point (they are enqueued first); "search" otherwise."""
-    for index, (_, role, params) in enumerate(unclaimed):
+def _role(config: dict[str, Any], unclaimed: list[tuple[str, str, dict[str, Any]]]) -> tuple[str, str | None]:
+    """(role, name) of the first trial matching each fixed point (they are enqueued first); else "search"."""
+    for index, (name, role, params) in enumerate(unclaimed):
         if config == params:
             del unclaimed[index]
-            return role
-    return "search"
+            return role, name
+    return "search", None
 
 
 def trial_rows(grid: Any, space: SearchSpace, max_drop: float | None, baseline_metric: float) -> list[dict]:
@@ -45,17 +47,19 @@ def trial_rows(grid: Any, space: SearchSpace, max_drop: float | None, baseline_m
         metrics = dict(result.metrics or {})
         status = "failed" if result.error else ("completed" if metrics.get("final") else "stopped_early")
         validation = metrics.get("validation")
+        role, name = _role(result.config or {}, fixed)
+        policy = Policy.loads(metrics.get("policy_json") or space.policy(result.config).dumps())
         feasible = status == "completed" and (max_drop is None or (baseline_metric - validation) <= max_drop + 1e-12)
         rows.append(
             {
                 **{k: metrics.get(k) for k in TRIALS_SCHEMA.names},
                 "trial_id": _trial_id(result),
-                "role": _role(result.config or {}, fixed),
+                "role": role,
                 "status": status,
                 "feasible": bool(feasible),
                 "pareto": False,
                 "epochs_completed": metrics.get("epoch"),
-                "policy_json": metrics.get("policy_json") or space.policy(result.config).dumps(),
+                "policy_json": dataclasses.replace(policy, name=name).dumps() if name else policy.dumps(),
                 "error": None if not result.error else f"{type(result.error).__name__}: {result.error}"[:2000],
                 "_result": result,
             }

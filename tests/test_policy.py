@@ -134,7 +134,17 @@ def valid_docs(draw) -> dict:
     return policy_doc(*steps, seed=draw(st.integers(0, 2**31)))
 
 
-BAD_VALUES = st.sampled_from([-1, -0.5, 1.5, 1000, "x", None, [], {}, True])
+# values each setting must reject (None is valid in some per-layer maps: "leave this layer alone")
+BAD_VALUES = {
+    "rank": [0, -1, 1.5, "x", "energy:2", [], {}, True],
+    "ratio": [-0.1, 1.5, "x", [], True],
+    "sparsity": [-0.5, 1.5, "x", [], True],
+    "bits": [1, 7, 1.5, "x", [], True],
+    "activation_bits": [4, 16, "x"],
+    "temperature": [0, -1.0, "x", None, True],
+    "alpha": [-0.5, 1.5, "x", None],
+    "epochs": [-1, 1.5, "x", True],
+}
 
 
 @st.composite
@@ -171,10 +181,8 @@ def invalid_docs(draw) -> object:
         index = draw(st.integers(0, len(doc["steps"]) - 1))
         data = doc["steps"][index]["_data"]
         key = draw(st.sampled_from(sorted(k for k in data if k not in ("conv_method", "importance", "scope"))))
-        bad = draw(BAD_VALUES)
+        bad = draw(st.sampled_from(BAD_VALUES[key]))
         data[key] = {"_default": bad} if isinstance(data[key], dict) else bad
-        if key == "activation_bits" and bad is None:
-            data[key] = 4
     elif mutation == "order":
         if len(doc["steps"]) < 2:
             doc["steps"] = doc["steps"] * 2
