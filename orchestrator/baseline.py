@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from orchestrator.measure import measure_model
+from orchestrator.store import measure_artifact
 from orchestrator.workloads import Workload
 
 
@@ -17,6 +18,8 @@ def measure_baseline(
     model = workload.load_baseline().to(device)
     inputs = workload.example_inputs(latency_batch_size, device)
     metrics = measure_model(model, inputs, runs=runs)
+    # the same artifact a checkpoint ships (weights + structure record), so sizes compare across commands
+    metrics["size_bytes"] = measure_artifact(model, workload.build_model())
     return {
         "workload": workload.name,
         "metric": workload.metric_name,
