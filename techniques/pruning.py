@@ -1,5 +1,6 @@
 """Unstructured magnitude pruning: zero the smallest |w| of each layer (or of all layers together) and keep
-them at zero through fine-tuning with a `WeightMask` parametrisation; finalize bakes and packs them."""
+them at zero through fine-tuning with a `WeightMask` parametrisation; finalize bakes and packs them.
+`criterion="random"` zeros a seeded random subset instead: the textbook baseline for magnitude pruning."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from techniques._base import (
 NAME = "unstructured_pruning"
 LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
 SCOPES = ("layer", "global")
+CRITERIA = ("magnitude", "random")
 MAX_SPARSITY = 0.99
 
 
@@ -39,12 +41,14 @@ class UnstructuredPruningSpec(TechniqueSpec):
     `scope="global"`: each addressed layer adds `sparsity × its weight count` to one budget, and the budget
     is spent on the smallest |w| across all addressed layers together, so a scalar `s` means "a fraction s
     of all addressed weights" and layers end up with different sparsities (possibly a whole layer).
+    `criterion="random"` ranks weights by seeded uniform noise (`ctx.seed`) instead of |w|.
     """
 
     technique: ClassVar[str] = NAME
 
     sparsity: LayerMap
     scope: str = "layer"
+    criterion: str = "magnitude"
 
     def validate(self) -> None:
         for key, value in self.sparsity.entries:
@@ -52,6 +56,8 @@ class UnstructuredPruningSpec(TechniqueSpec):
             check_range(NAME, "sparsity", value, 0.0, MAX_SPARSITY, layer=layer)
         if self.scope not in SCOPES:
             raise SpecError(f"{NAME}: scope must be one of {', '.join(SCOPES)}, got {self.scope!r}")
+        if self.criterion not in CRITERIA:
+            raise SpecError(f"{NAME}: criterion must be one of {', '.join(CRITERIA)}, got {self.criterion!r}")
 
 
 def pruned_count(sparsity: float, numel: int) -> int:
@@ -91,9 +97,16 @@ def attach_mask(module: nn.Module, keep: torch.Tensor) -> torch.Tensor:
     return existing_mask(module).mask
 
 
-def _masks(weights: list[torch.Tensor], counts: list[int], scope: str) -> list[torch.Tensor]:
-    """Keep-masks for each weight: per layer, or one magnitude ranking over all of them."""
-    scores = [w.detach().abs().float() for w in weights]
+def _scores(weights: list[torch.Tensor], criterion: str, seed: int) -> list[torch.Tensor]:
+    """What each weight is ranked by: |w|, or uniform noise drawn on the CPU from `seed` (device-independent)."""
+    if criterion == "magnitude":
+        return [w.detach().abs().float() for w in weights]
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.rand(w.shape, generator=generator).to(w.device) for w in weights]
+
+
+def _masks(scores: list[torch.Tensor], counts: list[int], scope: str) -> list[torch.Tensor]:
+    """Keep-masks for each score tensor: per layer, or one ranking over all of them."""
     if scope == "layer":
         return [smallest_mask(s, k) for s, k in zip(scores, counts, strict=True)]
     keep = smallest_mask(torch.cat([s.flatten().cpu() for s in scores]), sum(counts))
@@ -114,7 +127,7 @@ def apply(model: nn.Module, spec: UnstructuredPruningSpec, ctx: Context) -> nn.M
     with torch.no_grad():
         weights = [module.weight for _, module, _ in targets]
         counts = [pruned_count(value, w.numel()) for (_, _, value), w in zip(targets, weights, strict=True)]
-        masks = _masks(weights, counts, spec.scope)
+        masks = _masks(_scores(weights, spec.criterion, ctx.seed), counts, spec.scope)
         pruned = total = 0
         for (name, module, value), keep in zip(targets, masks, strict=True):
             in_force = attach_mask(module, keep)

@@ -135,3 +135,22 @@ def test_factored_layers_inherit_the_setting_of_the_layer_they_came_from() -> No
     assert not parametrize.is_parametrized(model.stem)
     with torch.no_grad():
         assert model(tiny_data(8)[0]).shape == (8, 10)
+
+
+def test_random_criterion_prunes_a_seeded_random_subset() -> None:
+    with pytest.raises(techniques.SpecError, match="criterion must be one of magnitude, random"):
+        UnstructuredPruningSpec(sparsity=0.3, criterion="l1")
+    spec = UnstructuredPruningSpec(sparsity=0.3, criterion="random")
+    assert techniques.spec_from_json(spec.to_json()) == spec
+
+    def masks(seed: int) -> list[torch.Tensor]:
+        model = _pruned(spec, ctx=make_context(seed))
+        return [existing_mask(model.get_submodule(name)).mask for name in LAYERS]
+
+    first = masks(0)
+    assert all(torch.equal(a, b) for a, b in zip(first, masks(0), strict=True)), "same seed, same mask"
+    assert not all(torch.equal(a, b) for a, b in zip(first, masks(1), strict=True)), "another seed, another mask"
+    for mask in first:
+        assert abs(float((~mask).sum()) - 0.3 * mask.numel()) <= 0.5
+    magnitude = _pruned(UnstructuredPruningSpec(sparsity=0.3))
+    assert not torch.equal(first[2], existing_mask(magnitude.fc1).mask), "not the magnitude mask"
