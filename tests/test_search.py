@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -220,10 +221,8 @@ def test_resume_after_sigkill_finishes_the_budget_without_rerunning_trials(tmp_p
     os.kill(driver.pid, signal.SIGKILL)
     driver.wait()
     time.sleep(2)
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(driver.pid, signal.SIGKILL)  # Ray's own processes, orphaned by the driver's death
-    except ProcessLookupError:
-        pass
     interrupted = {p.parent.name for p in finished_trials(run_dir)}
     assert 3 <= len(interrupted) < 8
 
