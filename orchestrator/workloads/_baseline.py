@@ -87,6 +87,7 @@ def cached_baseline(
     """The trained baseline for `recipe`: loaded from the cache if present, else trained and cached."""
     key = recipe_hash(recipe)
     path = cache_dir() / f"{name}-{key}.safetensors"
+    torch.manual_seed(int(recipe.get("seed", 0)))  # the initial weights are part of the recipe
     model = build()
     if path.exists():
         try:
