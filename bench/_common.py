@@ -217,3 +217,13 @@ def concurrency(times: Iterable[TrialTimes]) -> dict[str, float]:
         running += step
         peak = max(peak, running)
     return {"mean": busy / span if span > 0 else 1.0, "max": peak}
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """Write a matplotlib figure as PNG (creating its folder) and release it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

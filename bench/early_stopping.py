@@ -191,10 +191,7 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
         ax.set_xlabel("fine-tuning epochs spent (cumulative, trials in order of completion)")
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _common.save_figure(fig, path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -420,10 +420,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     axes[0].set_title(f"digits: validation fronts, seed {seed} (dashed: baseline)")
     axes[1].set_title(f"zoom: within {_common.NEAR * 100:g} points of the baseline")
     axes[1].legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _common.save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------- main
