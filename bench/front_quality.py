@@ -34,7 +34,7 @@ from torch import nn
 from orchestrator import executor
 from orchestrator.driver import SearchConfig, run
 from orchestrator.policy import Policy
-from orchestrator.space import build_space
+from orchestrator.space import COMBINATION, build_space
 from orchestrator.workloads import Workload, resolve_workload
 
 DEFAULT_OUT = "docs/bench/front_quality.json"
@@ -88,12 +88,9 @@ def grid_policies(baseline: nn.Module, seed: int, kd: dict[str, Any]) -> list[Po
     policies = []
     for bits, sparsity, rank in itertools.product(*GRID.values()):
         params = {
-            "use.lowrank": True,
+            COMBINATION: "lowrank+unstructured_pruning+quantization",
             "rank.all": rank,
-            "use.structured_pruning": False,
-            "use.unstructured_pruning": True,
             "sparsity.all": sparsity,
-            "use.quantization": True,
             "bits.all": bits,
             **distill,
         }

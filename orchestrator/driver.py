@@ -176,6 +176,9 @@ def run(config: SearchConfig) -> SearchOutcome:
             if config.max_accuracy_drop is not None
             else None
         )
+        fixed = space.fixed_points()  # the baseline runs outside the sampler: Optuna never proposes it
+        unsampled = [params for _, role, params in fixed if role == "baseline"][: config.num_trials]
+        sampled = [params for _, role, params in fixed if role != "baseline"]
         searcher = ConstrainedOptunaSearch(
             space=space.define,
             metric=list(objectives),
@@ -185,8 +188,9 @@ def run(config: SearchConfig) -> SearchOutcome:
             ),
             storage=journal_storage(_journal_path(run_dir)),
             study_name=name,
-            points_to_evaluate=[params for _, _, params in space.fixed_points()][: config.num_trials],
+            points_to_evaluate=sampled[: config.num_trials - len(unsampled)] or None,
             constraint=constraint,
+            unsampled=unsampled,
         )
         searcher._ot_study.set_metric_names(list(objectives))
         concurrency = config.concurrency or max(1, int((os.cpu_count() or 1) // config.cpus_per_trial))

@@ -3,7 +3,8 @@
 Ray's OptunaSearch tells Optuna a trial COMPLETE whenever it has a last result, even when the trial
 raised, and it cannot pass constraints. `ConstrainedOptunaSearch` fixes both: errors and NaN objectives
 become FAIL (never left RUNNING), and each completed trial carries its constraint value as a user
-attribute that the sampler's `constraints_func` reads.
+attribute that the sampler's `constraints_func` reads. It also runs configurations outside the
+sampler's space (the uncompressed baseline) first, without showing them to Optuna.
 """
 
 from __future__ import annotations
@@ -65,13 +66,34 @@ class AccuracyDropConstraint:
 
 
 class ConstrainedOptunaSearch(OptunaSearch):
-    """OptunaSearch that records constraints and never tells Optuna a failed trial is complete."""
+    """OptunaSearch that records constraints, never tells Optuna a failed trial is complete, and suggests
+    the `unsampled` configurations first without involving Optuna."""
 
-    def __init__(self, *args: Any, constraint: AccuracyDropConstraint | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        constraint: AccuracyDropConstraint | None = None,
+        unsampled: Sequence[dict[str, Any]] = (),
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self._constraint = constraint
+        self._unsampled = [dict(config) for config in unsampled]
+        self._unsampled_trials: set[str] = set()
+
+    def suggest(self, trial_id: str) -> dict | None:
+        if self._unsampled:
+            self._unsampled_trials.add(trial_id)
+            return self._unsampled.pop(0)
+        return super().suggest(trial_id)
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if trial_id not in self._unsampled_trials:
+            super().on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id in self._unsampled_trials:
+            return None
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return super().on_trial_complete(trial_id, result, error)
         ot_trial = self._ot_trials[trial_id]

@@ -2,12 +2,16 @@
 
 Built once from the baseline model (which layers each family can act on, how they are grouped); after
 that, `define(trial)` — the define-by-run function Optuna calls — is pure and fast, and `policy(params)`
-turns a trial's parameters into a Policy. Parameter names are `SETTING.GROUP` (e.g. `bits.fc1`) and
-`distill.temperature`, `distill.alpha`, `distill.epochs`, `distill.lr`; `use.FAMILY` switches a family on.
+turns a trial's parameters into a Policy. `families` picks which families compress (a non-empty
+combination such as `lowrank+quantization`, so the sampler never spends a trial on the uncompressed
+model); then `SETTING.GROUP` (e.g. `bits.fc1`) per group of each family picked, and `distill.temperature`,
+`distill.alpha`, `distill.epochs`, `distill.lr`. The baseline is the point `{"families": "none"}`, run by
+the driver outside the sampler.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from collections.abc import Mapping, Sequence
@@ -31,6 +35,8 @@ DEFAULT_CHOICES: dict[str, tuple[Any, ...]] = {
     "bits": (2, 3, 4, 5, 6, 8, 32),  # weight bit-width; 32 keeps fp32
 }
 DEFAULT_DISTILL = {"temperature": (1.0, 8.0), "alpha": (0.1, 0.95), "epochs": (2, 4, 8), "lr": (3e-4, 3e-3)}
+COMBINATION = "families"  # the parameter naming the families a trial uses, joined by "+"
+NONE = "none"  # its value for the uncompressed baseline (never offered to the sampler)
 GROUPINGS = ("auto", "layer", "block", "type")
 _SPACE_FILE_KEYS = {"families", "grouping", "groups", "choices", "distillation", "exclude"}
 
@@ -48,11 +54,20 @@ class SearchSpace:
     distill: Mapping[str, tuple[Any, ...]] | None = field(default_factory=lambda: dict(DEFAULT_DISTILL))
     seed: int = 0
 
+    def combinations(self) -> list[str]:
+        """Every non-empty combination of the searched families, as `COMBINATION` values."""
+        searched = [f for f in FAMILIES if self.groups.get(f)]
+        subsets = itertools.chain.from_iterable(
+            itertools.combinations(searched, k) for k in range(1, len(searched) + 1)
+        )
+        return ["+".join(subset) for subset in subsets]
+
     def define(self, trial: Any) -> None:
-        """Optuna's define-by-run function (no model is built): a switch per family, then, for the families
-        switched on, one setting per layer group; the distillation globals always."""
+        """Optuna's define-by-run function (no model is built): which families, then one setting per layer
+        group of each family picked; the distillation globals always."""
+        used = set(trial.suggest_categorical(COMBINATION, self.combinations()).split("+"))
         for family, groups in self.groups.items():
-            if not trial.suggest_categorical(f"use.{family}", [False, True]):
+            if family not in used:
                 continue
             setting = SETTING[family]
             for group in groups:
@@ -65,10 +80,11 @@ class SearchSpace:
 
     def policy(self, params: Mapping[str, Any]) -> Policy:
         """The policy a trial's parameters describe (steps whose layers are all "off" are left out)."""
+        used = set(str(params.get(COMBINATION, NONE)).split("+"))
         steps = []
         for family in FAMILIES[:-1]:
             setting = SETTING[family]
-            if not params.get(f"use.{family}"):
+            if family not in used:
                 continue
             values = {
                 layer: params[f"{setting}.{group}"]
@@ -91,14 +107,15 @@ class SearchSpace:
 
     def parameter_names(self) -> list[str]:
         """Every parameter the space can suggest (per-layer ones only when their family is switched on)."""
-        names = [f"use.{f}" for f in self.groups]
+        names = [COMBINATION]
         names += [f"{SETTING[f]}.{g}" for f, groups in self.groups.items() for g in groups]
         if self.distill is not None:
             names += ["distill.temperature", "distill.alpha", "distill.epochs", "distill.lr"]
         return names
 
     def fixed_points(self) -> list[tuple[str, str, dict[str, Any]]]:
-        """(name, role, params) evaluated before the sampler starts: the baseline and uniform references."""
+        """(name, role, params) evaluated before the sampler starts: the baseline (first; the driver runs it
+        outside the sampler) and uniform references."""
         references = [("baseline", "baseline", {})]
         uniform = [("uniform int8", {"bits": 8}), ("uniform 4-bit", {"bits": 4})]
         uniform.append(("50% sparse + int8", {"sparsity": 0.5, "bits": 8}))
@@ -111,12 +128,12 @@ class SearchSpace:
         return any(SETTING[f] == setting and groups for f, groups in self.groups.items())
 
     def _point(self, settings: Mapping[str, Any]) -> dict[str, Any]:
-        point: dict[str, Any] = {}
-        for family, groups in self.groups.items():
-            setting = SETTING[family]
-            point[f"use.{family}"] = setting in settings
-            if setting in settings:
-                point.update({f"{setting}.{group}": settings[setting] for group in groups})
+        used = [f for f, groups in self.groups.items() if groups and SETTING[f] in settings]
+        if not used:
+            return {COMBINATION: NONE}
+        point: dict[str, Any] = {COMBINATION: "+".join(f for f in FAMILIES if f in used)}
+        for family in used:
+            point.update({f"{SETTING[family]}.{group}": settings[SETTING[family]] for group in self.groups[family]})
         if self.distill is not None:
             low_t, high_t = self.distill["temperature"]
             low_a, high_a = self.distill["alpha"]
@@ -221,6 +238,8 @@ def build_space(
         ]
         if layers:
             groups[family] = _group(layers, model, grouping, overrides.get("groups", {}))
+    if not groups:
+        raise SpaceError(f"no layer of the model can be compressed by {', '.join(families)}")
     _check_choices(choices)
     return SearchSpace(groups, choices, distill if "distillation" in families else None, seed)
 

@@ -93,7 +93,11 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
         "techniques": ",".join(policy.techniques()),
     }
 
+    epochs = next((s.epochs for s in policy.steps if s.technique == "distillation"), 0)
+
     def on_epoch(epoch: int, value: float, artifact: dict[str, Any]) -> None:
+        if epoch + 1 == epochs:  # the final report follows: a scheduler must not stop the finished trial here
+            return
         result = {**common, **artifact, "validation": value, "epoch": epoch + 1, "final": False}
         _check_finite(result, setup.objectives)
         tune.report(result)
@@ -108,7 +112,6 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
         latency_batch_size=setup.latency_batch_size,
     )
     metrics = outcome.metrics
-    epochs = next((s.epochs for s in policy.steps if s.technique == "distillation"), 0)
     result = {
         **common,
         **{k: v for k, v in metrics.items() if k not in ("kernels", "techniques")},

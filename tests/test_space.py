@@ -8,7 +8,7 @@ import optuna
 import pytest
 
 from orchestrator.policy import Policy, validate_for_model
-from orchestrator.space import SpaceError, build_space, load_space_file
+from orchestrator.space import COMBINATION, NONE, SETTING, SpaceError, build_space, load_space_file
 from orchestrator.workloads.digits import DigitsCNN
 from tests.tiny_models import TinyResNet
 
@@ -25,7 +25,7 @@ def test_per_layer_space_of_the_digits_model():
     assert list(space.groups["quantization"]) == ["conv1", "conv2", "conv3", "fc1", "fc2"]
     assert "fc2" not in space.groups["structured_pruning"]  # the output layer keeps its features
     assert "conv1" not in space.groups["lowrank"]  # one input channel: nothing to factor
-    assert len(space.parameter_names()) == space.describe()["dimensions"] == 4 + (4 + 4 + 5 + 5) + 4
+    assert len(space.parameter_names()) == space.describe()["dimensions"] == 1 + (4 + 4 + 5 + 5) + 4
 
 
 def test_define_by_run_is_pure_and_every_sample_is_a_valid_policy():
@@ -41,14 +41,34 @@ def test_define_by_run_is_pure_and_every_sample_is_a_valid_policy():
             assert policy.techniques()[-1] == "distillation"
 
 
+def test_the_sampler_is_never_offered_the_uncompressed_model():
+    space = build_space(DigitsCNN())
+    combinations = space.combinations()
+    assert len(combinations) == len(set(combinations)) == 2**4 - 1 and NONE not in combinations
+    seen = set()
+    for seed in range(60):
+        params = sample(space, seed)
+        seen.add(params[COMBINATION])
+        used = set(params[COMBINATION].split("+"))
+        assert used and used <= set(space.groups)
+        assert {name.split(".")[0] for name in params} - {COMBINATION, "distill"} == {SETTING[f] for f in used}
+    assert len(seen) >= 12  # random sampling reaches (nearly) every combination
+
+
 def test_off_values_leave_layers_alone_and_the_baseline_point_is_empty():
     space = build_space(DigitsCNN())
-    points = {name: (role, params) for name, role, params in space.fixed_points()}
-    assert points["baseline"][0] == "baseline" and space.policy(points["baseline"][1]).steps == ()
-    int8 = space.policy(points["uniform int8"][1])
+    fixed = space.fixed_points()
+    assert fixed[0] == ("baseline", "baseline", {COMBINATION: NONE}) and space.policy(fixed[0][2]).steps == ()
+    points = {name: params for name, _, params in fixed[1:]}
+    int8 = space.policy(points["uniform int8"])
     assert int8.techniques() == ["quantization", "distillation"]
     assert set(int8.steps[0].bits.as_dict().values()) == {8}
-    for _, params in points.values():  # a fixed point names exactly the parameters its switches call for
+    assert space.policy(points["50% sparse + int8"]).techniques() == [
+        "unstructured_pruning",
+        "quantization",
+        "distillation",
+    ]
+    for params in points.values():  # a sampled fixed point names exactly the parameters its families call for
         assert set(params) <= set(space.parameter_names())
         study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
         study.enqueue_trial(params)
@@ -75,7 +95,7 @@ def test_families_can_be_switched_off():
     space = build_space(DigitsCNN(), families=("quantization",))
     assert set(space.groups) == {"quantization"} and space.distill is None
     params = sample(space)
-    assert all(name.startswith(("bits.", "use.quantization")) for name in params)
+    assert params[COMBINATION] == "quantization" and all(n.startswith("bits.") for n in params if n != COMBINATION)
     assert set(space.policy(params).techniques()) <= {"quantization"}
 
 
@@ -89,6 +109,7 @@ def test_families_can_be_switched_off():
         ({"choices": {"bits": [1, 4]}}, "choices.bits"),
         ({"choices": {"sparsity": [0.5, 1.5]}}, "choices.sparsity"),
         ({"distillation": {"heat": [1]}}, "distillation.heat"),
+        ({"families": ["distillation"]}, "no layer of the model can be compressed"),
     ],
 )
 def test_bad_space_overrides_are_clear_errors(overrides, message):

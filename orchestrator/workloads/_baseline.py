@@ -34,8 +34,14 @@ def tensor_digest(*tensors: torch.Tensor) -> str:
     return digest.hexdigest()[:16]
 
 
+# Bump when the training procedure changes in a way the recipe does not show, so stale caches are not reused.
+TRAINER_VERSION = 2
+
+
 def recipe_hash(recipe: Mapping[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+    """The cache key of a recipe: its JSON and the trainer's version, hashed."""
+    keyed = {**recipe, "trainer_version": TRAINER_VERSION}
+    return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def progress(message: str) -> None:
