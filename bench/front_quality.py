@@ -175,7 +175,7 @@ def score(rows: list[dict[str, Any]], baseline: dict[str, Any]) -> dict[str, Any
     return {
         **_common.hypervolumes(rows, baseline),
         "front": [_brief(r) for r in on_front],
-        # sampled trials whose policy is empty (every family switched off): the baseline evaluated again
+        # sampled trials whose policy is empty (every layer of the families picked left "off"): the baseline again
         "baseline_reruns": sum(r.get("role") == "search" and not r["techniques"] for r in rows),
         "smallest_within_1pt": _brief(smallest) if smallest else None,
         "fastest_within_1pt": _brief(fastest) if fastest else None,
