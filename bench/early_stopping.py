@@ -2,7 +2,7 @@
 
     python bench/early_stopping.py [--quick] [--trials N] [--seeds 0 1 2] [--gpus-per-trial G]
 
-For each seed, the default NSGA-II search over the default space runs twice with the same trial budget:
+For each seed, an NSGA-II search over the default space runs twice with the same trial budget:
 plain, and with `asha=True` (ASHA on the distillation epochs: grace 1, reduction factor 2, rungs 1, 2, 4, 8).
 Each trial's epochs actually run are the largest `epoch` it reported (`_common.trial_times`). Trials are
 taken in the order they ended; after each, the cumulative epochs and the hypervolume of the completed
@@ -58,6 +58,7 @@ def one_search(settings: Settings, storage: str, seed: int, asha: bool) -> dict[
     name = f"{'asha' if asha else 'plain'}-{seed}"
     print(f"search {name} ...", file=sys.stderr, flush=True)
     config = SearchConfig(
+        sampler="nsga2",
         num_trials=settings.trials,
         seed=seed,
         asha=asha,

@@ -62,9 +62,11 @@ SEARCHES = {
     "nsga2": Search("NSGA-II (all techniques)", {"sampler": "nsga2"}),
     "tpe": Search("TPE (all techniques)", {"sampler": "tpe"}),
     "random": Search("random search (all techniques)", {"sampler": "random"}),
-    "pruning": Search("pruning only (NSGA-II)", {"families": PRUNING}),
-    "quantization": Search("quantization only (NSGA-II)", {"families": ("quantization", "distillation")}),
-    "lowrank": Search("low-rank only (NSGA-II)", {"families": ("lowrank", "distillation")}),
+    "pruning": Search("pruning only (NSGA-II)", {"families": PRUNING, "sampler": "nsga2"}),
+    "quantization": Search(
+        "quantization only (NSGA-II)", {"families": ("quantization", "distillation"), "sampler": "nsga2"}
+    ),
+    "lowrank": Search("low-rank only (NSGA-II)", {"families": ("lowrank", "distillation"), "sampler": "nsga2"}),
 }
 METHODS = (*SEARCHES, "grid", "recipes")
 QUICK_METHODS = ("nsga2", "quantization", "grid", "recipes")  # one full search, one single-technique search

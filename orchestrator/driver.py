@@ -34,7 +34,7 @@ class SearchConfig:
     objectives: tuple[str, ...] = ("accuracy", "size")
     max_accuracy_drop: float | None = None
     num_trials: int = 32
-    sampler: str = "nsga2"
+    sampler: str = "tpe"
     seed: int = 0
     families: tuple[str, ...] = FAMILIES
     grouping: str = "auto"

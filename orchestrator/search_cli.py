@@ -35,7 +35,7 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
         "point) are infeasible and never on the front",
     )
     parser.add_argument("--num-trials", type=int, default=32, help="trial budget, baseline and references included")
-    parser.add_argument("--sampler", default="nsga2", choices=("nsga2", "tpe", "random"))
+    parser.add_argument("--sampler", default="tpe", choices=("tpe", "nsga2", "random"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--families",
