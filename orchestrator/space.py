@@ -106,7 +106,7 @@ class SearchSpace:
         return Policy(tuple(steps), seed=self.seed)
 
     def parameter_names(self) -> list[str]:
-        """Every parameter the space can suggest (per-layer ones only when their family is switched on)."""
+        """Every parameter the space can suggest (per-layer ones only when their family is picked)."""
         names = [COMBINATION]
         names += [f"{SETTING[f]}.{g}" for f, groups in self.groups.items() for g in groups]
         if self.distill is not None:
