@@ -27,7 +27,6 @@ import torch
 from techniques_digits import machine
 
 from orchestrator.pareto import hypervolume, pareto_front
-from orchestrator.policy import Policy
 from orchestrator.store import package_versions
 
 PACKAGES = ("ray", "optuna", "numpy", "scikit-learn")
@@ -138,11 +137,6 @@ def front(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         return []
     picked = [rows[i] for i in pareto_front(hv_points(rows), DIRECTIONS)]
     return sorted(picked, key=lambda r: (r["size_bytes"], -r["validation"]))
-
-
-def planned_epochs(policy: Policy) -> int:
-    """Fine-tuning epochs the policy asks for (0 without a distillation step)."""
-    return next((step.epochs for step in policy.steps if step.technique == "distillation"), 0)
 
 
 def mean_std(values: Sequence[float], digits: int = 3) -> str:

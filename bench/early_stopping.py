@@ -80,7 +80,7 @@ def one_search(settings: Settings, storage: str, seed: int, asha: bool) -> dict[
             "status": t["status"],
             "validation": t["validation"],
             "size_bytes": t["size_bytes"],
-            "epochs_planned": _common.planned_epochs(Policy.loads(t["policy_json"])),
+            "epochs_planned": Policy.loads(t["policy_json"]).fine_tune_epochs(),
             "epochs_run": times[t["trial_id"]].epochs,
         }
         for t in outcome.trials

@@ -161,7 +161,7 @@ def apply_all(policies: Sequence[Policy], workers: int, gpus: float) -> tuple[li
     for actor in actors:  # free their CPUs for the next search now, not when garbage-collected
         ray.kill(actor)
     for row, policy in zip(rows, policies, strict=True):
-        row.update(name=policy.name, techniques=",".join(policy.techniques()), epochs=_common.planned_epochs(policy))
+        row.update(name=policy.name, techniques=",".join(policy.techniques()), epochs=policy.fine_tune_epochs())
     return rows, time.perf_counter() - started
 
 

@@ -54,6 +54,10 @@ class Policy:
     def techniques(self) -> list[str]:
         return [step.technique for step in self.steps]
 
+    def fine_tune_epochs(self) -> int:
+        """Fine-tuning epochs the policy asks for (0 without a distillation step)."""
+        return next((step.epochs for step in self.steps if step.technique == "distillation"), 0)
+
     @classmethod
     def from_json(cls, doc: Any) -> Policy:
         """Build a policy from a parsed document; only registered technique types are constructed."""

@@ -93,7 +93,7 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
         "techniques": ",".join(policy.techniques()),
     }
 
-    epochs = next((s.epochs for s in policy.steps if s.technique == "distillation"), 0)
+    epochs = policy.fine_tune_epochs()
 
     def on_epoch(epoch: int, value: float, artifact: dict[str, Any]) -> None:
         if epoch + 1 == epochs:  # the final report follows: a scheduler must not stop the finished trial here
