@@ -7,7 +7,7 @@ On a cluster: `ray submit cluster.yaml search.py -- --address auto --storage-pat
 
 import sys
 
-from orchestrator.search_cli import main
+from orchestrator.cli import search_main as main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,7 +1,7 @@
 """What the search benchmarks share: environment facts, one in-process Ray, searches in a scratch directory,
 the hypervolume they are compared on, per-trial timelines from Tune's result files, tables and JSON.
 
-Imported as `_common` by the scripts in this folder (`python bench/NAME.py` puts the folder on sys.path).
+Imported by the scripts in this package (`python -m bench.NAME` from the repository root).
 """
 
 from __future__ import annotations
@@ -24,10 +24,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from techniques_digits import machine
 
+from orchestrator.artifacts.store import package_versions
 from orchestrator.pareto import hypervolume, pareto_front
-from orchestrator.store import package_versions
 
 PACKAGES = ("ray", "optuna", "numpy", "scikit-learn")
 DIRECTIONS = ("maximize", "minimize")  # validation accuracy, log10 bytes
@@ -35,9 +34,22 @@ HV_UNIT = "accuracy × decades of compression"
 NEAR = 0.05  # the second hypervolume counts only models within 5 points of the baseline's validation accuracy
 
 
-def command_line(script: str, argv: Sequence[str] | None) -> str:
-    """The command as a user types it (`python bench/NAME.py ARGS`)."""
-    return shlex.join(["python", f"bench/{script}", *(sys.argv[1:] if argv is None else argv)])
+def command_line(bench: str, argv: Sequence[str] | None) -> str:
+    """The command as a user types it (`python -m bench.NAME ARGS`)."""
+    return shlex.join(["python", "-m", f"bench.{bench}", *(sys.argv[1:] if argv is None else argv)])
+
+
+def machine() -> dict[str, Any]:
+    """CPU model name (as `lscpu` shows it), core count and platform."""
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": model, "cores": os.cpu_count(), "platform": platform.platform()}
 
 
 def environment(command: str, seeds: Sequence[int]) -> dict[str, Any]:

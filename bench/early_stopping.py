@@ -1,6 +1,6 @@
 """Early stopping: hypervolume reached versus fine-tuning epochs spent, with and without ASHA, on digits.
 
-    python bench/early_stopping.py [--quick] [--trials N] [--seeds 0 1 2] [--gpus-per-trial G]
+    python -m bench.early_stopping [--quick] [--trials N] [--seeds 0 1 2] [--gpus-per-trial G]
 
 For each seed, an NSGA-II search over the default space runs twice with the same trial budget:
 plain, and with `asha=True` (ASHA on the distillation epochs: grace 1, reduction factor 2, rungs 1, 2, 4, 8).
@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import _common
-
-from orchestrator.driver import SearchConfig, run
+from bench import _common
 from orchestrator.policy import Policy
+from orchestrator.search import SearchConfig, run
+from orchestrator.search.space_options import options_from_json
 
 DEFAULT_OUT = "docs/bench/early_stopping.json"
 DEFAULT_PLOT = "docs/early_stopping.png"
@@ -67,7 +67,7 @@ def one_search(settings: Settings, storage: str, seed: int, asha: bool) -> dict[
         storage_path=storage,
         name=name,
         report=False,
-        space_overrides=settings.space,
+        space=options_from_json(settings.space),
     )
     started = time.perf_counter()
     outcome = run(config)
@@ -212,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         gpus_per_trial=args.gpus_per_trial,
         space=QUICK["space"] if args.quick else {},
     )
-    command = _common.command_line("early_stopping.py", argv)
+    command = _common.command_line("early_stopping", argv)
     report = {"bench": "early_stopping", **_common.environment(command, settings.seeds)}
     report.update(quick=args.quick, trials=settings.trials, concurrency=settings.concurrency, space=settings.space)
     report.update(hv_reference=_common.HV_REFERENCE, hv_unit=_common.HV_UNIT)

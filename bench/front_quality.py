@@ -1,6 +1,6 @@
 """Front quality on digits: the project's search against what users would otherwise do, same trial budget.
 
-    python bench/front_quality.py [--quick] [--trials N] [--seeds 0 1 2] [--gpus-per-trial G]
+    python -m bench.front_quality [--quick] [--trials N] [--seeds 0 1 2] [--gpus-per-trial G]
 
 Methods, each run once per seed with the same number of evaluated policies:
 - NSGA-II, TPE and random search over the default space (`orchestrator.driver.run`);
@@ -27,21 +27,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import _common
 import torch
 from torch import nn
 
+from bench import _common
 from orchestrator import executor
-from orchestrator.driver import SearchConfig, run
 from orchestrator.policy import Policy
-from orchestrator.space import COMBINATION, build_space
+from orchestrator.search import SearchConfig, run
+from orchestrator.search.space import COMBINATION, build_space
+from orchestrator.search.space_options import options_from_json
 from orchestrator.workloads import Workload, resolve_workload
 
 DEFAULT_OUT = "docs/bench/front_quality.json"
 DEFAULT_PLOT = "docs/front_quality.png"
 SEEDS = (0, 1, 2)
 TRIALS = 24
-# The fine-tune the search space gives its own uniform reference points (orchestrator.space, `_point`).
+# The fine-tune the search space gives its own uniform reference points (`GlobalSearch.reference` of distillation).
 KD = {"temperature": 4.0, "alpha": 0.7, "epochs": 8, "lr": 1e-3}
 # Uniform grid: 4 × 3 × 2 = 24 policies = the default trial budget.
 GRID = {"bits": (2, 3, 4, 8), "sparsity": (0.0, 0.5, 0.8), "rank": ("none", 0.5)}
@@ -85,7 +86,7 @@ def grid_policies(baseline: nn.Module, seed: int, kd: dict[str, Any]) -> list[Po
     """Every (bits, sparsity, rank) of GRID for all layers at once, as the search space builds it from one
     all-layers group (so each family acts on exactly the layers it searches: no structured pruning of the
     output layer, no factorising layers too small to shrink)."""
-    space = build_space(baseline, overrides={"groups": {"all": "re:.*"}}, seed=seed)
+    space = build_space(baseline, options_from_json({"groups": {"all": "re:.*"}}), seed=seed)
     distill = {f"distill.{k}": v for k, v in kd.items()}
     policies = []
     for bits, sparsity, rank in itertools.product(*GRID.values()):
@@ -221,6 +222,10 @@ def run_search(settings: Settings, key: str, seed: int, storage: str) -> dict[st
     """One run of a search method."""
     method = SEARCHES[key]
     print(f"[seed {seed}] {method.name} ...", file=sys.stderr, flush=True)
+    fields = dict(method.config)
+    space = {"families": list(fields.pop("families"))} if "families" in fields else {}
+    if settings.quick:
+        space["distillation"] = {"epochs": [QUICK_EPOCHS]}
     config = SearchConfig(
         num_trials=settings.trials,
         seed=seed,
@@ -229,8 +234,8 @@ def run_search(settings: Settings, key: str, seed: int, storage: str) -> dict[st
         storage_path=storage,
         name=f"{key}-seed{seed}",
         report=False,
-        space_overrides={"distillation": {"epochs": [QUICK_EPOCHS]}} if settings.quick else {},
-        **method.config,
+        space=options_from_json(space),
+        **fields,
     )
     started = time.perf_counter()
     outcome = run(config)
@@ -263,9 +268,9 @@ def measure_baseline(workload: Workload, model: nn.Module) -> dict[str, Any]:
     return {
         "validation": reference.metric,
         "test": workload.evaluate(model, "test"),
-        "size_bytes": reference.size_bytes,
-        "params": reference.params,
-        "flops": reference.flops,
+        "size_bytes": reference.measurements.size_bytes,
+        "params": reference.measurements.params,
+        "flops": reference.measurements.flops,
     }
 
 
@@ -446,7 +451,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         gpus_per_trial=args.gpus_per_trial,
         quick=args.quick,
     )
-    command = _common.command_line("front_quality.py", argv)
+    command = _common.command_line("front_quality", argv)
     report = {"bench": "front_quality", **_common.environment(command, settings.seeds)}
     report.update(
         quick=settings.quick,

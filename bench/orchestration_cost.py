@@ -1,6 +1,6 @@
 """Orchestration cost: what Ray Tune + Optuna + checkpointing add to the bare trial work, and throughput.
 
-    python bench/orchestration_cost.py [--quick] [--trials N] [--gpus-per-trial G]
+    python -m bench.orchestration_cost [--quick] [--trials N] [--gpus-per-trial G]
 
 Random search over the default digits space, so every run below evaluates the very same policies (the
 sampler's draws do not depend on completion order; the JSON records that the policy sets are equal):
@@ -28,12 +28,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import _common
 import torch
 
+from bench import _common
 from orchestrator import executor
-from orchestrator.driver import SearchConfig, run
 from orchestrator.policy import Policy
+from orchestrator.search import SearchConfig, run
+from orchestrator.search.space_options import options_from_json
 from orchestrator.workloads import resolve_workload
 
 DEFAULT_OUT = "docs/bench/orchestration_cost.json"
@@ -61,7 +62,7 @@ def search(settings: Settings, storage: str, name: str, concurrency: int, addres
         name=name,
         report=False,
         address=address,
-        space_overrides=settings.space,
+        space=options_from_json(settings.space),
     )
     print(f"search {name} ...", file=sys.stderr, flush=True)
     started = time.perf_counter()
@@ -243,7 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         gpus_per_trial=args.gpus_per_trial,
         space=QUICK["space"] if args.quick else {},
     )
-    command = _common.command_line("orchestration_cost.py", argv)
+    command = _common.command_line("orchestration_cost", argv)
     report = {"bench": "orchestration_cost", **_common.environment(command, (SEED,))}
     report.update(quick=args.quick, trials=settings.trials, sampler="random", space_overrides=settings.space)
     with _common.scratch() as storage:

@@ -1,6 +1,6 @@
 """Each technique family on the real digits baseline: accuracy, bytes, params, non-zeros, FLOPs, latency.
 
-    python bench/techniques_digits.py [--quick] [--out PATH]   # default docs/bench/techniques_digits.json
+    python -m bench.techniques_digits [--quick] [--out PATH]   # default docs/bench/techniques_digits.json
 
 Every row is `orchestrator.executor.apply` of a one- or two-step policy, so its numbers are of the finalized
 artifact that a checkpoint stores; each row is also saved and reloaded, and the reloaded validation logits
@@ -19,8 +19,6 @@ import copy
 import datetime
 import json
 import os
-import platform
-import shlex
 import statistics
 import sys
 import tempfile
@@ -34,7 +32,9 @@ import torch
 from torch import nn
 
 import techniques
-from orchestrator import executor, store
+from bench import _common
+from orchestrator import executor
+from orchestrator.artifacts import store
 from orchestrator.measure import count_weights, time_latency
 from orchestrator.policy import Policy
 from orchestrator.workloads import Workload, resolve_workload
@@ -349,19 +349,6 @@ def summary(result: Mapping[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def machine() -> dict[str, Any]:
-    """CPU model name (as `lscpu` shows it), core count and platform."""
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": model, "cores": os.cpu_count(), "platform": platform.platform()}
-
-
 def run(*, quick: bool, out: Path, command: str) -> dict[str, Any]:
     """Measure every row, time each beside the baseline, write the JSON and return it."""
     timing = QUICK_TIMING if quick else FULL_TIMING
@@ -373,11 +360,11 @@ def run(*, quick: bool, out: Path, command: str) -> dict[str, Any]:
             "name": BASELINE,
             "claim": "",
             "validation": reference.metric,
-            "size_bytes": reference.size_bytes,
+            "size_bytes": reference.measurements.size_bytes,
             "compression_ratio": 1.0,
-            "params": reference.params,
+            "params": reference.measurements.params,
             "nonzero_params": count_weights(baseline)[1],
-            "flops": reference.flops,
+            "flops": reference.measurements.flops,
             "reload_bitwise_equal": True,
             "kernels": {},
         }
@@ -399,7 +386,7 @@ def run(*, quick: bool, out: Path, command: str) -> dict[str, Any]:
         "bench": "techniques_digits",
         "command": command,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": machine(),
+        "machine": _common.machine(),
         "load_average_before_timing": list(load_before),
         "load_average_after_timing": list(os.getloadavg()),
         "torch": torch.__version__,
@@ -424,7 +411,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--out", type=Path, help=f"JSON output (default {DEFAULT_OUT}; with --quick, a file in the temp directory)"
     )
     args = parser.parse_args(argv)
-    command = shlex.join(["python", "bench/techniques_digits.py", *(sys.argv[1:] if argv is None else argv)])
+    command = _common.command_line("techniques_digits", argv)
     start = time.perf_counter()
     # A quick run never replaces the real numbers unless asked to.
     out = args.out or (

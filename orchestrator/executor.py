@@ -14,24 +14,21 @@ import torch
 from torch import nn
 
 import techniques
-from orchestrator.measure import Environment, count_flops, count_weights, time_latency
+from orchestrator.measure import Measurements, measure
 from orchestrator.policy import Policy, PolicyError, validate_for_model
-from orchestrator.store import measure_artifact
 from orchestrator.workloads import Workload
 from techniques.finalize import finalize, finalized_copy, kernel_report
 
 TRACE_BATCH = 2
 
 
-@dataclass
+@dataclass(frozen=True)
 class Reference:
-    """The baseline's measurements, taken in the same process so ratios compare like with like."""
+    """The baseline's validation metric and measurements, taken in the same process so ratios compare like
+    with like."""
 
     metric: float
-    size_bytes: int
-    latency_ms: float
-    params: int
-    flops: int
+    measurements: Measurements
 
 
 @dataclass
@@ -46,15 +43,16 @@ def measure_reference(
     workload: Workload, baseline: nn.Module, device: torch.device, *, latency_batch_size: int = 1
 ) -> Reference:
     """Measure the uncompressed baseline exactly as `apply` measures a compressed model."""
-    base = workload.build_model()
-    inputs = workload.example_inputs(latency_batch_size, device)
     return Reference(
         metric=workload.evaluate(baseline, "validation", device),
-        size_bytes=measure_artifact(baseline, base),
-        latency_ms=time_latency(baseline, inputs).median_ms,
-        params=count_weights(baseline)[0],
-        flops=count_flops(baseline, inputs[:1]),
+        measurements=measure_on(baseline, workload, device, latency_batch_size),
     )
+
+
+def measure_on(model: nn.Module, workload: Workload, device: torch.device, latency_batch_size: int = 1) -> Measurements:
+    """The model measured as a workload's artifact (size against its base architecture), on `device`."""
+    inputs = workload.example_inputs(latency_batch_size, device)
+    return measure(model, inputs, base=workload.build_model())
 
 
 def make_context(
@@ -78,24 +76,22 @@ def make_context(
     )
 
 
-def measure_artifact_metrics(
-    model: nn.Module, workload: Workload, device: torch.device, reference: Reference, latency_batch_size: int = 1
+def compressed_metrics(
+    model: nn.Module,
+    workload: Workload,
+    device: torch.device,
+    reference: Reference,
+    latency_batch_size: int = 1,
 ) -> dict[str, Any]:
-    """Size, latency, parameters and FLOPs of a finalized model, with ratios to the reference."""
-    inputs = workload.example_inputs(latency_batch_size, device)
-    params, nonzero = count_weights(model)
-    size = measure_artifact(model, workload.build_model())
-    latency = time_latency(model, inputs)
+    """The metrics record of a finalized model: its measurements with ratios to the baseline, the
+    baseline's own numbers, and which kernel each layer runs on."""
+    measured = measure_on(model, workload, device, latency_batch_size)
     return {
-        "size_bytes": size,
-        "latency_ms": latency.median_ms,
-        "latency_p90_ms": latency.p90_ms,
-        "latency_batch_size": latency.batch_size,
-        "params": params,
-        "nonzero_params": nonzero,
-        "flops": count_flops(model, inputs[:1]),
-        "compression_ratio": reference.size_bytes / size,
-        "speedup": reference.latency_ms / latency.median_ms,
+        **measured.metrics(reference.measurements),
+        "baseline_validation": reference.metric,
+        "baseline_size_bytes": reference.measurements.size_bytes,
+        "baseline_latency_ms": reference.measurements.latency.median_ms,
+        "kernels": kernel_report(model),
     }
 
 
@@ -130,7 +126,7 @@ def apply(
     for index, step in enumerate(policy.steps, start=1):
         if on_epoch is not None and step.technique == "distillation":
             preview = finalized_copy(model).eval()
-            artifact = measure_artifact_metrics(preview, workload, device, reference, latency_batch_size)
+            artifact = measure_on(preview, workload, device, latency_batch_size).metrics(reference.measurements)
             ctx.on_epoch = lambda epoch, value, artifact=artifact: on_epoch(epoch, value, artifact)
         try:
             model = techniques.apply_spec(model, step, ctx)
@@ -141,13 +137,8 @@ def apply(
     metrics = {
         "metric": workload.metric_name,
         "validation": workload.evaluate(model, "validation", device),
-        **measure_artifact_metrics(model, workload, device, reference, latency_batch_size),
-        "baseline_validation": reference.metric,
-        "baseline_size_bytes": reference.size_bytes,
-        "baseline_latency_ms": reference.latency_ms,
-        "kernels": kernel_report(model),
+        **compressed_metrics(model, workload, device, reference, latency_batch_size),
         "techniques": policy.techniques(),
         "seed": seed,
-        **vars(Environment.current(device)),
     }
     return CompressedModel(model, policy, metrics, ctx.notes)

@@ -1,16 +1,22 @@
-"""Honest measurements of a model as deployed: bytes on disk, latency, parameters, non-zeros, FLOPs."""
+"""Honest measurements of a model as deployed: bytes on disk, latency, parameters, non-zeros, FLOPs.
+
+`measure(model, inputs, base=...)` is the one place a `Measurements` record is built; the baseline, every
+trial, `apply` and `evaluate` all go through it, and `Measurements.metrics()` is the one flat form that
+metrics.json, trial results and the tables share.
+"""
 
 from __future__ import annotations
 
 import statistics
 import time
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from orchestrator.weights import artifact_bytes
+from orchestrator.artifacts.store import measure_artifact
 
 
 @dataclass(frozen=True)
@@ -28,19 +34,50 @@ class Environment:
 
 @dataclass(frozen=True)
 class Latency:
+    """Wall time of one forward pass: median with its spread (10th and 90th percentiles)."""
+
     median_ms: float
+    p10_ms: float
     p90_ms: float
     runs: int
     warmup: int
     batch_size: int
 
 
-def _dense_weight(module: nn.Module) -> torch.Tensor | None:
-    """The logical weight of a layer: packed layers expose `dense_weight()`, plain ones `.weight`."""
-    if hasattr(module, "dense_weight"):
-        return module.dense_weight()
-    weight = getattr(module, "weight", None)
-    return weight if isinstance(weight, torch.Tensor) else None
+@dataclass(frozen=True)
+class Measurements:
+    """Everything measured on one model as deployed."""
+
+    size_bytes: int
+    latency: Latency
+    params: int
+    nonzero_params: int
+    flops: int
+    environment: Environment
+
+    def compression_ratio(self, reference: Measurements) -> float:
+        return reference.size_bytes / self.size_bytes
+
+    def speedup(self, reference: Measurements) -> float:
+        return reference.latency.median_ms / self.latency.median_ms
+
+    def metrics(self, reference: Measurements | None = None) -> dict[str, Any]:
+        """The flat, JSON-safe form (ratios to `reference` when given) that every record of a model uses."""
+        flat: dict[str, Any] = {
+            "size_bytes": self.size_bytes,
+            "latency_ms": self.latency.median_ms,
+            "latency_p10_ms": self.latency.p10_ms,
+            "latency_p90_ms": self.latency.p90_ms,
+            "latency_runs": self.latency.runs,
+            "latency_batch_size": self.latency.batch_size,
+            "params": self.params,
+            "nonzero_params": self.nonzero_params,
+            "flops": self.flops,
+        }
+        if reference is not None:
+            flat["compression_ratio"] = self.compression_ratio(reference)
+            flat["speedup"] = self.speedup(reference)
+        return {**flat, **asdict(self.environment)}
 
 
 def count_weights(model: nn.Module) -> tuple[int, int]:
@@ -70,6 +107,10 @@ def count_flops(model: nn.Module, example_inputs: torch.Tensor) -> int:
     return int(counter.get_total_flops())
 
 
+def _percentile(ordered: list[float], q: float) -> float:
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
 def time_latency(model: nn.Module, example_inputs: torch.Tensor, *, warmup: int = 10, runs: int = 50) -> Latency:
     """Median wall time of `runs` forward passes after `warmup`, in inference mode, on the inputs' device."""
     model.eval()
@@ -86,26 +127,26 @@ def time_latency(model: nn.Module, example_inputs: torch.Tensor, *, warmup: int 
             sync()
             times.append((time.perf_counter() - start) * 1000.0)
     times.sort()
-    p90 = times[min(len(times) - 1, int(round(0.9 * (len(times) - 1))))]
-    return Latency(statistics.median(times), p90, runs, warmup, int(example_inputs.shape[0]))
+    return Latency(
+        statistics.median(times),
+        _percentile(times, 0.1),
+        _percentile(times, 0.9),
+        runs,
+        warmup,
+        int(example_inputs.shape[0]),
+    )
 
 
-def measure_model(
-    model: nn.Module, example_inputs: torch.Tensor, *, warmup: int = 10, runs: int = 50
-) -> dict[str, object]:
-    """Size, latency, parameters, non-zeros and FLOPs of `model`, with the environment they were taken in."""
+def measure(
+    model: nn.Module, example_inputs: torch.Tensor, *, base: nn.Module | None = None, warmup: int = 10, runs: int = 50
+) -> Measurements:
+    """Size (the artifact written against the `base` architecture), latency, parameters and FLOPs of `model`."""
     params, nonzero = count_weights(model)
-    latency = time_latency(model, example_inputs, warmup=warmup, runs=runs)
-    flops = count_flops(model, example_inputs[:1])
-    env = Environment.current(example_inputs.device)
-    return {
-        "size_bytes": artifact_bytes(model),
-        "latency_ms": latency.median_ms,
-        "latency_p90_ms": latency.p90_ms,
-        "latency_runs": latency.runs,
-        "latency_batch_size": latency.batch_size,
-        "params": params,
-        "nonzero_params": nonzero,
-        "flops": flops,
-        **asdict(env),
-    }
+    return Measurements(
+        size_bytes=measure_artifact(model, base),
+        latency=time_latency(model, example_inputs, warmup=warmup, runs=runs),
+        params=params,
+        nonzero_params=nonzero,
+        flops=count_flops(model, example_inputs[:1]),
+        environment=Environment.current(example_inputs.device),
+    )

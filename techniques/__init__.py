@@ -9,8 +9,10 @@ from __future__ import annotations
 from techniques._base import (
     LAYER_DEFAULT,
     Context,
+    GlobalSearch,
     LayerMap,
-    ParamRange,
+    LayerSearch,
+    SearchSettings,
     SpecError,
     Technique,
     TechniqueSpec,
@@ -26,13 +28,16 @@ from techniques._base import (
     resolve_layers,
     set_module,
     spec_from_json,
+    unregister,
 )
 
 __all__ = [
     "LAYER_DEFAULT",
     "Context",
+    "GlobalSearch",
     "LayerMap",
-    "ParamRange",
+    "LayerSearch",
+    "SearchSettings",
     "SpecError",
     "Technique",
     "TechniqueSpec",
@@ -45,6 +50,7 @@ __all__ = [
     "rebuildable",
     "register",
     "registry",
+    "unregister",
     "resolve_layers",
     "set_module",
     "spec_from_json",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import typing
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -189,14 +189,48 @@ class Context:
 
 
 @dataclass(frozen=True)
-class ParamRange:
-    """A per-layer parameter a technique offers to the search space."""
+class LayerSearch:
+    """The per-layer setting a technique offers the search space; the technique is its only source.
 
-    low: float | None = None
-    high: float | None = None
+    `choices` are the values searched by default (`off` among them); `off` leaves a layer alone and never
+    appears in a policy; `title` is how reports name the setting; `eligible(layers)` picks, from the
+    `(name, module)` layers of the technique's types in model order, those worth searching (default: all).
+    """
+
+    setting: str
+    choices: tuple[Any, ...]
+    off: Any
+    title: str
+    eligible: Callable[[Sequence[tuple[str, nn.Module]]], list[str]] | None = None
+
+    def eligible_layers(self, layers: Sequence[tuple[str, nn.Module]]) -> list[str]:
+        return self.eligible(layers) if self.eligible is not None else [name for name, _ in layers]
+
+
+@dataclass(frozen=True)
+class GlobalSearch:
+    """A whole-model setting a technique offers the search: `bounds` (a float range, `log`-uniform if set)
+    or `choices`; `reference` is the value the search's reference policies use (clipped into the range)."""
+
+    setting: str
+    bounds: tuple[float, float] | None = None
     choices: tuple[Any, ...] | None = None
     log: bool = False
-    integer: bool = False
+    reference: Any = None
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """What a technique offers the search space.
+
+    A technique with a `per_layer` setting compresses, and the search picks which of those to combine; one
+    with only `globals` (distillation) fine-tunes, and joins every policy that compresses. Global parameters
+    are named `{prefix}.{setting}` in the search space.
+    """
+
+    per_layer: LayerSearch | None = None
+    globals: tuple[GlobalSearch, ...] = ()
+    prefix: str = ""
 
 
 @dataclass(frozen=True)
@@ -205,15 +239,17 @@ class Technique:
 
     `stage` fixes the canonical order (low-rank 10 → structured pruning 20 → unstructured pruning 30 →
     quantization 40 → distillation 50); a policy whose steps go backwards in stage is rejected.
+    `fine_tunes` marks the technique that owns the training loop (the executor reports its epochs).
     """
 
     name: str
     spec_type: type[TechniqueSpec]
     apply: Callable[[nn.Module, Any, Context], nn.Module]
     layer_types: tuple[type[nn.Module], ...]
-    ranges: Mapping[str, ParamRange]
     stage: int
+    search: SearchSettings | None = None
     structural: bool = False
+    fine_tunes: bool = False
 
 
 _REGISTRY: dict[str, Technique] = {}
@@ -228,9 +264,15 @@ def register(technique: Technique) -> Technique:
     return technique
 
 
+def unregister(name: str) -> None:
+    """Remove a registered technique (for techniques registered by tests or plugins at run time)."""
+    _REGISTRY.pop(name, None)
+
+
 def registry() -> Mapping[str, Technique]:
+    """Every registered technique, in canonical (stage) order."""
     _load_builtin()
-    return dict(_REGISTRY)
+    return {t.name: t for t in sorted(_REGISTRY.values(), key=lambda t: t.stage)}
 
 
 def get(name: str) -> Technique:

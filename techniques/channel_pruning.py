@@ -5,6 +5,7 @@ so the model is physically smaller and cheaper, not just sparser."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -16,7 +17,8 @@ from techniques._base import (
     LAYER_DEFAULT,
     Context,
     LayerMap,
-    ParamRange,
+    LayerSearch,
+    SearchSettings,
     SpecError,
     Technique,
     TechniqueSpec,
@@ -206,14 +208,27 @@ def apply(model: nn.Module, spec: StructuredPruningSpec, ctx: Context) -> nn.Mod
     return model
 
 
+def all_but_output(layers: Sequence[tuple[str, nn.Module]]) -> list[str]:
+    """The layers a search prunes: all but the last, whose features are the model's output."""
+    return [name for name, _ in layers[:-1]]
+
+
 register(
     Technique(
         name=NAME,
         spec_type=StructuredPruningSpec,
         apply=apply,
         layer_types=LAYER_TYPES,
-        ranges={"ratio": ParamRange(0.0, 0.75)},
         stage=20,
+        search=SearchSettings(
+            per_layer=LayerSearch(
+                setting="ratio",
+                choices=(0.0, 0.125, 0.25, 0.375, 0.5),  # fraction of output channels removed
+                off=0.0,
+                title="structured pruning ratio",
+                eligible=all_but_output,
+            )
+        ),
         structural=True,
     )
 )

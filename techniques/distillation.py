@@ -18,7 +18,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from techniques._base import Context, ParamRange, SpecError, Technique, TechniqueSpec, check_range, register
+from techniques._base import (
+    Context,
+    GlobalSearch,
+    SearchSettings,
+    SpecError,
+    Technique,
+    TechniqueSpec,
+    check_range,
+    register,
+)
 
 NAME = "distillation"
 
@@ -242,8 +251,16 @@ register(
         spec_type=DistillationSpec,
         apply=apply_distillation,
         layer_types=(),
-        ranges={"temperature": ParamRange(1.0, 8.0), "alpha": ParamRange(0.0, 1.0)},
         stage=50,
-        structural=False,
+        search=SearchSettings(
+            globals=(
+                GlobalSearch("temperature", bounds=(1.0, 8.0), reference=4.0),
+                GlobalSearch("alpha", bounds=(0.1, 0.95), reference=0.7),
+                GlobalSearch("epochs", choices=(2, 4, 8), reference=math.inf),  # references: the most offered
+                GlobalSearch("lr", bounds=(3e-4, 3e-3), log=True, reference=1e-3),
+            ),
+            prefix="distill",
+        ),
+        fine_tunes=True,
     )
 )

@@ -26,7 +26,8 @@ from torch.nn.utils import parametrize, skip_init
 from techniques._base import (
     Context,
     LayerMap,
-    ParamRange,
+    LayerSearch,
+    SearchSettings,
     SpecError,
     Technique,
     TechniqueSpec,
@@ -321,14 +322,35 @@ def apply_lowrank(model: nn.Module, spec: LowRankSpec, ctx: Context) -> nn.Modul
     return model
 
 
+MIN_SEARCHED_WIDTH = 8  # factorising narrower layers cannot save enough to matter
+
+
+def worth_factoring(layers: Sequence[tuple[str, nn.Module]]) -> list[str]:
+    """The layers a search factorises: plain Linear, and ungrouped Conv2d, at least 8 features wide."""
+    return [
+        name
+        for name, m in layers
+        if (isinstance(m, nn.Linear) and min(m.in_features, m.out_features) >= MIN_SEARCHED_WIDTH)
+        or (isinstance(m, nn.Conv2d) and m.groups == 1 and min(m.in_channels, m.out_channels) >= MIN_SEARCHED_WIDTH)
+    ]
+
+
 register(
     Technique(
         name=NAME,
         spec_type=LowRankSpec,
         apply=apply_lowrank,
         layer_types=LAYER_TYPES,
-        ranges={"rank": ParamRange(0.1, 0.9)},
         stage=10,
+        search=SearchSettings(
+            per_layer=LayerSearch(
+                setting="rank",
+                choices=("none", 0.5, 0.35, 0.25),  # fraction of a layer's parameters kept
+                off="none",
+                title="low-rank rank",
+                eligible=worth_factoring,
+            )
+        ),
         structural=True,
     )
 )

@@ -16,7 +16,8 @@ from techniques._base import (
     LAYER_DEFAULT,
     Context,
     LayerMap,
-    ParamRange,
+    LayerSearch,
+    SearchSettings,
     SpecError,
     Technique,
     TechniqueSpec,
@@ -146,7 +147,14 @@ register(
         spec_type=UnstructuredPruningSpec,
         apply=apply,
         layer_types=LAYER_TYPES,
-        ranges={"sparsity": ParamRange(0.0, 0.95)},
         stage=30,
+        search=SearchSettings(
+            per_layer=LayerSearch(
+                setting="sparsity",
+                choices=(0.0, 0.5, 0.7, 0.8, 0.9, 0.95),  # fraction of weights zeroed
+                off=0.0,
+                title="unstructured sparsity",
+            )
+        ),
     )
 )

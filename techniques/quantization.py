@@ -29,7 +29,8 @@ from torch.nn.utils import parametrize
 from techniques._base import (
     Context,
     LayerMap,
-    ParamRange,
+    LayerSearch,
+    SearchSettings,
     SpecError,
     Technique,
     TechniqueSpec,
@@ -39,6 +40,7 @@ from techniques._base import (
 from techniques.packed import ACT_QMAX, dequantize, quantize_activation, weight_codes
 
 BITS = (2, 3, 4, 5, 6, 8, 16)
+FLOAT_BITS = 32  # the search's value for "leave the layer in float32"
 KERNELS = ("auto", "dequantize")
 LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
 
@@ -195,7 +197,14 @@ register(
         spec_type=QuantizationSpec,
         apply=apply,
         layer_types=LAYER_TYPES,
-        ranges={"bits": ParamRange(choices=BITS)},
         stage=40,
+        search=SearchSettings(
+            per_layer=LayerSearch(
+                setting="bits",
+                choices=(2, 3, 4, 5, 6, 8, FLOAT_BITS),  # weight bit-width; 32 keeps float32
+                off=FLOAT_BITS,
+                title="quantization bits",
+            )
+        ),
     )
 )

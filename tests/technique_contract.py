@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 import techniques
+from orchestrator.artifacts.store import measure_artifact
 from orchestrator.measure import count_weights
-from orchestrator.weights import artifact_bytes
 from tests.tiny_models import TinyCNN, seeded, tiny_data
 
 
@@ -84,7 +84,7 @@ class TechniqueContract:
         base, model, _ = self._apply()
         final = finalize(model)
         assert count_weights(final)[0] <= count_weights(base)[0]
-        assert artifact_bytes(final) <= artifact_bytes(base)
+        assert measure_artifact(final) <= measure_artifact(base)
 
     def test_deterministic_under_seed(self) -> None:
         _, first, _ = self._apply(seed=3)

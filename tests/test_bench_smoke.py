@@ -15,22 +15,22 @@ COMMON_KEYS = {"command", "date", "machine", "torch", "threads", "seed"}
 
 BENCHES = [
     pytest.param(
-        ["bench/techniques_digits.py", "--quick"],
+        ["-m", "bench.techniques_digits", "--quick"],
         {"rows", "claims", "timing", "kd_settings", "load_average_before_timing"},
         id="techniques_digits",
     ),
     pytest.param(
-        ["bench/front_quality.py", "--quick"],
+        ["-m", "bench.front_quality", "--quick"],
         {"runs", "summary", "verdict", "baseline", "trials", "versions"},
         id="front_quality",
     ),
     pytest.param(
-        ["bench/orchestration_cost.py", "--quick"],
+        ["-m", "bench.orchestration_cost", "--quick"],
         {"runs", "bare", "summary", "ray_start_s", "cluster_start_s", "versions"},
         id="orchestration_cost",
     ),
     pytest.param(
-        ["bench/early_stopping.py", "--quick"],
+        ["-m", "bench.early_stopping", "--quick"],
         {"runs", "summary", "trials", "versions"},
         id="early_stopping",
     ),

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 import techniques
+from orchestrator.artifacts.store import measure_artifact
 from orchestrator.measure import count_flops, count_weights
-from orchestrator.weights import artifact_bytes
 from techniques.channel_pruning import StructuredPruningSpec, apply, kept_channels
 from techniques.pruning import UnstructuredPruningSpec
 from techniques.pruning import apply as apply_unstructured
@@ -54,7 +54,7 @@ def test_half_the_channels_shrinks_params_bytes_and_flops() -> None:
     base, model = seeded(TinyCNN), _pruned(seeded(TinyCNN), ratio=0.5)
     x = tiny_data(1)[0]
     assert count_weights(model)[0] <= 0.6 * count_weights(base)[0]
-    assert artifact_bytes(model) <= 0.6 * artifact_bytes(base)
+    assert measure_artifact(model) <= 0.6 * measure_artifact(base)
     assert count_flops(model, x) < 0.5 * count_flops(base, x)
     assert (model.conv1.out_channels, model.conv2.out_channels, model.fc1.out_features) == (4, 8, 16)
     assert (model.bn1.num_features, model.bn2.num_features, model.fc1.in_features) == (4, 8, 8 * 16)

@@ -88,7 +88,7 @@ def test_checkpoint_from_another_workload_is_refused(checkpoint, tmp_path, capsy
         textwrap.dedent(
             """
             import torch
-            from orchestrator.data import Split
+            from orchestrator.workloads.data import Split
             from orchestrator.workloads.digits import DigitsCNN
             from orchestrator.workloads import Workload
 

@@ -12,7 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from orchestrator import executor, store
+from orchestrator import executor
+from orchestrator.artifacts import store
 from orchestrator.policy import Policy
 from tests.test_policy import FULL
 

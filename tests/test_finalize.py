@@ -10,8 +10,9 @@ from torch import nn
 from torch.nn.utils import parametrize, prune
 
 import techniques
+from orchestrator.artifacts.store import measure_artifact
+from orchestrator.artifacts.weights import load_weights, save_weights
 from orchestrator.measure import count_weights
-from orchestrator.weights import artifact_bytes, load_weights, save_weights
 from techniques.finalize import finalize, integer_layers, kernel_report
 from techniques.packed import PackedConv2d, PackedLinear
 from techniques.quantization import QuantizationSpec
@@ -105,8 +106,8 @@ def test_conv_geometry_survives_packing_and_reload() -> None:
 
 
 def test_bytes_scale_with_bits() -> None:
-    fp32 = artifact_bytes(seeded(MLP))
-    sizes = {bits: artifact_bytes(finalize(_quantized(MLP, bits=bits))) for bits in (16, 8, 6, 4, 3, 2)}
+    fp32 = measure_artifact(seeded(MLP))
+    sizes = {bits: measure_artifact(finalize(_quantized(MLP, bits=bits))) for bits in (16, 8, 6, 4, 3, 2)}
     assert sizes[4] <= 0.2 * fp32
     assert fp32 > sizes[16] > sizes[8] > sizes[6] > sizes[4] > sizes[3] > sizes[2]
     assert sizes[2] <= 0.11 * fp32
@@ -131,7 +132,7 @@ def test_mask_and_quantization_store_fewer_bytes_and_keep_zeros() -> None:
     model = seeded(MLP)
     masks = _mask_all(model, 0.8)
     combined = finalize(techniques.apply_spec(model, QuantizationSpec(bits=4), make_context()))
-    assert artifact_bytes(combined) < 0.7 * artifact_bytes(quant_only)
+    assert measure_artifact(combined) < 0.7 * measure_artifact(quant_only)
     for name, keep in masks.items():
         layer = combined.get_submodule(name)
         assert isinstance(layer, PackedLinear) and layer.sparse and layer.nnz == int(keep.sum())
@@ -147,7 +148,7 @@ def test_pruned_only_layers_are_sparse_when_that_saves_bytes() -> None:
     assert type(dense.fc2) is nn.Linear
     assert isinstance(sparse.fc2, PackedLinear) and sparse.fc2.bits == 32 and sparse.fc2.sparse
     assert torch.equal(_outputs(sparse), before)
-    assert artifact_bytes(sparse) < 0.2 * artifact_bytes(dense)
+    assert measure_artifact(sparse) < 0.2 * measure_artifact(dense)
     assert torch.equal(sparse.fc2.dense_weight() != 0, masks["fc2"] & (dense_model.fc2.weight != 0))
 
 

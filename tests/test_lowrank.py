@@ -193,7 +193,7 @@ def test_factored_layers_keep_dtype_and_leave_rng_alone() -> None:
 
 @pytest.mark.parametrize("method", ["tucker", "cp"])
 def test_factored_model_rebuilds_from_structure_record(method: str) -> None:
-    from orchestrator.structure import describe, rebuild
+    from orchestrator.artifacts.structure import describe, rebuild
 
     _, model, ctx = _apply(LowRankSpec(rank=0.5, conv_method=method), width=8)
     rebuilt = rebuild(seeded(TinyCNN, width=8), describe(model, seeded(TinyCNN, width=8)))

@@ -5,24 +5,30 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from orchestrator.measure import count_flops, count_weights, measure_model, time_latency
-from orchestrator.weights import artifact_bytes, save_weights
+from orchestrator.artifacts.store import ARTIFACT_FILES, measure_artifact, write_artifact
+from orchestrator.artifacts.weights import save_weights
+from orchestrator.measure import count_flops, count_weights, measure, time_latency
 
 
-def test_size_is_the_bytes_of_the_file_written(tmp_path):
+def test_size_is_the_bytes_of_the_files_written(tmp_path):
     model = nn.Linear(64, 32)
     written = save_weights(model, tmp_path / "m.safetensors")
-    assert written == (tmp_path / "m.safetensors").stat().st_size == artifact_bytes(model)
+    assert written == (tmp_path / "m.safetensors").stat().st_size
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+    artifact = tmp_path / "artifact"
+    artifact.mkdir()
+    total = write_artifact(model, model, artifact)
+    assert total == sum((artifact / name).stat().st_size for name in ARTIFACT_FILES) == measure_artifact(model)
+    assert total > written  # the structure record counts too
 
 
 def test_size_changes_when_the_artifact_changes():
     model = nn.Linear(64, 32)
-    full = artifact_bytes(model)
-    assert artifact_bytes(nn.Linear(64, 16)) < full
-    assert artifact_bytes(model.half()) < full
+    full = measure_artifact(model)
+    assert measure_artifact(nn.Linear(64, 16)) < full
+    assert measure_artifact(model.half()) < full
     # the tensor payload dominates: halving precision saves about half the weight bytes
-    assert full - artifact_bytes(model) >= 0.9 * (64 * 32 + 32) * 2
+    assert full - measure_artifact(model) >= 0.9 * (64 * 32 + 32) * 2
 
 
 def test_counts_parameters_non_zeros_and_flops():
@@ -40,8 +46,9 @@ def test_latency_and_environment_are_recorded():
     model = nn.Sequential(nn.Linear(32, 32), nn.ReLU())
     latency = time_latency(model, torch.randn(4, 32), warmup=2, runs=7)
     assert latency.runs == 7 and latency.batch_size == 4
-    assert 0 < latency.median_ms <= latency.p90_ms
-    metrics = measure_model(model, torch.randn(2, 32), warmup=1, runs=3)
+    assert 0 < latency.p10_ms <= latency.median_ms <= latency.p90_ms
+    measured = measure(model, torch.randn(2, 32), warmup=1, runs=3)
+    metrics = measured.metrics(reference=measured)
     assert metrics["device"] == "cpu" and metrics["threads"] == torch.get_num_threads()
     assert metrics["torch_version"] == torch.__version__
-    assert metrics["size_bytes"] == artifact_bytes(model)
+    assert metrics["size_bytes"] == measure_artifact(model) and metrics["compression_ratio"] == 1.0

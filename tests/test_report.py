@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from matplotlib import image as mpimg
 
+from orchestrator.artifacts.tables import PARETO_SCHEMA, TRIALS_SCHEMA, ResultsError, write_table
 from orchestrator.report import ReportPaths, format_front_table, write_report
 from orchestrator.report._policy import layer_table, summary
-from orchestrator.results import PARETO_SCHEMA, TRIALS_SCHEMA, ResultsError, write_table
 
 CHROMIUM = Path("/usr/bin/chromium")
 BASE_SIZE, BASE_LATENCY = 71_680, 0.84

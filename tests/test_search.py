@@ -17,10 +17,11 @@ import optuna
 import pytest
 import torch
 
-from orchestrator import store
-from orchestrator.driver import SearchConfig, run
-from orchestrator.results import PARETO_FILE, TRIALS_FILE, read_table
-from orchestrator.sampler import journal_storage
+from orchestrator.artifacts import store
+from orchestrator.artifacts.tables import PARETO_FILE, TRIALS_FILE, read_table
+from orchestrator.search import SearchConfig, run
+from orchestrator.search.sampler import journal_storage
+from orchestrator.search.space_options import options_from_json
 from orchestrator.workloads import Workload, resolve_workload
 from techniques.packed import PackedLayer
 from tests.test_report import NETWORK_PATTERNS, table_rows
@@ -94,7 +95,7 @@ def local_ray():
     import ray
 
     ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
@@ -124,30 +125,27 @@ def test_failing_and_nan_trials_are_failed_and_the_search_completes(tmp_path, lo
     monkeypatch.syspath_prepend(str(REPO))
     config = SearchConfig(
         workload="tests.test_search:make_flaky",
-        families=("quantization",),
+        space=options_from_json({"families": ["quantization"], "choices": {"bits": [4, 8, 32]}}),
         num_trials=5,
         storage_path=str(tmp_path),
         name="flaky",
         max_failures=0,
-        space_overrides={"choices": {"bits": [4, 8, 32]}},
         report=False,
     )
     outcome = run(config)
     by_role = {}
     for row in outcome.trials:
-        by_role.setdefault(row["role"], []).append(row)
+        by_role.setdefault(row.role, []).append(row)
     # the references come first: uniform int8 (NaN) and uniform 4-bit (raises); the baseline succeeds
     assert len(outcome.trials) == 5
-    statuses = {
-        json.loads(r["policy_json"])["steps"][0]["_data"]["bits"]["conv1"]: r["status"] for r in by_role["reference"]
-    }
+    statuses = {json.loads(r.policy_json)["steps"][0]["_data"]["bits"]["conv1"]: r.status for r in by_role["reference"]}
     assert statuses == {8: "failed", 4: "failed"}
-    assert all("injected failure" in r["error"] or "not finite" in r["error"] for r in by_role["reference"])
-    assert by_role["baseline"][0]["status"] == "completed"
-    assert not any(r["pareto"] for r in outcome.trials if r["status"] != "completed")
+    assert all("injected failure" in r.error or "not finite" in r.error for r in by_role["reference"])
+    assert by_role["baseline"][0].status == "completed"
+    assert not any(r.pareto for r in outcome.trials if r.status != "completed")
     states = [t.state for t in study_of(tmp_path / "flaky", "flaky").trials]
     assert optuna.trial.TrialState.RUNNING not in states
-    assert states.count(optuna.trial.TrialState.FAIL) == sum(r["status"] == "failed" for r in outcome.trials) >= 2
+    assert states.count(optuna.trial.TrialState.FAIL) == sum(r.status == "failed" for r in outcome.trials) >= 2
 
 
 def test_trials_spread_over_a_simulated_multi_node_cluster(tmp_path):
@@ -161,25 +159,24 @@ def test_trials_spread_over_a_simulated_multi_node_cluster(tmp_path):
         outcome = run(
             SearchConfig(
                 address=cluster.address,
-                families=("quantization", "unstructured_pruning"),
+                space=options_from_json({"families": ["quantization", "unstructured_pruning"], **ONE_EPOCH}),
                 num_trials=6,
                 cpus_per_trial=1,
                 gpus_per_trial=1,
                 concurrency=3,
                 storage_path=str(tmp_path),
                 name="cluster",
-                space_overrides=ONE_EPOCH,
                 report=False,
             )
         )
     finally:
         ray.shutdown()
         cluster.shutdown()
-    used = {row["node_id"] for row in outcome.trials}
+    used = {row.node_id for row in outcome.trials}
     assert used <= {node.node_id for node in nodes}  # the CPU-less head runs no trial
     assert len(used) >= 2
-    assert all(row["status"] == "completed" for row in outcome.trials)
-    assert all(row["device"] == ("cuda" if torch.cuda.is_available() else "cpu") for row in outcome.trials)
+    assert all(row.status == "completed" for row in outcome.trials)
+    assert all(row.device == ("cuda" if torch.cuda.is_available() else "cpu") for row in outcome.trials)
 
 
 def finished_trials(run_dir: Path) -> list[Path]:
@@ -247,19 +244,24 @@ def test_resume_after_sigkill_finishes_the_budget_without_rerunning_trials(tmp_p
 def test_asha_stops_weak_fine_tunes_and_stopped_trials_stay_off_the_front(tmp_path, local_ray):
     outcome = run(
         SearchConfig(
-            families=("quantization", "unstructured_pruning", "distillation"),
+            space=options_from_json(
+                {
+                    "families": ["quantization", "unstructured_pruning", "distillation"],
+                    "distillation": {"epochs": [4]},
+                    "choices": {"bits": [2, 3, 8], "sparsity": [0.9, 0.95]},
+                }
+            ),
             num_trials=10,
             concurrency=1,
             asha=True,
             storage_path=str(tmp_path),
             name="asha",
-            space_overrides={"distillation": {"epochs": [4]}, "choices": {"bits": [2, 3, 8], "sparsity": [0.9, 0.95]}},
             report=False,
         )
     )
-    stopped = [r for r in outcome.trials if r["status"] == "stopped_early"]
+    stopped = [r for r in outcome.trials if r.status == "stopped_early"]
     assert stopped, "ASHA stopped no trial"
-    assert not any(r["pareto"] for r in stopped)
-    assert all(r["epochs_completed"] < 4 for r in stopped)  # stopped at an earlier rung, never after all the work
-    assert all(r["status"] == "completed" for r in outcome.trials if r["pareto"])
-    assert any(r["status"] == "completed" and r["epochs_completed"] == 4 for r in outcome.trials)
+    assert not any(r.pareto for r in stopped)
+    assert all(r.epochs_completed < 4 for r in stopped)  # stopped at an earlier rung, never after all the work
+    assert all(r.status == "completed" for r in outcome.trials if r.pareto)
+    assert any(r.status == "completed" and r.epochs_completed == 4 for r in outcome.trials)

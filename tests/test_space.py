@@ -7,8 +7,10 @@ import json
 import optuna
 import pytest
 
+import techniques
 from orchestrator.policy import Policy, validate_for_model
-from orchestrator.space import COMBINATION, NONE, SETTING, SpaceError, build_space, load_space_file
+from orchestrator.search.space import COMBINATION, NONE, SpaceError, build_space
+from orchestrator.search.space_options import SpaceOptions, load_space_file, options_from_json
 from orchestrator.workloads.digits import DigitsCNN
 from tests.tiny_models import TinyResNet
 
@@ -51,7 +53,8 @@ def test_the_sampler_is_never_offered_the_uncompressed_model():
         seen.add(params[COMBINATION])
         used = set(params[COMBINATION].split("+"))
         assert used and used <= set(space.groups)
-        assert {name.split(".")[0] for name in params} - {COMBINATION, "distill"} == {SETTING[f] for f in used}
+        settings = {techniques.get(f).search.per_layer.setting for f in used}
+        assert {name.split(".")[0] for name in params} - {COMBINATION, "distill"} == settings
     assert len(seen) >= 12  # random sampling reaches (nearly) every combination
 
 
@@ -79,9 +82,9 @@ def test_off_values_leave_layers_alone_and_the_baseline_point_is_empty():
 
 def test_grouping_by_block_and_type_and_by_regex_groups():
     model = TinyResNet()
-    by_type = build_space(model, grouping="type")
+    by_type = build_space(model, SpaceOptions(grouping="type"))
     assert set(by_type.groups["quantization"]) == {"Conv2d", "Linear"}
-    by_regex = build_space(model, overrides={"groups": {"convs": "re:conv_.*", "head": "re:fc"}})
+    by_regex = build_space(model, options_from_json({"groups": {"convs": "re:conv_.*", "head": "re:fc"}}))
     assert by_regex.groups["quantization"] == {"convs": ("conv_a", "conv_b"), "head": ("fc",)}
     for seed in range(10):  # one value per group, given to every layer in it
         policy = by_regex.policy(sample(by_regex, seed))
@@ -92,8 +95,8 @@ def test_grouping_by_block_and_type_and_by_regex_groups():
 
 
 def test_families_can_be_switched_off():
-    space = build_space(DigitsCNN(), families=("quantization",))
-    assert set(space.groups) == {"quantization"} and space.distill is None
+    space = build_space(DigitsCNN(), SpaceOptions(families=("quantization",)))
+    assert set(space.groups) == {"quantization"} and "distillation" not in space.ranges
     params = sample(space)
     assert params[COMBINATION] == "quantization" and all(n.startswith("bits.") for n in params if n != COMBINATION)
     assert set(space.policy(params).techniques()) <= {"quantization"}
@@ -103,8 +106,8 @@ def test_families_can_be_switched_off():
     "overrides, message",
     [
         ({"colour": 1}, "unknown search-space key"),
-        ({"families": ["magic"]}, "unknown technique famil"),
-        ({"grouping": "random"}, "grouping must be one of"),
+        ({"families": ["magic"]}, "families\\[0\\]: unknown technique"),
+        ({"grouping": "random"}, "grouping: one of"),
         ({"choices": {"bits": []}}, "non-empty list"),
         ({"choices": {"bits": [1, 4]}}, "choices.bits"),
         ({"choices": {"sparsity": [0.5, 1.5]}}, "choices.sparsity"),
@@ -114,12 +117,12 @@ def test_families_can_be_switched_off():
 )
 def test_bad_space_overrides_are_clear_errors(overrides, message):
     with pytest.raises(SpaceError, match=message):
-        build_space(DigitsCNN(), overrides=overrides)
+        build_space(DigitsCNN(), options_from_json(overrides))
 
 
 def test_space_file(tmp_path):
     (tmp_path / "space.json").write_text(json.dumps({"families": ["quantization"], "choices": {"bits": [4, 8]}}))
-    space = build_space(DigitsCNN(), overrides=load_space_file(tmp_path / "space.json"))
+    space = build_space(DigitsCNN(), load_space_file(tmp_path / "space.json"))
     assert space.choices["bits"] == (4, 8) and list(space.groups) == ["quantization"]
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(SpaceError, match="not valid JSON"):

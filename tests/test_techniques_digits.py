@@ -21,7 +21,8 @@ from bench.techniques_digits import (
     unfinalized,
     validation_logits,
 )
-from orchestrator import executor, store
+from orchestrator import executor
+from orchestrator.artifacts import store
 from orchestrator.measure import count_weights
 
 pytestmark = pytest.mark.slow
@@ -52,9 +53,9 @@ def test_half_the_channels_pruned_cuts_parameters_and_bytes_by_at_least_40_perce
     model, metrics = pruned.model, pruned.metrics
     assert [model.conv1.out_channels, model.conv2.out_channels, model.conv3.out_channels] == [16, 32, 32]
     assert (model.fc1.out_features, model.fc2.out_features) == (64, 10)  # the output layer keeps its classes
-    assert count_weights(model)[0] == metrics["params"] <= (1 - MIN_STRUCTURED_DROP) * reference.params
-    assert metrics["size_bytes"] <= (1 - MIN_STRUCTURED_DROP) * reference.size_bytes
-    assert metrics["flops"] <= (1 - MIN_STRUCTURED_DROP) * reference.flops
+    assert count_weights(model)[0] == metrics["params"] <= (1 - MIN_STRUCTURED_DROP) * reference.measurements.params
+    assert metrics["size_bytes"] <= (1 - MIN_STRUCTURED_DROP) * reference.measurements.size_bytes
+    assert metrics["flops"] <= (1 - MIN_STRUCTURED_DROP) * reference.measurements.flops
 
 
 @pytest.mark.parametrize("bits", [8, 6, 4, 3, 2])
@@ -76,7 +77,7 @@ def test_weight_only_checkpoints_reload_to_the_fake_quant_logits_bitwise(
 def test_4_bit_artifact_is_at_most_a_fifth_of_fp32_and_fewer_bits_are_smaller(apply_row, reference):
     sizes = [apply_row(f"w{bits}").metrics["size_bytes"] for bits in (8, 6, 4, 3, 2)]
     assert sizes == sorted(sizes, reverse=True) and len(set(sizes)) == len(sizes)
-    assert apply_row("w4").metrics["size_bytes"] <= MAX_W4_SIZE_RATIO * reference.size_bytes
+    assert apply_row("w4").metrics["size_bytes"] <= MAX_W4_SIZE_RATIO * reference.measurements.size_bytes
 
 
 def test_8_bit_activations_run_the_int8_kernel_on_the_linear_layers(apply_row, reference):

@@ -138,7 +138,7 @@ def test_user_workload_from_module_function(tmp_path, monkeypatch):
             """
             import torch
             from torch import nn
-            from orchestrator.data import Split
+            from orchestrator.workloads.data import Split
             from orchestrator.workloads import Workload
 
             def make_workload(data_dir=None):

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from orchestrator.artifacts.fs import write_atomic
 from orchestrator.report._data import load_run
-from orchestrator.report._fs import write_atomic
 from orchestrator.report._html import render_html
 from orchestrator.report._png import front_png
 from orchestrator.report._summary import summary_markdown

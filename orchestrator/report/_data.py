@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from orchestrator.report._fs import directory_note, exists, locate
-from orchestrator.results import PARETO_FILE, TRIALS_FILE, ResultsError, read_table
+from orchestrator.artifacts.fs import directory_note, exists, locate
+from orchestrator.artifacts.tables import PARETO_FILE, TRIALS_FILE, ResultsError, read_table
 
 
 @dataclass(frozen=True)

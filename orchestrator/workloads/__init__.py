@@ -8,8 +8,9 @@ from pathlib import Path
 
 from orchestrator.errors import UserError
 from orchestrator.workloads._workload import SPLITS, Workload, accuracy
+from orchestrator.workloads.data import Split
 
-__all__ = ["BUILTIN", "SPLITS", "Workload", "accuracy", "resolve_workload"]
+__all__ = ["BUILTIN", "SPLITS", "Split", "Workload", "accuracy", "resolve_workload"]
 
 BUILTIN = ("digits", "cifar10")
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -14,16 +13,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from orchestrator.data import Split
-from orchestrator.weights import load_weights, save_weights
+from orchestrator.artifacts.fs import cache_root
+from orchestrator.artifacts.weights import load_weights, save_weights
+from orchestrator.workloads.data import Split
 
 
 def cache_dir() -> Path:
-    """Where trained baselines are kept: $COMPRESSION_CACHE, else ~/.cache/compression-orchestrator."""
-    if os.environ.get("COMPRESSION_CACHE"):
-        return Path(os.environ["COMPRESSION_CACHE"]) / "baselines"
-    xdg = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return xdg / "compression-orchestrator" / "baselines"
+    """Where trained baselines are kept: `baselines/` in the tool's cache."""
+    return cache_root() / "baselines"
 
 
 def tensor_digest(*tensors: torch.Tensor) -> str:

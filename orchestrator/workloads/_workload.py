@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from orchestrator.data import Split
+from orchestrator.workloads.data import Split
 
 SPLITS = ("train", "calibration", "validation", "test")
 

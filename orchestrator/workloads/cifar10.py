@@ -15,10 +15,10 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from orchestrator.data import Split
 from orchestrator.errors import UserError
 from orchestrator.workloads._baseline import cached_baseline, progress, recipe_hash, tensor_digest, train_classifier
 from orchestrator.workloads._workload import Workload
+from orchestrator.workloads.data import Split
 
 TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_FILE = "test_batch"

@@ -7,9 +7,9 @@ import functools
 import torch
 from torch import nn
 
-from orchestrator.data import Split
 from orchestrator.workloads._baseline import cached_baseline, recipe_hash, tensor_digest, train_classifier
 from orchestrator.workloads._workload import Workload
+from orchestrator.workloads.data import Split
 
 RECIPE = {"arch": "DigitsCNN", "width": 1.0, "epochs": 40, "lr": 3e-3, "batch_size": 64, "seed": 0}
 

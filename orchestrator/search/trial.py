@@ -12,12 +12,11 @@ from typing import Any
 
 import torch
 
-from orchestrator import executor, store
-from orchestrator.space import SearchSpace
+from orchestrator import executor
+from orchestrator.artifacts import store
+from orchestrator.search.space import SearchSpace
 from orchestrator.workloads import Workload
 
-OBJECTIVE_KEYS = {"accuracy": "validation", "size": "size_bytes", "latency": "latency_ms", "flops": "flops"}
-DIRECTIONS = {"validation": "maximize", "size_bytes": "minimize", "latency_ms": "minimize", "flops": "minimize"}
 CHECKPOINT_SUBDIR = "model"
 RESULT_FILE = "final_result.json"  # beside the model in a trial's only checkpoint: the trial is done
 

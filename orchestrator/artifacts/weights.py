@@ -44,9 +44,3 @@ def save_weights(model: nn.Module, path: str | os.PathLike[str]) -> int:
 def load_weights(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """Read a safetensors file (never a pickle)."""
     return load_file(str(path))
-
-
-def artifact_bytes(model: nn.Module) -> int:
-    """Bytes on disk of the model's weights artifact, measured by writing it to a temporary directory."""
-    with tempfile.TemporaryDirectory(prefix="artifact-") as tmp:
-        return save_weights(model, Path(tmp) / "model.safetensors")

@@ -27,10 +27,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from torch import nn
 
+from orchestrator.artifacts.fs import is_uri, read_bytes, write_atomic
+from orchestrator.artifacts.structure import StructureError, describe, rebuild
+from orchestrator.artifacts.weights import save_weights
 from orchestrator.errors import UserError
 from orchestrator.policy import Policy
-from orchestrator.structure import StructureError, describe, rebuild
-from orchestrator.weights import save_weights
 from orchestrator.workloads import Workload
 
 FORMAT_VERSION = 1
@@ -70,10 +71,25 @@ def write_artifact(model: nn.Module, base: nn.Module, directory: Path) -> int:
     return sum((directory / name).stat().st_size for name in ARTIFACT_FILES)
 
 
-def measure_artifact(model: nn.Module, base: nn.Module) -> int:
-    """Bytes on disk of the deployable artifact, by writing it to a temporary directory."""
+def read_artifact(structure: bytes, weights: bytes, base: nn.Module) -> nn.Module:
+    """The model the deployable files describe: `base` rebuilt from the structure record, weights loaded."""
+    record = _parse_json(structure, STRUCTURE)
+    try:
+        model = rebuild(base, record["modules"])
+        model.load_state_dict(load_safetensors(weights), strict=True)
+    except (StructureError, SafetensorError, RuntimeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"checkpoint does not rebuild: {str(exc).splitlines()[0]}") from None
+    return model.eval()
+
+
+def measure_artifact(model: nn.Module, base: nn.Module | None = None) -> int:
+    """The model's size: bytes on disk of its deployable artifact, by writing it to a temporary directory.
+
+    The one definition of size in the project; checkpoints, trials and the baseline all use it. `base` is
+    the architecture the structure record is written against (None: the model's own, an empty record).
+    """
     with tempfile.TemporaryDirectory(prefix="artifact-") as tmp:
-        return write_artifact(model, base, Path(tmp))
+        return write_artifact(model, model if base is None else base, Path(tmp))
 
 
 def package_versions() -> dict[str, str]:
@@ -114,29 +130,24 @@ def save(model: nn.Module, policy: Policy, metrics: dict[str, Any], workload: Wo
 
 
 def _publish(staging: Path, destination: str) -> None:
-    if "://" not in destination:
+    if not is_uri(destination):
         target = Path(destination)
         if target.exists():
             raise CheckpointError(f"{target} already exists; choose a new checkpoint directory")
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
-        shutil.copytree(staging, tmp)
-        tmp.chmod(0o755)  # mkdtemp creates 0700
         try:
+            shutil.copytree(staging, tmp)
+            tmp.chmod(0o755)  # mkdtemp creates 0700
             tmp.rename(target)
-        except OSError:
+        except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return
-    import pyarrow.fs as pafs
-
-    filesystem, root = pafs.FileSystem.from_uri(destination)
-    if filesystem.get_file_info(f"{root}/{MANIFEST}").type != pafs.FileType.NotFound:
+    if read_bytes(destination, MANIFEST) is not None:
         raise CheckpointError(f"{destination} already holds a checkpoint")
-    filesystem.create_dir(root, recursive=True)
     for name in (WEIGHTS, STRUCTURE, POLICY, METRICS, MANIFEST):  # manifest last: it marks completion
-        with filesystem.open_output_stream(f"{root}/{name}") as out:
-            out.write((staging / name).read_bytes())
+        write_atomic(destination, name, (staging / name).read_bytes())
 
 
 def _sha256(data: bytes) -> str:
@@ -145,20 +156,11 @@ def _sha256(data: bytes) -> str:
 
 def _read_files(source: str) -> dict[str, bytes]:
     """Every checkpoint file's bytes, from local disk or a pyarrow filesystem."""
-    names = (MANIFEST, WEIGHTS, STRUCTURE, POLICY, METRICS)
-    if "://" not in source:
-        root = Path(source)
-        if not (root / MANIFEST).is_file():
-            raise CheckpointError(f"{source} is not a checkpoint (no {MANIFEST})")
-        return {name: (root / name).read_bytes() for name in names if (root / name).is_file()}
-    import pyarrow.fs as pafs
-
-    filesystem, root = pafs.FileSystem.from_uri(source)
     found = {}
-    for name in names:
-        if filesystem.get_file_info(f"{root}/{name}").type == pafs.FileType.File:
-            with filesystem.open_input_stream(f"{root}/{name}") as stream:
-                found[name] = stream.read()
+    for name in (MANIFEST, WEIGHTS, STRUCTURE, POLICY, METRICS):
+        data = read_bytes(source, name)
+        if data is not None:
+            found[name] = data
     if MANIFEST not in found:
         raise CheckpointError(f"{source} is not a checkpoint (no {MANIFEST})")
     return found
@@ -197,11 +199,6 @@ def load(source: str, workload: Workload) -> Checkpoint:
             f"checkpoint belongs to workload {manifest.get('workload')!r} "
             f"({manifest.get('workload_fingerprint')}), not {workload.name!r} ({workload.fingerprint})"
         )
-    structure = _parse_json(files[STRUCTURE], STRUCTURE)
-    try:
-        model = rebuild(workload.build_model(), structure["modules"])
-        model.load_state_dict(load_safetensors(files[WEIGHTS]), strict=True)
-    except (StructureError, SafetensorError, RuntimeError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"checkpoint does not rebuild: {str(exc).splitlines()[0]}") from None
+    model = read_artifact(files[STRUCTURE], files[WEIGHTS], workload.build_model())
     policy = Policy.from_json(_parse_json(files[POLICY], POLICY))
-    return Checkpoint(model.eval(), policy, _parse_json(files[METRICS], METRICS), manifest)
+    return Checkpoint(model, policy, _parse_json(files[METRICS], METRICS), manifest)

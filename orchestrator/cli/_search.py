@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
-import sys
-from collections.abc import Sequence
 
-from orchestrator.driver import SearchConfig, SearchOutcome
 from orchestrator.errors import UserError
-from orchestrator.space import FAMILIES, GROUPINGS
+from orchestrator.search.config import SAMPLERS, SearchConfig, SearchOutcome
+from orchestrator.search.space import check_families, searchable
+from orchestrator.search.space_options import GROUPINGS, SpaceOptions, load_space_file
 
 SMOKE_TRIALS = 6
+_SETTINGS = ("workload", "data_dir", "weights", "objectives", "max_accuracy_drop", "num_trials", "sampler", "seed")
+_RESOURCES = ("cpus_per_trial", "gpus_per_trial", "concurrency", "asha", "storage_path", "name", "resume")
+_RUN = ("address", "max_failures", "latency_batch_size", "report")
 
 
 def _csv(text: str) -> tuple[str, ...]:
@@ -35,19 +38,17 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
         "point) are infeasible and never on the front",
     )
     parser.add_argument("--num-trials", type=int, default=32, help="trial budget, baseline and references included")
-    parser.add_argument("--sampler", default="tpe", choices=("tpe", "nsga2", "random"))
+    parser.add_argument("--sampler", default="tpe", choices=SAMPLERS)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--families",
         type=_csv,
-        default=FAMILIES,
-        help=f"technique families to search (default: all of {','.join(FAMILIES)})",
+        help=f"technique families to search (default: all of {','.join(searchable())})",
     )
     parser.add_argument(
         "--grouping",
-        default="auto",
         choices=GROUPINGS,
-        help="one search parameter per layer, per block, or per layer type (auto: layer up to 12)",
+        help="one search parameter per layer, per block, or per layer type (default auto: layer up to 12)",
     )
     parser.add_argument("--search-space", dest="space_file", help="JSON file overriding ranges, groups, families")
     parser.add_argument("--cpus-per-trial", type=float, default=1.0)
@@ -72,30 +73,40 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def space_options(args: argparse.Namespace) -> SpaceOptions:
+    """The search-space file and the --families/--grouping flags as one SpaceOptions; a flag may not
+    contradict the file."""
+    options = load_space_file(args.space_file) if args.space_file else SpaceOptions()
+    if args.families is not None:
+        families = check_families(args.families)
+        if options.families is not None and set(options.families) != set(families):
+            raise UserError("--families contradicts the search-space file's families; give one of them")
+        options = dataclasses.replace(options, families=families)
+    if args.grouping is not None:
+        if args.space_file and options.grouping != "auto" and options.grouping != args.grouping:
+            raise UserError("--grouping contradicts the search-space file's grouping; give one of them")
+        options = dataclasses.replace(options, grouping=args.grouping)
+    if args.smoke_test:  # one fine-tuning epoch, whatever the file says
+        tuner = next(name for name, t in searchable().items() if t.fine_tunes)
+        ranges = {**options.ranges, tuner: {**options.ranges.get(tuner, {}), "epochs": (1,)}}
+        options = dataclasses.replace(options, ranges=ranges)
+    return options
+
+
 def config_from_args(args: argparse.Namespace) -> SearchConfig:
     if args.resume and not args.name:
         raise UserError("--resume needs the --name of the run to continue")
-    fields = {k: v for k, v in vars(args).items() if k in SearchConfig.__dataclass_fields__}
+    fields = {k: getattr(args, k) for k in (*_SETTINGS, *_RESOURCES, *_RUN)}
     if args.smoke_test:
         fields["num_trials"] = min(args.num_trials, SMOKE_TRIALS)
-        fields["space_overrides"] = {"distillation": {"epochs": [1]}}
-    return SearchConfig(**fields)
+    return SearchConfig(**fields, space=space_options(args))
 
 
 def print_outcome(outcome: SearchOutcome) -> None:
     from orchestrator.report import format_front_table
 
-    finished = sum(r["status"] == "completed" for r in outcome.trials)
-    failed = sum(r["status"] == "failed" for r in outcome.trials)
-    print(f"\n{finished} trials finished, {failed} failed; {len(outcome.pareto)} on the Pareto front\n")
-    print(format_front_table(outcome.pareto, outcome.run_info))
+    print(f"\n{outcome.finished} trials finished, {outcome.failed} failed; {len(outcome.pareto)} on the Pareto front\n")
+    print(format_front_table([row.as_dict() for row in outcome.pareto], outcome.run_info.to_json()))
     print(f"\nrun directory: {outcome.run_dir}")
     if outcome.report:
         print(f"report:        {outcome.report}")
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python search.py`: the `search` subcommand of `python -m orchestrator`."""
-    from orchestrator.cli import main as cli_main
-
-    return cli_main(["search", *(sys.argv[1:] if argv is None else argv)])

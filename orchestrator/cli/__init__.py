@@ -11,9 +11,14 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from orchestrator.cli._format import format_measurements, format_result
+from orchestrator.cli._search import add_search_arguments, config_from_args, print_outcome
 from orchestrator.errors import UserError
 
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+__all__ = ["build_parser", "main", "search_main"]
 
 
 def _add_workload_args(parser: argparse.ArgumentParser) -> None:
@@ -24,8 +29,8 @@ def _add_workload_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _baseline(args: argparse.Namespace) -> int:
-    from orchestrator.baseline import format_measurements, measure_baseline
     from orchestrator.device import resolve_device
+    from orchestrator.evaluate import measure_baseline
     from orchestrator.workloads import resolve_workload
 
     if args.latency_batch_size < 1:
@@ -40,7 +45,8 @@ def _baseline(args: argparse.Namespace) -> int:
 
 
 def _apply(args: argparse.Namespace) -> int:
-    from orchestrator import executor, store
+    from orchestrator import executor
+    from orchestrator.artifacts import store
     from orchestrator.device import resolve_device
     from orchestrator.policy import Policy
     from orchestrator.workloads import resolve_workload
@@ -57,7 +63,7 @@ def _apply(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from orchestrator.checkpoints import evaluate_checkpoint
+    from orchestrator.evaluate import evaluate_checkpoint
 
     metrics = evaluate_checkpoint(
         args.checkpoint, workload=args.workload, data_dir=args.data_dir, weights=args.weights, device=args.device
@@ -75,30 +81,10 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _search(args: argparse.Namespace) -> int:
-    from orchestrator.driver import run
-    from orchestrator.search_cli import config_from_args, print_outcome
+    from orchestrator.search.driver import run
 
     print_outcome(run(config_from_args(args)))
     return 0
-
-
-def format_result(metrics: dict, where: str) -> str:
-    """The headline numbers of a compressed model, against its baseline."""
-    lines = [
-        f"checkpoint           {where}",
-        f"validation {metrics['metric']:<9} {metrics['validation']:.4f}"
-        f"  (baseline {metrics['baseline_validation']:.4f})",
-    ]
-    if "test" in metrics:
-        lines.append(f"test {metrics['metric']:<15} {metrics['test']:.4f}")
-    lines += [
-        f"size on disk         {metrics['size_bytes']:,} bytes  ({metrics['compression_ratio']:.1f}x smaller)",
-        f"latency (median)     {metrics['latency_ms']:.3f} ms  ({metrics['speedup']:.2f}x the baseline's speed)",
-        f"parameters           {metrics['params']:,}  ({metrics['nonzero_params']:,} non-zero)",
-        f"FLOPs (per example)  {metrics['flops']:,}",
-        f"measured on          {metrics['device']}, torch {metrics['torch_version']}, {metrics['threads']} threads",
-    ]
-    return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,8 +114,6 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", action="store_true", help="print the metrics as JSON")
     evaluate.set_defaults(handler=_evaluate)
 
-    from orchestrator.search_cli import add_search_arguments
-
     search = commands.add_parser("search", help="run a search (the same as python search.py)")
     add_search_arguments(search)
     search.set_defaults(handler=_search)
@@ -150,4 +134,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+
+
+def search_main(argv: Sequence[str] | None = None) -> int:
+    """`python search.py`: the `search` subcommand of `python -m orchestrator`."""
+    return main(["search", *(sys.argv[1:] if argv is None else argv)])

@@ -19,8 +19,8 @@ import optuna
 from ray.tune.search.optuna import OptunaSearch
 
 from orchestrator.errors import UserError
+from orchestrator.search.config import SAMPLERS
 
-SAMPLERS = ("tpe", "nsga2", "random")
 CONSTRAINT_ATTR = "accuracy_drop_excess"  # ≤ 0 means feasible
 
 
@@ -78,6 +78,8 @@ class ConstrainedOptunaSearch(OptunaSearch):
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        if self._ot_study is not None:  # the dashboard and our tables name the objectives
+            self._ot_study.set_metric_names(list(self._metric))
         self._constraint = constraint
         self._unsampled = [dict(config) for config in unsampled]
         self._unsampled_trials: set[str] = set()
@@ -107,3 +109,13 @@ class ConstrainedOptunaSearch(OptunaSearch):
         if self._constraint is not None:
             ot_trial.set_user_attr(CONSTRAINT_ATTR, float(self._constraint(result)))
         return super().on_trial_complete(trial_id, result, error)
+
+
+def fail_orphaned_trials(journal: str, study_name: str) -> int:
+    """Mark Optuna trials still RUNNING after the search as FAIL: they were asked for by a driver that died
+    before Tune recorded them, and no trial will ever tell their result."""
+    study = optuna.load_study(study_name=study_name, storage=journal_storage(journal))
+    orphans = [t.number for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))]
+    for number in orphans:
+        study.tell(number, state=optuna.trial.TrialState.FAIL)
+    return len(orphans)

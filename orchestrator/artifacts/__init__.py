@@ -1,0 +1,1 @@
+"""What a search leaves behind: checkpoints (store, structure, weights) and Parquet tables, on any filesystem."""

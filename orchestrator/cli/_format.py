@@ -1,0 +1,44 @@
+"""Console text for measured models: a checkpoint's headline numbers, a baseline's measurements."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def format_result(metrics: dict[str, Any], where: str) -> str:
+    """The headline numbers of a compressed model, against its baseline."""
+    lines = [
+        f"checkpoint           {where}",
+        f"validation {metrics['metric']:<9} {metrics['validation']:.4f}"
+        f"  (baseline {metrics['baseline_validation']:.4f})",
+    ]
+    if "test" in metrics:
+        lines.append(f"test {metrics['metric']:<15} {metrics['test']:.4f}")
+    lines += [
+        f"size on disk         {metrics['size_bytes']:,} bytes  ({metrics['compression_ratio']:.1f}x smaller)",
+        f"latency (median)     {metrics['latency_ms']:.3f} ms  ({metrics['speedup']:.2f}x the baseline's speed)",
+        f"parameters           {metrics['params']:,}  ({metrics['nonzero_params']:,} non-zero)",
+        f"FLOPs (per example)  {metrics['flops']:,}",
+        f"measured on          {metrics['device']}, torch {metrics['torch_version']}, {metrics['threads']} threads",
+    ]
+    return "\n".join(lines)
+
+
+def format_measurements(metrics: dict[str, Any]) -> str:
+    """A baseline's measurements as a small aligned table."""
+    rows = [
+        (f"test {metrics['metric']}", f"{metrics['test']:.4f}"),
+        (f"validation {metrics['metric']}", f"{metrics['validation']:.4f}"),
+        ("size on disk", f"{metrics['size_bytes']:,} bytes"),
+        (
+            "latency (median)",
+            f"{metrics['latency_ms']:.3f} ms  (batch {metrics['latency_batch_size']}, "
+            f"p10–p90 {metrics['latency_p10_ms']:.3f}–{metrics['latency_p90_ms']:.3f} ms, "
+            f"{metrics['latency_runs']} runs)",
+        ),
+        ("FLOPs (per example)", f"{metrics['flops']:,}"),
+        ("parameters", f"{metrics['params']:,}  ({metrics['nonzero_params']:,} non-zero)"),
+        ("measured on", f"{metrics['device']}, torch {metrics['torch_version']}, {metrics['threads']} threads"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)

@@ -1,0 +1,171 @@
+"""After the search: trial rows, the Pareto front, Pareto checkpoints with test metrics, tables, report."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from orchestrator.artifacts import store
+from orchestrator.artifacts.fs import join
+from orchestrator.artifacts.tables import (
+    PARETO_FILE,
+    PARETO_SCHEMA,
+    TRIALS_FILE,
+    TRIALS_SCHEMA,
+    BaselineInfo,
+    RunInfo,
+    TrialRow,
+    write_table,
+)
+from orchestrator.pareto import feasible_pareto_front
+from orchestrator.policy import Policy
+from orchestrator.search.config import SearchConfig, SearchOutcome
+from orchestrator.search.prepare import Prepared
+from orchestrator.search.space import SearchSpace
+from orchestrator.search.trial import CHECKPOINT_SUBDIR
+from orchestrator.workloads import Workload
+
+PARETO_DIR = "pareto"
+# The row fields a trial's final report carries under the same names.
+_REPORTED = (
+    "validation",
+    "size_bytes",
+    "latency_ms",
+    "flops",
+    "params",
+    "nonzero_params",
+    "compression_ratio",
+    "speedup",
+    "wall_s",
+    "device",
+    "node_id",
+    "techniques",
+    "kernels_json",
+)
+
+
+def _trial_id(result: Any) -> str:
+    """Tune's trial id (from the results, or from the trial directory name for trials that never reported)."""
+    found = (result.metrics or {}).get("trial_id")
+    if found:
+        return found
+    return Path(result.path).name.removeprefix("trial_")
+
+
+def _role(config: dict[str, Any], unclaimed: list[tuple[str, str, dict[str, Any]]]) -> tuple[str, str | None]:
+    """(role, name) of the first trial matching each fixed point (they are enqueued first); else "search"."""
+    for index, (name, role, params) in enumerate(unclaimed):
+        if config == params:
+            del unclaimed[index]
+            return role, name
+    return "search", None
+
+
+def trial_row(
+    result: Any, number: int, role: str, name: str | None, space: SearchSpace, within_drop: Callable[[Any], bool]
+) -> TrialRow:
+    """One trial's row from its Tune result (`within_drop(validation)`: inside the accuracy constraint)."""
+    metrics = dict(result.metrics or {})
+    status = "failed" if result.error else ("completed" if metrics.get("final") else "stopped_early")
+    policy = Policy.loads(metrics.get("policy_json") or space.policy(result.config).dumps())
+    return TrialRow(
+        **{k: metrics.get(k) for k in _REPORTED},
+        trial_id=_trial_id(result),
+        number=number,
+        role=role,
+        status=status,
+        feasible=bool(status == "completed" and within_drop(metrics.get("validation"))),
+        pareto=False,
+        epochs_completed=metrics.get("epoch"),
+        policy_json=dataclasses.replace(policy, name=name).dumps() if name else policy.dumps(),
+        error=None if not result.error else f"{type(result.error).__name__}: {result.error}"[:2000],
+    )
+
+
+def trial_rows(grid: Any, space: SearchSpace, max_drop: float | None, baseline_metric: float) -> list[TrialRow]:
+    """One row per trial (status, feasibility and metrics), in the order Tune created the trials."""
+    fixed = space.fixed_points()
+
+    def feasible(validation: Any) -> bool:
+        return max_drop is None or (baseline_metric - validation) <= max_drop + 1e-12
+
+    rows = []
+    for number, result in enumerate(grid):
+        role, name = _role(result.config or {}, fixed)
+        rows.append(trial_row(result, number, role, name, space, feasible))
+    return rows
+
+
+def mark_front(rows: list[TrialRow], objectives: tuple[str, ...], directions: tuple[str, ...]) -> list[int]:
+    """Flag the feasible, fully fine-tuned rows on the Pareto front; return their indices."""
+    points = np.array([[_number(getattr(r, k)) for k in objectives] for r in rows], dtype=float)
+    points = points.reshape(len(rows), -1)
+    feasible = np.array([r.feasible for r in rows], dtype=bool)
+    front = sorted(int(i) for i in feasible_pareto_front(points, list(directions), feasible)) if rows else []
+    for index in front:
+        rows[index].pareto = True
+    return front
+
+
+def _number(value: Any) -> float:
+    return float(value) if isinstance(value, int | float) and math.isfinite(value) else math.nan
+
+
+def checkpoint_front(rows: list[TrialRow], results: list[Any], workload: Workload, run_dir: str) -> None:
+    """Verify each Pareto trial's checkpoint, measure it once on the test split, and keep it in the run."""
+    for row, result in zip(rows, results, strict=True):
+        relative = f"{PARETO_DIR}/{row.trial_id}"
+        with result.checkpoint.as_directory() as local:
+            loaded = store.load(str(Path(local) / CHECKPOINT_SUBDIR), workload)
+        test = workload.evaluate(loaded.model, "test")
+        try:
+            store.save(loaded.model, loaded.policy, {**loaded.metrics, "test": test}, workload, join(run_dir, relative))
+        except store.CheckpointError:  # written by an earlier collect of this run: keep it
+            pass
+        row.test = test
+        row.checkpoint = relative
+
+
+def _baseline_info(prepared: Prepared, rows: list[TrialRow]) -> BaselineInfo:
+    baseline_row = next((r for r in rows if r.role == "baseline" and r.status == "completed"), None)
+    measured = prepared.reference.measurements
+    return BaselineInfo(
+        validation=prepared.reference.metric,
+        size_bytes=measured.size_bytes,
+        # timed inside a trial, like every other row, when the baseline ran as one
+        latency_ms=baseline_row.latency_ms if baseline_row else measured.latency.median_ms,
+        flops=measured.flops,
+        params=measured.params,
+        test=prepared.workload.evaluate(prepared.baseline, "test", prepared.device),
+        trial_id=baseline_row.trial_id if baseline_row else None,
+    )
+
+
+def collect(grid: Any, *, config: SearchConfig, prepared: Prepared, run_info: RunInfo) -> SearchOutcome:
+    """Rows, front, checkpoints, Parquet tables and (optionally) the report."""
+    results = list(grid)
+    rows = trial_rows(results, prepared.space, config.max_accuracy_drop, prepared.reference.metric)
+    front = mark_front(rows, run_info.objectives, run_info.directions)
+    checkpoint_front([rows[i] for i in front], [results[i] for i in front], prepared.workload, prepared.run_dir)
+    run_info = dataclasses.replace(
+        run_info,
+        baseline=_baseline_info(prepared, rows),
+        wall_s=time.time() - prepared.started,
+        finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        versions=store.package_versions(),
+    )
+    pareto = [rows[i] for i in front]
+    write_table(rows, TRIALS_SCHEMA, prepared.run_dir, TRIALS_FILE, run_info)
+    write_table(pareto, PARETO_SCHEMA, prepared.run_dir, PARETO_FILE, run_info)
+    outcome = SearchOutcome(prepared.run_dir, rows, pareto, run_info)
+    if config.report:
+        from orchestrator.report import write_report
+
+        outcome.report = str(write_report(prepared.run_dir).html)
+    return outcome

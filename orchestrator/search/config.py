@@ -1,0 +1,90 @@
+"""What a search is told (`SearchConfig`), what it gives back (`SearchOutcome`), and the objective tables."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from orchestrator.artifacts.tables import RunInfo, TrialRow
+from orchestrator.errors import UserError
+from orchestrator.search.space_options import SpaceOptions
+
+# Objective as the user names it → the metric key every trial reports, and whether it is maximised.
+OBJECTIVE_KEYS = {"accuracy": "validation", "size": "size_bytes", "latency": "latency_ms", "flops": "flops"}
+DIRECTIONS = {"validation": "maximize", "size_bytes": "minimize", "latency_ms": "minimize", "flops": "minimize"}
+SAMPLERS = ("tpe", "nsga2", "random")
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """Everything a search run is told (the CLI's flags; the search space as one typed record)."""
+
+    workload: str = "digits"
+    data_dir: str | None = None
+    weights: str | None = None
+    objectives: tuple[str, ...] = ("accuracy", "size")
+    max_accuracy_drop: float | None = None
+    num_trials: int = 32
+    sampler: str = "tpe"
+    seed: int = 0
+    space: SpaceOptions = field(default_factory=SpaceOptions)
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    concurrency: int | None = None
+    asha: bool = False
+    storage_path: str = "runs"
+    name: str | None = None
+    resume: bool = False
+    address: str | None = None
+    max_failures: int = 1
+    latency_batch_size: int = 1
+    report: bool = True
+    extra_ray_init: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def metric_keys(self) -> tuple[str, ...]:
+        """The trial metrics the objectives name (`accuracy` → `validation`, …)."""
+        return tuple(OBJECTIVE_KEYS[o] for o in self.objectives)
+
+    @property
+    def directions(self) -> tuple[str, ...]:
+        return tuple(DIRECTIONS[k] for k in self.metric_keys)
+
+    def check(self) -> None:
+        """Raise UserError for a setting no search can run with."""
+        unknown = [o for o in self.objectives if o not in OBJECTIVE_KEYS]
+        if unknown or not self.objectives:
+            raise UserError(f"unknown objective(s) {', '.join(unknown)}; choose from {', '.join(OBJECTIVE_KEYS)}")
+        if "accuracy" not in self.objectives:
+            raise UserError("the objectives must include accuracy")
+        if self.sampler not in SAMPLERS:
+            raise UserError(f"unknown sampler {self.sampler!r}; one of {', '.join(SAMPLERS)}")
+        if self.num_trials < 1:
+            raise UserError("--num-trials must be at least 1")
+        if self.max_accuracy_drop is not None and not 0 <= self.max_accuracy_drop <= 1:
+            raise UserError("--max-accuracy-drop is a fraction in [0, 1] (0.01 = one point)")
+        if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0:
+            raise UserError("--cpus-per-trial must be positive and --gpus-per-trial not negative")
+        if self.concurrency is not None and self.concurrency < 1:
+            raise UserError("--concurrency must be at least 1")
+        if self.latency_batch_size < 1:
+            raise UserError("--latency-batch-size must be at least 1")
+
+
+@dataclass
+class SearchOutcome:
+    """What a finished search leaves: its rows, the front, the run's facts, and where they are."""
+
+    run_dir: str
+    trials: list[TrialRow]
+    pareto: list[TrialRow]
+    run_info: RunInfo
+    report: str | None = None
+
+    @property
+    def finished(self) -> int:
+        return sum(row.status == "completed" for row in self.trials)
+
+    @property
+    def failed(self) -> int:
+        return sum(row.status == "failed" for row in self.trials)

@@ -1,0 +1,198 @@
+"""The search driver: Ray Tune + Optuna over combined policies, then the front, checkpoints and tables.
+
+`run(config)` is what `python search.py` and `ray submit cluster.yaml search.py` call, in four steps:
+`prepare` (run directory, workload, baseline, search space), `start_ray`, `build_tuner`, then `collect`
+after `Tuner.fit`. Locally it starts its own Ray in-process (`address="local"`, a private temp dir, the
+dashboard off), so it never joins another cluster on the machine; with `address` it joins that cluster.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import tempfile
+import warnings
+from typing import Any
+
+import torch
+
+from orchestrator.artifacts.fs import is_uri, upload_file
+from orchestrator.artifacts.tables import RunInfo
+from orchestrator.errors import UserError
+from orchestrator.search.config import SearchConfig, SearchOutcome
+from orchestrator.search.prepare import JOURNAL_FILE, Prepared, prepare
+from orchestrator.search.space import SearchSpace
+from orchestrator.search.trial import TrialSetup, run_trial
+
+
+def run(config: SearchConfig) -> SearchOutcome:
+    """Run (or resume) a search and leave trials.parquet, pareto.parquet, Pareto checkpoints and a report."""
+    from orchestrator.search.collect import collect
+    from orchestrator.search.sampler import fail_orphaned_trials
+
+    config.check()
+    _quiet()
+    prepared = prepare(config)
+    start_ray(config)
+    grid = build_tuner(config, prepared).fit()
+    fail_orphaned_trials(prepared.journal, prepared.name)
+    if is_uri(prepared.run_dir):  # the journal was kept locally; it belongs beside the results
+        upload_file(prepared.journal, prepared.run_dir, JOURNAL_FILE)
+    return collect(grid, config=config, prepared=prepared, run_info=run_info(config, prepared))
+
+
+def start_ray(config: SearchConfig) -> None:
+    """Join `config.address`, or start a private local Ray (never an existing cluster by accident)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if config.address:
+        ray.init(address=config.address, **config.extra_ray_init)
+        return
+    ray.init(
+        address="local",
+        _temp_dir=tempfile.mkdtemp(prefix="ray-"),
+        dashboard_host="127.0.0.1",
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=True,
+        logging_level="WARNING",
+        **config.extra_ray_init,
+    )
+
+
+def build_tuner(config: SearchConfig, prepared: Prepared) -> Any:
+    """A new Tuner for the search, or the restored one for `--resume`."""
+    from ray import tune
+
+    from orchestrator.search.progress import ProgressPrinter
+
+    setup = TrialSetup(
+        workload=prepared.workload,
+        baseline_state={k: v.detach().cpu() for k, v in prepared.baseline.state_dict().items()},
+        space=prepared.space,
+        objectives=config.metric_keys,
+        cpus_per_trial=config.cpus_per_trial,
+        latency_batch_size=config.latency_batch_size,
+    )
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, setup=setup), {"cpu": config.cpus_per_trial, "gpu": config.gpus_per_trial}
+    )
+    if config.resume:
+        return _restore(prepared.run_dir, trainable)
+    run_config = tune.RunConfig(
+        name=prepared.name,
+        storage_path=prepared.storage,
+        failure_config=tune.FailureConfig(max_failures=config.max_failures),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+        callbacks=[ProgressPrinter(config.num_trials, config.metric_keys)],
+        verbose=0,
+    )
+    concurrency = config.concurrency or max(1, int((os.cpu_count() or 1) // config.cpus_per_trial))
+    tune_config = tune.TuneConfig(
+        search_alg=_searcher(config, prepared, concurrency),
+        scheduler=_scheduler(config, prepared.space),
+        num_samples=config.num_trials,
+        reuse_actors=True,
+        trial_dirname_creator=trial_dirname,
+    )
+    return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
+
+
+def _restore(run_dir: str, trainable: Any) -> Any:
+    from ray import tune
+
+    try:
+        return tune.Tuner.restore(run_dir, trainable=trainable, resume_errored=False, restart_errored=False)
+    except (ModuleNotFoundError, AttributeError) as exc:  # Tune unpickles its searcher by class path
+        raise UserError(
+            f"{run_dir} was written by an older version of this tool and cannot be resumed ({exc})"
+        ) from None
+
+
+def _searcher(config: SearchConfig, prepared: Prepared, concurrency: int) -> Any:
+    """Optuna (through Tune) with the constraint, the baseline run outside the sampler, and the references."""
+    from ray.tune.search import ConcurrencyLimiter
+
+    from orchestrator.search.sampler import (
+        AccuracyDropConstraint,
+        ConstrainedOptunaSearch,
+        journal_storage,
+        make_sampler,
+    )
+
+    constraint = None
+    if config.max_accuracy_drop is not None:
+        constraint = AccuracyDropConstraint(prepared.reference.metric, config.max_accuracy_drop)
+    fixed = prepared.space.fixed_points()  # the baseline runs outside the sampler: Optuna never proposes it
+    unsampled = [params for _, role, params in fixed if role == "baseline"][: config.num_trials]
+    sampled = [params for _, role, params in fixed if role != "baseline"]
+    searcher = ConstrainedOptunaSearch(
+        space=prepared.space.define,
+        metric=list(config.metric_keys),
+        mode=["max" if d == "maximize" else "min" for d in config.directions],
+        sampler=make_sampler(
+            config.sampler, seed=config.seed, num_trials=config.num_trials, constrained=constraint is not None
+        ),
+        storage=journal_storage(prepared.journal),
+        study_name=prepared.name,
+        points_to_evaluate=sampled[: config.num_trials - len(unsampled)] or None,
+        constraint=constraint,
+        unsampled=unsampled,
+    )
+    return ConcurrencyLimiter(searcher, max_concurrent=concurrency)
+
+
+def run_info(config: SearchConfig, prepared: Prepared) -> RunInfo:
+    """The run's facts as known when the trials have finished (collect adds the baseline and wall time)."""
+    return RunInfo(
+        workload=prepared.workload.name,
+        workload_fingerprint=prepared.workload.fingerprint,
+        metric=prepared.workload.metric_name,
+        objectives=config.metric_keys,
+        directions=config.directions,
+        max_accuracy_drop=config.max_accuracy_drop,
+        num_trials=config.num_trials,
+        sampler=config.sampler,
+        seed=config.seed,
+        asha=config.asha,
+        space=prepared.space.describe(),
+        device=str(prepared.device),
+        threads=torch.get_num_threads(),
+        run_dir=prepared.run_dir,
+        started=dt.datetime.fromtimestamp(prepared.started, dt.UTC).isoformat(timespec="seconds"),
+    )
+
+
+def trial_dirname(trial: Any) -> str:
+    """`trial_<id>`: Tune's default puts every parameter in the directory name."""
+    return f"trial_{trial.trial_id}"
+
+
+def _scheduler(config: SearchConfig, space: SearchSpace) -> Any:
+    """ASHA on the fine-tuning epochs (optional): stops weak fine-tunes at 1, 2, 4… epochs."""
+    epochs = space.max_epochs()
+    if not config.asha or epochs is None:
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    return ASHAScheduler(
+        time_attr="epoch",
+        metric="validation",
+        mode="max",
+        # one past the last epoch: ASHA stops a trial that reaches max_t, which would cut off its final report
+        max_t=epochs + 1,
+        grace_period=1,
+        reduction_factor=2,
+    )
+
+
+def _quiet() -> None:
+    """Keep the console to our own progress lines: Tune's tables and sync warnings say nothing new here."""
+    import optuna
+
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)

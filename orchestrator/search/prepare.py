@@ -1,0 +1,82 @@
+"""Before any trial runs: the run directory, the workload and its measured baseline, the search space."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from orchestrator import executor
+from orchestrator.artifacts.fs import absolute, cache_root, is_uri, join
+from orchestrator.device import resolve_device
+from orchestrator.errors import UserError
+from orchestrator.search.config import SearchConfig
+from orchestrator.search.space import SearchSpace, build_space
+from orchestrator.workloads import Workload, resolve_workload
+
+JOURNAL_FILE = "optuna-journal.log"
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What the driver settles before any trial runs."""
+
+    storage: str
+    name: str
+    run_dir: str
+    workload: Workload
+    baseline: nn.Module
+    reference: executor.Reference
+    space: SearchSpace
+    device: torch.device
+    started: float
+
+    @property
+    def journal(self) -> str:
+        return journal_path(self.run_dir)
+
+
+def run_directory(config: SearchConfig) -> tuple[str, str, str]:
+    """(storage path, experiment name, run directory); local paths are made absolute before trials start."""
+    storage = absolute(config.storage_path)
+    name = config.name or f"{config.workload.replace(':', '-').replace('.', '-')}-{dt.datetime.now():%Y%m%d-%H%M%S}"
+    return storage, name, join(storage, name)
+
+
+def prepare(config: SearchConfig) -> Prepared:
+    """Check the run directory, load the workload and its baseline, measure it, and build the space."""
+    from ray import tune
+
+    started = time.time()
+    storage, name, run_dir = run_directory(config)
+    if config.resume and not tune.Tuner.can_restore(run_dir):
+        raise UserError(f"nothing to resume at {run_dir}")
+    if not config.resume and _experiment_exists(run_dir):
+        raise UserError(f"{run_dir} already holds a search; pass --resume to continue it, or a new --name")
+    workload = resolve_workload(config.workload, data_dir=config.data_dir, weights=config.weights)
+    baseline = workload.load_baseline()
+    device = resolve_device("auto")
+    reference = executor.measure_reference(
+        workload, baseline.to(device), device, latency_batch_size=config.latency_batch_size
+    )
+    space = build_space(baseline, config.space, seed=config.seed)
+    return Prepared(storage, name, run_dir, workload, baseline, reference, space, device, started)
+
+
+def journal_path(run_dir: str) -> str:
+    """The Optuna journal beside the results (a local file; remote runs keep it in the local cache)."""
+    if not is_uri(run_dir):
+        return str(Path(run_dir) / JOURNAL_FILE)
+    return str(cache_root() / "journals" / (run_dir.replace("://", "_").replace("/", "_") + ".log"))
+
+
+def _experiment_exists(run_dir: str) -> bool:
+    if is_uri(run_dir):
+        from ray import tune
+
+        return tune.Tuner.can_restore(run_dir)
+    return Path(run_dir).exists() and any(Path(run_dir).iterdir())

@@ -1,0 +1,267 @@
+"""The search space, built from the technique registry: every setting's values come from the technique.
+
+Built once from the baseline model (which layers each technique can act on, how they are grouped); after
+that, `define(trial)` — the define-by-run function Optuna calls — is pure and fast, and `policy(params)`
+turns a trial's parameters into a Policy. `families` picks which compressing techniques a trial combines
+(a non-empty combination such as `lowrank+quantization`, so the sampler never spends a trial on the
+uncompressed model); then `SETTING.GROUP` (e.g. `bits.fc1`) per layer group of each technique picked, and
+the global settings of the fine-tuning technique (`distill.temperature`, …). The baseline is the point
+`{"families": "none"}`, run by the driver outside the sampler.
+
+Decisions: a technique declares its settings (`techniques.SearchSettings`) and this module reads them, so
+a new technique appears here without touching this file; the options a user gives (flags and a
+search-space file) arrive as one typed `SpaceOptions` (see `space_options.py`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+import techniques
+from orchestrator.errors import UserError
+from orchestrator.policy import Policy
+from orchestrator.search.space_options import GROUPINGS, SpaceError, SpaceOptions
+
+COMBINATION = "families"  # the parameter naming the techniques a trial combines, joined by "+"
+NONE = "none"  # its value for the uncompressed baseline (never offered to the sampler)
+AUTO_LAYER_LIMIT = 12  # `auto` grouping: one parameter per layer up to this many layers, else per block
+# Reference policies evaluated before the sampler starts: per-layer setting → the value every layer gets.
+REFERENCES: tuple[tuple[str, Mapping[str, Any]], ...] = (
+    ("uniform int8", {"bits": 8}),
+    ("uniform 4-bit", {"bits": 4}),
+    ("50% sparse + int8", {"sparsity": 0.5, "bits": 8}),
+)
+
+__all__ = ["COMBINATION", "GROUPINGS", "NONE", "SearchSpace", "SpaceError", "SpaceOptions", "build_space"]
+
+
+def searchable() -> dict[str, techniques.Technique]:
+    """The registered techniques that offer settings to a search, in canonical order."""
+    return {name: t for name, t in techniques.registry().items() if t.search is not None}
+
+
+def _global_name(technique: techniques.Technique, setting: str) -> str:
+    assert technique.search is not None
+    return f"{technique.search.prefix or technique.name}.{setting}"
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """Which layers each compressing technique searches (as named groups) and the values each setting may
+    take; `ranges` holds the global settings of the techniques searched (technique → setting → range)."""
+
+    groups: Mapping[str, Mapping[str, tuple[str, ...]]]  # technique → group → layer names
+    choices: Mapping[str, tuple[Any, ...]]  # per-layer setting → values
+    ranges: Mapping[str, Mapping[str, tuple[Any, ...]]]  # technique → global setting → bounds or choices
+    seed: int = 0
+
+    def _techniques(self) -> list[techniques.Technique]:
+        return [t for name, t in searchable().items() if name in self.groups or name in self.ranges]
+
+    def combinations(self) -> list[str]:
+        """Every non-empty combination of the compressing techniques searched, as `COMBINATION` values."""
+        searched = [t.name for t in self._techniques() if self.groups.get(t.name)]
+        subsets = itertools.chain.from_iterable(
+            itertools.combinations(searched, k) for k in range(1, len(searched) + 1)
+        )
+        return ["+".join(subset) for subset in subsets]
+
+    def define(self, trial: Any) -> None:
+        """Optuna's define-by-run function (no model is built): which techniques, then one setting per layer
+        group of each technique picked, then its global settings; a fine-tuning technique's always."""
+        used = set(trial.suggest_categorical(COMBINATION, self.combinations()).split("+"))
+        for technique in self._techniques():
+            per_layer = technique.search.per_layer
+            if per_layer is not None:
+                if technique.name not in used:
+                    continue
+                for group in self.groups.get(technique.name, {}):
+                    trial.suggest_categorical(f"{per_layer.setting}.{group}", list(self.choices[per_layer.setting]))
+            for declared in technique.search.globals:
+                self._suggest_global(trial, technique, declared)
+
+    def _suggest_global(self, trial: Any, technique: techniques.Technique, declared: techniques.GlobalSearch) -> None:
+        values = self.ranges[technique.name][declared.setting]
+        name = _global_name(technique, declared.setting)
+        if declared.bounds is not None:
+            trial.suggest_float(name, *values, log=declared.log)
+        else:
+            trial.suggest_categorical(name, list(values))
+
+    def policy(self, params: Mapping[str, Any]) -> Policy:
+        """The policy a trial's parameters describe (steps whose layers are all "off" are left out; a
+        fine-tuning technique joins only a policy that compresses)."""
+        used = set(str(params.get(COMBINATION, NONE)).split("+"))
+        steps, fine_tune = [], []
+        for technique in self._techniques():
+            per_layer = technique.search.per_layer
+            if per_layer is None:
+                fine_tune.append(technique)
+                continue
+            if technique.name not in used:
+                continue
+            values = {
+                layer: params[f"{per_layer.setting}.{group}"]
+                for group, layers in self.groups.get(technique.name, {}).items()
+                for layer in layers
+                if params[f"{per_layer.setting}.{group}"] != per_layer.off
+            }
+            if values:
+                steps.append(technique.spec_type(**{per_layer.setting: values}, **_globals(technique, params)))
+        if steps:
+            steps += [technique.spec_type(**_globals(technique, params)) for technique in fine_tune]
+        return Policy(tuple(steps), seed=self.seed)
+
+    def parameter_names(self) -> list[str]:
+        """Every parameter the space can suggest (per-layer ones only when their technique is picked)."""
+        names = [COMBINATION]
+        for technique in self._techniques():
+            per_layer = technique.search.per_layer
+            if per_layer is not None:
+                names += [f"{per_layer.setting}.{g}" for g in self.groups.get(technique.name, {})]
+            names += [_global_name(technique, g.setting) for g in technique.search.globals]
+        return names
+
+    def max_epochs(self) -> int | None:
+        """The most fine-tuning epochs a trial may ask for (None when no fine-tuning is searched)."""
+        for technique in self._techniques():
+            epochs = self.ranges.get(technique.name, {}).get("epochs") if technique.fine_tunes else None
+            if epochs:
+                return int(max(epochs))
+        return None
+
+    def searches(self, setting: str) -> bool:
+        """Whether some technique with layers to act on searches the per-layer `setting`."""
+        return any(
+            t.search.per_layer is not None and t.search.per_layer.setting == setting and self.groups.get(t.name)
+            for t in self._techniques()
+        )
+
+    def fixed_points(self) -> list[tuple[str, str, dict[str, Any]]]:
+        """(name, role, params) evaluated before the sampler starts: the baseline (first; the driver runs it
+        outside the sampler) and the uniform references whose settings this space offers."""
+        points = [("baseline", "baseline", {COMBINATION: NONE})]
+        for name, settings in REFERENCES:
+            if all(v in self.choices.get(s, ()) and self.searches(s) for s, v in settings.items()):
+                points.append((name, "reference", self._point(settings)))
+        return points
+
+    def _point(self, settings: Mapping[str, Any]) -> dict[str, Any]:
+        compressing = [
+            t for t in self._techniques() if t.search.per_layer is not None and t.search.per_layer.setting in settings
+        ]
+        used = [t for t in compressing if self.groups.get(t.name)]
+        point: dict[str, Any] = {COMBINATION: "+".join(t.name for t in used)}
+        for technique in used:
+            setting = technique.search.per_layer.setting
+            point.update({f"{setting}.{group}": settings[setting] for group in self.groups[technique.name]})
+        for technique in self._techniques():
+            if technique.search.per_layer is None or technique in used:
+                for declared in technique.search.globals:
+                    values = self.ranges[technique.name][declared.setting]
+                    point[_global_name(technique, declared.setting)] = _reference_value(declared, values)
+        return point
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-safe summary (for run metadata and reports)."""
+        return {
+            "groups": {f: {g: list(layers) for g, layers in groups.items()} for f, groups in self.groups.items()},
+            "choices": {k: list(v) for k, v in self.choices.items()},
+            "ranges": {t: {k: list(v) for k, v in r.items()} for t, r in self.ranges.items()},
+            "dimensions": len(self.parameter_names()),
+        }
+
+
+def _globals(technique: techniques.Technique, params: Mapping[str, Any]) -> dict[str, Any]:
+    """A technique's global settings as a trial's parameters give them."""
+    return {g.setting: params[_global_name(technique, g.setting)] for g in technique.search.globals}
+
+
+def _reference_value(declared: techniques.GlobalSearch, values: tuple[Any, ...]) -> Any:
+    """The declared reference value, clipped into a float range or the nearest choice (ties: the larger)."""
+    if declared.bounds is not None:
+        low, high = values
+        return min(max(declared.reference, low), high)
+    return min(values, key=lambda c: (abs(c - declared.reference), -c))
+
+
+def _group(layers: Sequence[str], model: nn.Module, grouping: str, regex_groups: Sequence[tuple[str, str]]) -> dict:
+    if regex_groups:
+        groups: dict[str, list[str]] = {}
+        for layer in layers:
+            for group, pattern in regex_groups:
+                if re.fullmatch(pattern.removeprefix("re:"), layer):
+                    groups.setdefault(group, []).append(layer)
+                    break
+        return {g: tuple(v) for g, v in groups.items()}
+    if grouping == "auto":
+        grouping = "layer" if len(layers) <= AUTO_LAYER_LIMIT else "block"
+    modules = dict(model.named_modules())
+    key = {
+        "layer": lambda name: name,
+        "block": lambda name: name.split(".")[0],
+        "type": lambda name: techniques.base_type(modules[name]).__name__,
+    }[grouping]
+    grouped: dict[str, list[str]] = {}
+    for layer in layers:
+        grouped.setdefault(key(layer), []).append(layer)
+    return {g: tuple(v) for g, v in grouped.items()}
+
+
+def _eligible(model: nn.Module, technique: techniques.Technique, excluded: Sequence[str]) -> list[str]:
+    """The layers of the model a technique's search acts on, less the user's exclusions."""
+    assert technique.search is not None and technique.search.per_layer is not None
+    layers = list(techniques.layers_of(model, technique.layer_types))
+    return [
+        name
+        for name in technique.search.per_layer.eligible_layers(layers)
+        if not any(re.fullmatch(p.removeprefix("re:"), name) for p in excluded)
+    ]
+
+
+def build_space(model: nn.Module, options: SpaceOptions | None = None, *, seed: int = 0) -> SearchSpace:
+    """The space for `model` under the user's `options` (all searchable techniques by default)."""
+    options = options or SpaceOptions()
+    known = searchable()
+    chosen = [known[name] for name in known if options.families is None or name in options.families]
+    groups, choices, ranges = {}, {}, {}
+    for technique in chosen:
+        per_layer = technique.search.per_layer
+        if per_layer is not None:
+            choices[per_layer.setting] = options.choices.get(per_layer.setting, per_layer.choices)
+            layers = _eligible(model, technique, options.exclude.get(technique.name, ()))
+            if layers:
+                groups[technique.name] = _group(layers, model, options.grouping, options.groups)
+        if technique.search.globals:
+            given = options.ranges.get(technique.name, {})
+            ranges[technique.name] = {
+                g.setting: given.get(g.setting, g.bounds if g.bounds is not None else g.choices)
+                for g in technique.search.globals
+            }
+    if not any(groups.values()):
+        raise SpaceError(f"no layer of the model can be compressed by {', '.join(t.name for t in chosen)}")
+    _check_groups_match(options, groups)
+    return SearchSpace(groups, choices, ranges, seed)
+
+
+def _check_groups_match(options: SpaceOptions, groups: Mapping[str, Mapping[str, tuple[str, ...]]]) -> None:
+    """Every group a user named must hold some layer, or the file has a typo the search would hide."""
+    found = {group for by_group in groups.values() for group in by_group}
+    empty = [name for name, _ in options.groups if name not in found]
+    if empty:
+        raise SpaceError(f"groups.{empty[0]}: matches no layer that a searched technique can compress")
+
+
+def check_families(families: Sequence[str]) -> tuple[str, ...]:
+    """The families named, each a searchable technique (a clear error otherwise)."""
+    known = searchable()
+    bad = [f for f in families if f not in known]
+    if bad or not families:
+        raise UserError(f"unknown technique famil(ies) {', '.join(bad) or '(none given)'}; known: {', '.join(known)}")
+    return tuple(families)

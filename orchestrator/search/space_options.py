@@ -1,0 +1,188 @@
+"""What a user may say about the search space, as one typed record: `SpaceOptions`.
+
+The command line's `--families` and `--grouping` and a search-space JSON file are one route: the file is
+parsed into `SpaceOptions`, and a flag the user gave explicitly must not contradict it. Every field is
+checked here, before any model is built, and an error names the path of the bad field
+(`choices.bits[2]: ...`). Values are checked by the technique that will use them.
+
+File keys: `families`, `grouping`, `groups` (name → layer regex), `choices` (per-layer setting →
+values), `exclude` (technique → layer regexes), and, per technique with global settings (e.g.
+`distillation`), setting → `[low, high]` for a float range or the list of choices.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import techniques
+from orchestrator.errors import UserError
+
+GROUPINGS = ("auto", "layer", "block", "type")
+_FIXED_KEYS = ("families", "grouping", "groups", "choices", "exclude")
+
+
+class SpaceError(UserError):
+    """A search-space option or file is invalid; the message names the field."""
+
+
+@dataclass(frozen=True)
+class SpaceOptions:
+    """The user's say over the search space; anything unset falls back to what the techniques declare."""
+
+    families: tuple[str, ...] | None = None  # None: every searchable technique
+    grouping: str = "auto"
+    groups: tuple[tuple[str, str], ...] = ()  # (group name, layer regex), first match wins
+    choices: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)  # per-layer setting → values
+    ranges: Mapping[str, Mapping[str, tuple[Any, ...]]] = field(default_factory=dict)  # technique → setting → …
+    exclude: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # technique → layer regexes
+
+
+def _searchable() -> dict[str, techniques.Technique]:
+    return {name: t for name, t in techniques.registry().items() if t.search is not None}
+
+
+def _fail(path: str, message: str) -> SpaceError:
+    return SpaceError(f"{path}: {message}")
+
+
+def _object(value: Any, path: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise _fail(path, f"expected an object, got {type(value).__name__}")
+    return value
+
+
+def _list(value: Any, path: str, *, non_empty: bool = True) -> list[Any]:
+    if not isinstance(value, list):
+        raise _fail(path, f"expected a list, got {type(value).__name__}")
+    if non_empty and not value:
+        raise _fail(path, "expected a non-empty list")
+    return value
+
+
+def _pattern(value: Any, path: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise _fail(path, f"expected a layer name or re: pattern, got {value!r}")
+    try:
+        re.compile(value.removeprefix("re:"))
+    except re.error as exc:
+        raise _fail(path, f"bad regular expression {value!r}: {exc}") from None
+    return value
+
+
+def _families(value: Any) -> tuple[str, ...]:
+    known = _searchable()
+    names = _list(value, "families")
+    for index, name in enumerate(names):
+        if not isinstance(name, str) or name not in known:
+            raise _fail(f"families[{index}]", f"unknown technique {name!r}; known: {', '.join(known)}")
+    return tuple(names)
+
+
+def _grouping(value: Any) -> str:
+    if value not in GROUPINGS:
+        raise _fail("grouping", f"one of {', '.join(GROUPINGS)}, got {value!r}")
+    return value
+
+
+def _groups(value: Any) -> tuple[tuple[str, str], ...]:
+    return tuple((name, _pattern(pattern, f"groups.{name}")) for name, pattern in _object(value, "groups").items())
+
+
+def _check_value(technique: techniques.Technique, setting: str, value: Any, path: str) -> None:
+    """The technique's own spec decides whether it accepts `value` for `setting`."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise _fail(path, f"not a finite number: {value!r}")
+    try:
+        technique.spec_type(**{setting: value})
+    except techniques.SpecError as exc:
+        raise _fail(path, str(exc)) from None
+    except TypeError as exc:
+        raise _fail(path, f"{technique.name} cannot take {value!r}: {exc}") from None
+
+
+def _choices(value: Any) -> dict[str, tuple[Any, ...]]:
+    owners = {t.search.per_layer.setting: t for t in _searchable().values() if t.search.per_layer is not None}
+    parsed = {}
+    for setting, values in _object(value, "choices").items():
+        if setting not in owners:
+            raise _fail(f"choices.{setting}", f"unknown per-layer setting; known: {', '.join(owners)}")
+        per_layer = owners[setting].search.per_layer
+        for index, item in enumerate(_list(values, f"choices.{setting}")):
+            if item != per_layer.off or isinstance(item, bool):
+                _check_value(owners[setting], setting, item, f"choices.{setting}[{index}]")
+        parsed[setting] = tuple(values)
+    return parsed
+
+
+def _exclude(value: Any) -> dict[str, tuple[str, ...]]:
+    known = _searchable()
+    parsed = {}
+    for name, patterns in _object(value, "exclude").items():
+        if name not in known:
+            raise _fail(f"exclude.{name}", f"unknown technique; known: {', '.join(known)}")
+        items = _list(patterns, f"exclude.{name}", non_empty=False)
+        parsed[name] = tuple(_pattern(p, f"exclude.{name}[{i}]") for i, p in enumerate(items))
+    return parsed
+
+
+def _ranges(technique: techniques.Technique, value: Any) -> dict[str, tuple[Any, ...]]:
+    declared = {g.setting: g for g in technique.search.globals}
+    parsed = {}
+    for setting, values in _object(value, technique.name).items():
+        path = f"{technique.name}.{setting}"
+        if setting not in declared:
+            raise _fail(path, f"unknown setting; known: {', '.join(declared)}")
+        items = _list(values, path)
+        for index, item in enumerate(items):
+            _check_value(technique, setting, item, f"{path}[{index}]")
+        if declared[setting].bounds is not None:
+            if len(items) != 2 or not items[0] <= items[1]:
+                raise _fail(path, f"expected [low, high] with low <= high, got {items!r}")
+            if declared[setting].log and items[0] <= 0:
+                raise _fail(path, f"a log-scaled range must be positive, got {items!r}")
+        parsed[setting] = tuple(items)
+    return parsed
+
+
+def options_from_json(doc: Any) -> SpaceOptions:
+    """Parse a search-space document into SpaceOptions, checking every field."""
+    doc = _object(doc, "search space")
+    with_globals = {name: t for name, t in _searchable().items() if t.search.globals}
+    unknown = [key for key in doc if key not in _FIXED_KEYS and key not in with_globals]
+    if unknown:
+        known = ", ".join([*_FIXED_KEYS, *with_globals])
+        raise SpaceError(f"unknown search-space key(s) {', '.join(map(str, unknown))}; known: {known}")
+    return SpaceOptions(
+        families=_families(doc["families"]) if "families" in doc else None,
+        grouping=_grouping(doc.get("grouping", "auto")),
+        groups=_groups(doc.get("groups", {})),
+        choices=_choices(doc.get("choices", {})),
+        ranges={name: _ranges(t, doc[name]) for name, t in with_globals.items() if name in doc},
+        exclude=_exclude(doc.get("exclude", {})),
+    )
+
+
+def load_space_file(path: str | Path) -> SpaceOptions:
+    """Read and check a search-space JSON file."""
+    try:
+        text = Path(path).read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise SpaceError(f"cannot read search-space file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise SpaceError(f"search-space file {path} is not UTF-8 text") from None
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SpaceError(f"search-space file {path} is not valid JSON: {exc.msg} at line {exc.lineno}") from None
+    except RecursionError:
+        raise SpaceError(f"search-space file {path} is nested too deeply") from None
+    try:
+        return options_from_json(doc)
+    except SpaceError as exc:
+        raise SpaceError(f"search-space file {path}: {exc}") from None
