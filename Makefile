@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint clean browser
+.PHONY: demo test test-fast lint clean browser
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (Python 3.11 is required)" >&2; exit 2; }
@@ -28,9 +28,15 @@ test: $(STAMP) browser
 	@$(PY) -m pytest; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
 
+# Everything not marked slow (no Ray searches, no benchmarks): about half a minute.
+test-fast: $(STAMP)
+	@$(PY) -m pytest -m "not slow"; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
+
 lint: $(STAMP)
-	$(PY) -m ruff check orchestrator techniques tests bench
-	$(PY) -m ruff format --check orchestrator techniques tests bench
+	$(PY) -m ruff check orchestrator techniques tests bench search.py
+	$(PY) -m ruff format --check orchestrator techniques tests bench search.py
+	$(PY) -m mypy
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -96,7 +96,7 @@ def local_ray(num_cpus: int) -> Iterator[None]:
     import ray
 
     ray.shutdown()
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
     try:
         yield
     finally:

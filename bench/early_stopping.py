@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import _common
+from orchestrator.artifacts.tables import TrialRow
 from orchestrator.policy import Policy
 from orchestrator.search import SearchConfig, run
 from orchestrator.search.space_options import options_from_json
@@ -73,7 +74,7 @@ def one_search(settings: Settings, storage: str, seed: int, asha: bool) -> dict[
     outcome = run(config)
     wall = time.perf_counter() - started
     times = _common.trial_times(outcome.run_dir)
-    baseline = outcome.run_info["baseline"]
+    baseline = outcome.run_info.to_json()["baseline"]
     trials = [
         {
             "trial_id": t["trial_id"],
@@ -83,7 +84,7 @@ def one_search(settings: Settings, storage: str, seed: int, asha: bool) -> dict[
             "epochs_planned": Policy.loads(t["policy_json"]).fine_tune_epochs(),
             "epochs_run": times[t["trial_id"]].epochs,
         }
-        for t in outcome.trials
+        for t in map(TrialRow.as_dict, outcome.trials)
         if t["trial_id"] in times  # a trial that failed before its first report ran no epoch
     ]
     points = curve(trials, times, baseline)

@@ -32,6 +32,7 @@ from torch import nn
 
 from bench import _common
 from orchestrator import executor
+from orchestrator.artifacts.tables import TrialRow
 from orchestrator.policy import Policy
 from orchestrator.search import SearchConfig, run
 from orchestrator.search.space import COMBINATION, build_space
@@ -193,7 +194,7 @@ def _brief(row: dict[str, Any]) -> dict[str, Any]:
 def search_rows(outcome: Any) -> list[dict[str, Any]]:
     """Completed trials as plain rows; `test` is known for the Pareto ones only (as the search gives it)."""
     rows = []
-    for t in outcome.trials:
+    for t in map(TrialRow.as_dict, outcome.trials):
         if t["status"] != "completed":
             continue
         keys = ("trial_id", "role", "validation", "size_bytes", "latency_ms", "speedup", "techniques")

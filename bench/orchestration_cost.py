@@ -32,6 +32,7 @@ import torch
 
 from bench import _common
 from orchestrator import executor
+from orchestrator.artifacts.tables import TrialRow
 from orchestrator.policy import Policy
 from orchestrator.search import SearchConfig, run
 from orchestrator.search.space_options import options_from_json
@@ -79,7 +80,7 @@ def search(settings: Settings, storage: str, name: str, concurrency: int, addres
             "end": times[t["trial_id"]].end if t["trial_id"] in times else None,
             "policy_json": t["policy_json"],
         }
-        for t in outcome.trials
+        for t in map(TrialRow.as_dict, outcome.trials)
     ]
     return {
         "name": name,

@@ -171,6 +171,53 @@ def distill(student: nn.Module, teacher: nn.Module, spec: DistillationSpec, ctx:
     return student.eval()
 
 
+def _feature_projections(
+    student: nn.Module,
+    teacher: nn.Module,
+    spec: DistillationSpec,
+    ctx: Context,
+    device: torch.device,
+    features: _Features,
+) -> nn.ModuleDict | None:
+    """Projections from student to teacher features (None without feature distillation), sized by one probe
+    in eval mode (BatchNorm statistics untouched)."""
+    if not spec.feature_layers or spec.feature_weight <= 0:
+        return None
+    projections = nn.ModuleDict()
+    student.eval()
+    with torch.no_grad():
+        example = ctx.example_inputs.to(device)
+        student(example), teacher(example)
+    for name, s, t in features.pairs():
+        projections[name.replace(".", "/")] = _projection(name, s, t)
+    return projections
+
+
+def _loss(
+    spec: DistillationSpec,
+    ctx: Context,
+    student_out: torch.Tensor,
+    teacher_out: torch.Tensor,
+    targets: torch.Tensor,
+    features: _Features,
+    projections: nn.ModuleDict | None,
+) -> torch.Tensor:
+    """α·T²·KL + (1−α)·task loss (+ the feature term), for one batch."""
+    if student_out.shape != teacher_out.shape:
+        raise ValueError(
+            f"{NAME}: student outputs {tuple(student_out.shape)} but the teacher "
+            f"{tuple(teacher_out.shape)}; they must match"
+        )
+    loss = spec.alpha * kd_loss(student_out, teacher_out, spec.temperature)
+    if spec.alpha < 1:
+        loss = loss + (1 - spec.alpha) * ctx.task_loss(student_out, targets)
+    if projections is not None:
+        terms = [F.mse_loss(projections[n.replace(".", "/")](s), t) for n, s, t in features.pairs()]
+        loss = loss + spec.feature_weight * torch.stack(terms).mean()
+    features.outputs.clear()
+    return loss
+
+
 def _train(
     student: nn.Module,
     teacher: nn.Module,
@@ -180,17 +227,9 @@ def _train(
     features: _Features,
 ) -> None:
     """The optimisation loop of `distill` (RNG already seeded, hooks installed)."""
-    projections = nn.ModuleDict()
-    use_features = bool(spec.feature_layers) and spec.feature_weight > 0
-    if use_features:
-        # Probe once in eval mode (BatchNorm statistics untouched) to size the projections.
-        student.eval()
-        with torch.no_grad():
-            example = ctx.example_inputs.to(device)
-            student(example), teacher(example)
-        for name, s, t in features.pairs():
-            projections[name.replace(".", "/")] = _projection(name, s, t)
-    params = [p for p in [*student.parameters(), *projections.parameters()] if p.requires_grad]
+    projections = _feature_projections(student, teacher, spec, ctx, device, features)
+    extra = [] if projections is None else list(projections.parameters())
+    params = [p for p in [*student.parameters(), *extra] if p.requires_grad]
     if not params:
         raise ValueError(f"{NAME}: the student has no trainable parameters")
     optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
@@ -202,19 +241,7 @@ def _train(
             inputs, targets = inputs.to(device), targets.to(device)
             with torch.no_grad():
                 teacher_out = teacher(inputs)
-            student_out = student(inputs)
-            if student_out.shape != teacher_out.shape:
-                raise ValueError(
-                    f"{NAME}: student outputs {tuple(student_out.shape)} but the teacher "
-                    f"{tuple(teacher_out.shape)}; they must match"
-                )
-            loss = spec.alpha * kd_loss(student_out, teacher_out, spec.temperature)
-            if spec.alpha < 1:
-                loss = loss + (1 - spec.alpha) * ctx.task_loss(student_out, targets)
-            if use_features:
-                terms = [F.mse_loss(projections[n.replace(".", "/")](s), t) for n, s, t in features.pairs()]
-                loss = loss + spec.feature_weight * torch.stack(terms).mean()
-            features.outputs.clear()
+            loss = _loss(spec, ctx, student(inputs), teacher_out, targets, features, projections)
             if not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"{NAME}: the loss became {float(loss.detach())} at epoch {epoch}, step {steps}"

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import techniques
-from orchestrator.artifacts.store import measure_artifact
+from orchestrator.artifacts.store import STRUCTURE, WEIGHTS, measure_artifact, read_artifact, write_artifact
 from orchestrator.measure import count_weights
 from tests.tiny_models import TinyCNN, seeded, tiny_data
 
@@ -84,7 +84,19 @@ class TechniqueContract:
         base, model, _ = self._apply()
         final = finalize(model)
         assert count_weights(final)[0] <= count_weights(base)[0]
-        assert measure_artifact(final) <= measure_artifact(base)
+        assert measure_artifact(final, self.model_cls()) <= measure_artifact(base, self.model_cls())
+
+    def test_reload_reproduces_the_model_bitwise(self, tmp_path) -> None:
+        _, model, ctx = self._apply()
+        final = finalize(model).eval()
+        write_artifact(final, self.model_cls(), tmp_path)
+        structure, weights = (tmp_path / STRUCTURE).read_bytes(), (tmp_path / WEIGHTS).read_bytes()
+        reloaded = read_artifact(structure, weights, self.model_cls())
+        assert [type(m) for m in reloaded.modules()] == [type(m) for m in final.modules()]
+        expected, got = final.state_dict(), reloaded.state_dict()
+        assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+        with torch.no_grad():
+            assert torch.equal(final(ctx.example_inputs), reloaded(ctx.example_inputs))
 
     def test_deterministic_under_seed(self) -> None:
         _, first, _ = self._apply(seed=3)

@@ -1,48 +1,78 @@
-"""Every benchmark runs in its quick mode, exits 0, prints a table and writes JSON with the expected keys."""
+"""Every benchmark runs in its quick mode, exits 0, prints a table, and writes JSON whose numbers hold
+together: ratios match the sizes they come from, searches ran the trials asked for, the baseline is the one
+the digits workload trains, hypervolumes are finite, early-stopped trials really stopped early."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from orchestrator.artifacts.store import measure_artifact
+
 ROOT = Path(__file__).resolve().parents[1]
 COMMON_KEYS = {"command", "date", "machine", "torch", "threads", "seed"}
 
+
+def check_techniques(report: dict, baseline: dict) -> None:
+    rows = report["rows"]
+    assert rows[0]["name"] == "fp32 baseline" and rows[0]["size_bytes"] == baseline["size_bytes"]
+    for row in rows:
+        assert row["compression_ratio"] == pytest.approx(baseline["size_bytes"] / row["size_bytes"])
+        assert row["reload_bitwise_equal"] is True, row["name"]
+    assert report["claims"] and all(isinstance(c.get("holds"), bool) for c in report["claims"].values())
+
+
+def check_front_quality(report: dict, baseline: dict) -> None:
+    assert report["baseline"]["size_bytes"] == baseline["size_bytes"]
+    assert report["baseline"]["validation"] == baseline["validation"]
+    searches = [run for run in report["runs"] if run["kind"] == "search"]
+    assert searches and all(len(run["rows"]) == report["trials"] for run in searches)  # quick: all complete
+    for run in report["runs"]:
+        assert math.isfinite(run["hv"]) and run["hv"] >= run["hv_near"] >= 0
+        assert all(0 <= row["validation"] <= 1 and row["size_bytes"] > 0 for row in run["rows"])
+
+
+def check_orchestration(report: dict, baseline: dict) -> None:
+    rows = report["summary"]["rows"]
+    bare = rows["bare loop"]["wall_s"]
+    for name, row in rows.items():
+        assert row["ratio_to_bare"] == pytest.approx(row["wall_s"] / bare), name
+        assert row["trials_per_min"] == pytest.approx(60 * report["trials"] / row["wall_s"]), name
+    assert all(len(run["trials"]) == report["trials"] for run in report["runs"])
+
+
+def check_early_stopping(report: dict, baseline: dict) -> None:
+    assert {run["asha"] for run in report["runs"]} == {False, True}
+    for run in report["runs"]:
+        assert run["baseline"]["size_bytes"] == baseline["size_bytes"]
+        for trial in run["trials"]:
+            if trial["status"] == "stopped_early":
+                assert run["asha"] and trial["epochs_run"] < trial["epochs_planned"]
+            elif trial["status"] == "completed":
+                assert trial["epochs_run"] == trial["epochs_planned"]
+
+
 BENCHES = [
-    pytest.param(
-        ["-m", "bench.techniques_digits", "--quick"],
-        {"rows", "claims", "timing", "kd_settings", "load_average_before_timing"},
-        id="techniques_digits",
-    ),
-    pytest.param(
-        ["-m", "bench.front_quality", "--quick"],
-        {"runs", "summary", "verdict", "baseline", "trials", "versions"},
-        id="front_quality",
-    ),
-    pytest.param(
-        ["-m", "bench.orchestration_cost", "--quick"],
-        {"runs", "bare", "summary", "ray_start_s", "cluster_start_s", "versions"},
-        id="orchestration_cost",
-    ),
-    pytest.param(
-        ["-m", "bench.early_stopping", "--quick"],
-        {"runs", "summary", "trials", "versions"},
-        id="early_stopping",
-    ),
+    pytest.param("techniques_digits", {"rows", "claims", "timing", "kd_settings"}, check_techniques, id="techniques"),
+    pytest.param("front_quality", {"runs", "summary", "verdict", "baseline"}, check_front_quality, id="front_quality"),
+    pytest.param("orchestration_cost", {"runs", "bare", "summary"}, check_orchestration, id="orchestration_cost"),
+    pytest.param("early_stopping", {"runs", "summary", "trials"}, check_early_stopping, id="early_stopping"),
 ]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("command, keys", BENCHES)
-def test_bench_quick_mode_writes_json(command: list[str], keys: set[str], tmp_path: Path) -> None:
+@pytest.mark.parametrize("bench, keys, check", BENCHES)
+def test_bench_quick_mode(bench: str, keys: set[str], check: Callable, tmp_path: Path, digits, digits_baseline) -> None:
     out = tmp_path / "bench.json"
     proc = subprocess.run(
-        [sys.executable, *command, "--out", str(out)],
+        [sys.executable, "-m", f"bench.{bench}", "--quick", "--out", str(out)],
         cwd=ROOT,
         env=os.environ,
         capture_output=True,
@@ -53,3 +83,9 @@ def test_bench_quick_mode_writes_json(command: list[str], keys: set[str], tmp_pa
     assert "|---" in proc.stdout
     report = json.loads(out.read_text())
     assert COMMON_KEYS | keys <= set(report)
+    assert report["command"].startswith(f"python -m bench.{bench} --quick")
+    baseline = {
+        "size_bytes": measure_artifact(digits_baseline, digits.build_model()),
+        "validation": digits.evaluate(digits_baseline, "validation"),
+    }
+    check(report, baseline)

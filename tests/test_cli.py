@@ -22,10 +22,19 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_help_lists_subcommands():
+def test_help_lists_every_subcommand_and_each_has_its_own_usage():
+    import argparse
+
+    from orchestrator.cli import build_parser
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     result = run_cli("--help")
     assert result.returncode == 0
-    assert "baseline" in result.stdout
+    for choice in commands._choices_actions:  # each subcommand, with the one-line help it was given
+        assert choice.help and f"{choice.dest}" in result.stdout and choice.help in result.stdout
+    for name in commands.choices:
+        sub = run_cli(name, "--help")
+        assert sub.returncode == 0 and sub.stdout.startswith(f"usage: python -m orchestrator {name}"), name
 
 
 @pytest.mark.slow

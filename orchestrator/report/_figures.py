@@ -11,6 +11,7 @@ from orchestrator.report._points import (
     AXES,
     FRONT_COLOUR,
     PARETO,
+    Style,
     drop_limit,
     has_point,
     hover_text,
@@ -19,7 +20,7 @@ from orchestrator.report._points import (
     point_label,
     step_line,
 )
-from orchestrator.report._policy import LAYER_SETTINGS, LayerTable, display, layer_table, numeric
+from orchestrator.report._policy import LayerTable, display, layer_settings, layer_table, numeric
 from orchestrator.report._table import sort_front
 
 FONT = dict(family="system-ui, -apple-system, 'Segoe UI', Roboto, Helvetica, Arial, sans-serif", size=13)
@@ -49,6 +50,42 @@ def _axis(x: str, values: list[float]) -> dict:
     return axis
 
 
+def _points_trace(rows: list[dict], x: str, style: Style, metric: str) -> go.Scatter:
+    """One point group's markers (labelled for the baseline and references)."""
+    return go.Scatter(
+        x=[r[x] for r in rows],
+        y=[r["validation"] for r in rows],
+        name=f"{style.name} ({len(rows)})",
+        legendgroup="front" if style is PARETO else style.name,
+        mode="markers+text" if style.labelled else "markers",
+        text=[point_label(r) for r in rows] if style.labelled else None,
+        textposition="top center",
+        textfont=dict(color=style.colour, size=11),
+        hovertext=[hover_text(r, metric) for r in rows],
+        hoverinfo="text",
+        marker=dict(
+            symbol=_SYMBOLS[style.marker] + ("-open" if style.hollow else ""),
+            color=style.colour,
+            size=style.size,
+            opacity=style.opacity,
+            line=dict(width=1.5 if style.hollow else 1, color=style.colour if style.hollow else "white"),
+        ),
+    )
+
+
+def _front_line(rows: list[dict], x: str) -> go.Scatter:
+    line_x, line_y = step_line(rows, x)
+    return go.Scatter(
+        x=line_x,
+        y=line_y,
+        mode="lines",
+        line=dict(color=FRONT_COLOUR, width=2, shape="hv"),
+        legendgroup="front",
+        showlegend=False,
+        hoverinfo="skip",
+    )
+
+
 def front_figure(run: RunData, x: str) -> go.Figure:
     """Validation metric versus `x`: all trials faint, the front as a step line, baseline and references labelled."""
     fig = go.Figure()
@@ -57,42 +94,10 @@ def front_figure(run: RunData, x: str) -> go.Figure:
         rows = [r for r in group.rows if has_point(r, x)]
         if not rows:
             continue
-        style = group.style
         xs += [r[x] for r in rows]
-        if style is PARETO:
-            line_x, line_y = step_line(rows, x)
-            fig.add_trace(
-                go.Scatter(
-                    x=line_x,
-                    y=line_y,
-                    mode="lines",
-                    line=dict(color=FRONT_COLOUR, width=2, shape="hv"),
-                    legendgroup="front",
-                    showlegend=False,
-                    hoverinfo="skip",
-                )
-            )
-        fig.add_trace(
-            go.Scatter(
-                x=[r[x] for r in rows],
-                y=[r["validation"] for r in rows],
-                name=f"{style.name} ({len(rows)})",
-                legendgroup="front" if style is PARETO else style.name,
-                mode="markers+text" if style.labelled else "markers",
-                text=[point_label(r) for r in rows] if style.labelled else None,
-                textposition="top center",
-                textfont=dict(color=style.colour, size=11),
-                hovertext=[hover_text(r, run.metric) for r in rows],
-                hoverinfo="text",
-                marker=dict(
-                    symbol=_SYMBOLS[style.marker] + ("-open" if style.hollow else ""),
-                    color=style.colour,
-                    size=style.size,
-                    opacity=style.opacity,
-                    line=dict(width=1.5 if style.hollow else 1, color=style.colour if style.hollow else "white"),
-                ),
-            )
-        )
+        if group.style is PARETO:
+            fig.add_trace(_front_line(rows, x))
+        fig.add_trace(_points_trace(rows, x, group.style, run.metric))
     limit = drop_limit(run.run_info)
     if limit is not None:
         fig.add_hline(
@@ -179,5 +184,5 @@ def heatmaps(run: RunData) -> list[tuple[str, go.Figure | None]]:
     front = sort_front(run.front)
     ids = [str(r.get("trial_id")) for r in front]
     policies = [r.get("policy_json") for r in front]
-    tables = [layer_table(title, policies) for title in LAYER_SETTINGS]
+    tables = [layer_table(title, policies) for title in layer_settings()]
     return [(t.title, heatmap_figure(t, ids) if t.columns else None) for t in tables]

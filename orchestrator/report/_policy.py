@@ -12,13 +12,19 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-# Heat map title → (step type, field of its `_data` holding the per-layer map).
-LAYER_SETTINGS: dict[str, tuple[str, str]] = {
-    "unstructured sparsity": ("unstructured_pruning", "sparsity"),
-    "structured pruning ratio": ("structured_pruning", "ratio"),
-    "quantization bits": ("quantization", "bits"),
-    "low-rank rank": ("lowrank", "rank"),
-}
+import techniques
+
+
+def layer_settings() -> dict[str, tuple[str, str]]:
+    """Heat map title → (step type, field of its `_data` holding the per-layer map), for every technique that
+    declares a per-layer search setting (the registry is the one source)."""
+    return {
+        t.search.per_layer.title: (t.name, t.search.per_layer.setting)
+        for t in techniques.registry().values()
+        if t.search is not None and t.search.per_layer is not None
+    }
+
+
 _SUMMARY_WIDTH = 110
 _DIGITS = re.compile(r"(\d+)")
 _ENERGY = re.compile(r"^energy:([0-9.eE+-]+)$")
@@ -92,8 +98,8 @@ class LayerTable:
 
 
 def layer_table(title: str, policies: Sequence[str | None]) -> LayerTable:
-    """The `title` setting (a key of LAYER_SETTINGS) of each policy, one column per layer key seen."""
-    step_type, field = LAYER_SETTINGS[title]
+    """The `title` setting (a key of `layer_settings()`) of each policy, one column per layer key seen."""
+    step_type, field = layer_settings()[title]
     maps = [layer_map(p, step_type, field) for p in policies]
     columns = sorted({key for m in maps for key in m}, key=_column_key)
     return LayerTable(title, columns, [[m.get(c) for c in columns] for m in maps])
