@@ -34,7 +34,12 @@ def resolve_workload(spec: str, *, data_dir: str | Path | None = None, weights: 
     if ":" not in spec:
         raise UserError(f"unknown workload {spec!r}: use one of {', '.join(BUILTIN)} or package.module:function")
     factory = _import_factory(spec)
-    workload = factory(data_dir=str(data_dir)) if data_dir is not None else factory()
+    try:
+        workload = factory(data_dir=str(data_dir)) if data_dir is not None else factory()
+    except UserError:
+        raise
+    except (Exception, SystemExit) as exc:  # the user's code; KeyboardInterrupt still stops the run
+        raise UserError(f"workload function {spec!r} failed: {_describe(exc)}") from None
     if not isinstance(workload, Workload):
         raise UserError(f"{spec} returned {type(workload).__name__}, not an orchestrator Workload")
     return workload
@@ -42,13 +47,37 @@ def resolve_workload(spec: str, *, data_dir: str | Path | None = None, weights: 
 
 def _import_factory(spec: str) -> Callable[..., Workload]:
     module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
+    if not module_name or not attr or module_name.startswith("."):
         raise UserError(f"bad workload {spec!r}: expected package.module:function")
     try:
         module = importlib.import_module(module_name)
+    except UserError:
+        raise
     except ImportError as exc:
-        raise UserError(f"cannot import workload module {module_name!r}: {exc}") from None
-    factory = getattr(module, attr, None)
+        raise UserError(
+            f"cannot import workload module {module_name!r}: {_first_line(exc) or _describe(exc)}"
+        ) from None
+    except (Exception, SystemExit) as exc:  # raised, sys.exit() or a SyntaxError at import time
+        raise UserError(f"workload module {module_name!r} failed to import: {_describe(exc)}") from None
+    try:
+        factory = getattr(module, attr, None)
+    except Exception as exc:  # a module-level __getattr__ that raises something else than AttributeError
+        raise UserError(f"looking up {spec!r} failed: {_describe(exc)}") from None
     if not callable(factory):
         raise UserError(f"module {module_name!r} has no callable {attr!r}")
     return factory
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message ("" when it has none)."""
+    try:
+        text = str(exc)
+    except Exception:  # a hostile __str__
+        return ""
+    return next((line.strip() for line in text.splitlines() if line.strip()), "")
+
+
+def _describe(exc: BaseException) -> str:
+    """`Type: first line of the message`, or just `Type` when there is no message."""
+    message = _first_line(exc)
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__

@@ -26,6 +26,15 @@ MEAN = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)
 STD = torch.tensor([0.2470, 0.2435, 0.2616]).view(1, 3, 1, 1)
 RECIPE = {"arch": "resnet18-cifar", "epochs": 30, "lr": 2e-3, "batch_size": 128, "seed": 0}
 
+CLASSES = 10
+PIXELS_PER_IMAGE = 3 * 32 * 32
+
+
+def _empty_bytes() -> bytes:
+    """Stands in for `bytes` in a pickle: it takes no arguments, so it can only ever build b""."""
+    return b""
+
+
 _ALLOWED_GLOBALS = {
     ("numpy.core.multiarray", "_reconstruct"),
     ("numpy._core.multiarray", "_reconstruct"),
@@ -33,15 +42,27 @@ _ALLOWED_GLOBALS = {
     ("numpy", "dtype"),
     ("_codecs", "encode"),  # how protocol-2 pickles spell bytes; it only encodes text
 }
+# Protocol-2 pickles spell an EMPTY bytes object (the pixel buffer of an array with no images) as
+# `__builtin__.bytes()` (`builtins.bytes` once fix_imports maps it). The real `bytes` is not handed
+# out: bytes(n) would let a tiny file allocate n zeroed bytes. `_empty_bytes` takes no arguments, so
+# these globals can only produce b"", and they run no code.
+_SUBSTITUTE_GLOBALS = {("__builtin__", "bytes"): _empty_bytes, ("builtins", "bytes"): _empty_bytes}
 
 
 class _ArraysOnlyUnpickler(pickle.Unpickler):
     """Refuses every global except what numpy arrays need."""
 
     def find_class(self, module: str, name: str):  # noqa: ANN201
+        if (module, name) in _SUBSTITUTE_GLOBALS:
+            return _SUBSTITUTE_GLOBALS[module, name]
         if (module, name) in _ALLOWED_GLOBALS:
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"forbidden global {module}.{name}")
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
 
 
 def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -49,22 +70,56 @@ def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         with path.open("rb") as handle:
             batch = _ArraysOnlyUnpickler(handle, encoding="bytes").load()
-        data = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-        labels = np.asarray(batch[b"labels"], dtype=np.int64)
     except FileNotFoundError:
         raise UserError(f"CIFAR-10 batch {path} is missing") from None
     except Exception as exc:
-        raise UserError(f"CIFAR-10 batch {path} is malformed: {exc}") from None
-    if len(data) != len(labels) or (len(labels) and not 0 <= labels.min() <= labels.max() <= 9):
-        raise UserError(f"CIFAR-10 batch {path} is malformed: {len(data)} images, {len(labels)} labels")
-    return data, labels
+        raise UserError(f"CIFAR-10 batch {path} is malformed: {_first_line(exc)}") from None
+    return _check_batch(batch, path)
+
+
+def _check_batch(batch: object, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    def malformed(problem: str) -> UserError:
+        return UserError(f"CIFAR-10 batch {path} is malformed: {problem}")
+
+    if not isinstance(batch, dict):
+        raise malformed(f"expected a dict of b'data' and b'labels', found {type(batch).__name__}")
+    for key in (b"data", b"labels"):
+        if key not in batch:
+            raise malformed(f"it has no {key!r} entry")
+    try:
+        data, labels = np.asarray(batch[b"data"]), np.asarray(batch[b"labels"])
+    except Exception as exc:  # ragged nested lists and the like
+        raise malformed(f"b'data' and b'labels' must be arrays or flat lists: {_first_line(exc)}") from None
+
+    if data.size == 0:
+        raise UserError(f"CIFAR-10 batch {path} holds no images")
+    if data.dtype.kind not in "ui":
+        raise malformed(f"pixel data must be uint8 (0-255), got {data.dtype}")
+    if data.dtype != np.uint8 and (data.min() < 0 or data.max() > 255):
+        raise malformed(f"pixel values must be 0-255, found values from {data.min()} to {data.max()}")
+    if data.size % PIXELS_PER_IMAGE:
+        raise malformed(
+            f"pixel data holds {data.size} values, not a multiple of 3*32*32 = {PIXELS_PER_IMAGE} (one image)"
+        )
+    images = data.astype(np.uint8).reshape(-1, 3, 32, 32)
+
+    if labels.ndim != 1 or labels.dtype.kind not in "ui":
+        raise malformed(f"labels must be a flat list of integers, got {labels.dtype} with shape {labels.shape}")
+    out_of_range = np.unique(labels[(labels < 0) | (labels >= CLASSES)])
+    if out_of_range.size:
+        found = ", ".join(str(v) for v in out_of_range[:5]) + (", ..." if out_of_range.size > 5 else "")
+        raise malformed(f"labels must be 0-{CLASSES - 1}, found {found}")
+    if len(images) != len(labels):
+        raise malformed(f"{len(images)} images but {len(labels)} labels")
+    return images, labels.astype(np.int64)
 
 
 def load_splits(data_dir: str | Path, seed: int = 0) -> dict[str, Split]:
     """Train = data_batch_1..5 less a seeded 10% validation hold-out; test = test_batch."""
     root = Path(data_dir)
     if not root.is_dir():
-        raise UserError(f"CIFAR-10 data directory {root} does not exist")
+        problem = "is not a directory" if root.exists() else "does not exist"
+        raise UserError(f"CIFAR-10 data directory {root} {problem}")
     progress(f"loading CIFAR-10 batches from {root}")
     parts = [read_batch(root / name) for name in TRAIN_FILES]
     x = torch.from_numpy(np.concatenate([p[0] for p in parts]))
