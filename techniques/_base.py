@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import typing
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -150,11 +151,30 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def is_number(value: Any) -> bool:
+    """Whether `value` is a finite real number: an int or a finite float, never a bool (nan and inf are not)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return not isinstance(value, float) or math.isfinite(value)
+
+
+def is_integer(value: Any) -> bool:
+    """Whether `value` is an int, never a bool, nor a float with an integral value such as 8.0."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def check_range(technique: str, what: str, value: Any, low: float, high: float, *, layer: str | None = None) -> None:
-    """Raise SpecError unless low <= value <= high (and value is a real number)."""
+    """Raise SpecError unless value is a finite real number (not a bool) with low <= value <= high."""
     where = f" for layer {layer!r}" if layer else ""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not (low <= value <= high):
+    if not is_number(value) or not (low <= value <= high):
         raise SpecError(f"{technique}: {what}{where} must be in [{low}, {high}], got {value!r}")
+
+
+def check_int(technique: str, what: str, value: Any, low: int, high: int, *, layer: str | None = None) -> None:
+    """Raise SpecError unless value is an int (not a bool, not a float such as 8.0) with low <= value <= high."""
+    where = f" for layer {layer!r}" if layer else ""
+    if not is_integer(value) or not (low <= value <= high):
+        raise SpecError(f"{technique}: {what}{where} must be an integer in [{low}, {high}], got {value!r}")
 
 
 # --------------------------------------------------------------------------- apply context
@@ -337,6 +357,32 @@ def resolve_layers(
     return resolved
 
 
+def weight_of(module: nn.Module) -> torch.Tensor:
+    """`module.weight` as the tensor it is on a Linear/Conv2d (parametrised or not).
+
+    torch types every module attribute `Tensor | Module`; this narrows it, failing loudly on a module whose
+    `weight` is something else.
+    """
+    weight = module.weight
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{type(module).__name__}.weight is a {type(weight).__name__}, not a tensor")
+    return weight
+
+
+def bias_of(module: nn.Module) -> torch.Tensor | None:
+    """`module.bias` of a Linear/Conv2d: a tensor, or None for a layer built with `bias=False`."""
+    bias = module.bias
+    if bias is not None and not isinstance(bias, torch.Tensor):
+        raise TypeError(f"{type(module).__name__}.bias is a {type(bias).__name__}, not a tensor")
+    return bias
+
+
+def parametrizations_of(module: nn.Module, tensor_name: str = "weight") -> parametrize.ParametrizationList:
+    """The parametrisations registered on `module.<tensor_name>` (the module must be parametrised there)."""
+    registered = typing.cast(nn.ModuleDict, module.parametrizations)
+    return typing.cast(parametrize.ParametrizationList, registered[tensor_name])
+
+
 def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     """Replace the submodule at dotted path `name`."""
     parent_name, _, child = name.rpartition(".")
@@ -385,6 +431,8 @@ class WeightMask(nn.Module):
     Unstructured pruning registers it on a layer's weight with `torch.nn.utils.parametrize`; finalize
     bakes it in and stores the layer sparsely.
     """
+
+    mask: torch.Tensor  # registered buffer (bool)
 
     def __init__(self, mask: torch.Tensor) -> None:
         super().__init__()

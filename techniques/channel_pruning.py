@@ -23,6 +23,7 @@ from techniques._base import (
     Technique,
     TechniqueSpec,
     check_range,
+    is_integer,
     register,
     resolve_layers,
 )
@@ -30,7 +31,8 @@ from techniques._base import (
 NAME = "structured_pruning"
 LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear)
 IMPORTANCES = {"l1": 1, "l2": 2}
-MAX_RATIO = 0.9
+MAX_RATIO = 0.9  # every pruned group keeps at least a tenth of its channels
+MAX_ROUND_TO = 4096  # a channel multiple wider than any real layer; larger values could only mean "keep all"
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,10 @@ class StructuredPruningSpec(TechniqueSpec):
     are the model's output are never pruned. `round_to` rounds each group's kept channels up to a multiple.
     A layer low-rank factored into `name.0`, `name.1` inherits `name`'s ratio in each factor, so the inner
     rank shrinks with the output channels.
+
+    Valid values: each ratio a finite number in [0, MAX_RATIO] = [0, 0.9] (an int 0 counts as 0.0; bools, None,
+    nan and inf are rejected); `importance` one of l1, l2; `round_to` null or an integer (not a float such
+    as 8.0) in [1, MAX_ROUND_TO] = [1, 4096].
     """
 
     technique: ClassVar[str] = NAME
@@ -55,12 +61,11 @@ class StructuredPruningSpec(TechniqueSpec):
         for key, value in self.ratio.entries:
             layer = None if key == LAYER_DEFAULT else key
             check_range(NAME, "ratio", value, 0.0, MAX_RATIO, layer=layer)
-        if self.importance not in IMPORTANCES:
+        if not isinstance(self.importance, str) or self.importance not in IMPORTANCES:
             raise SpecError(f"{NAME}: importance must be one of {', '.join(IMPORTANCES)}, got {self.importance!r}")
-        if self.round_to is not None and (
-            isinstance(self.round_to, bool) or not isinstance(self.round_to, int) or self.round_to < 1
-        ):
-            raise SpecError(f"{NAME}: round_to must be a positive integer or null, got {self.round_to!r}")
+        size = self.round_to
+        if size is not None and not (is_integer(size) and 1 <= size <= MAX_ROUND_TO):
+            raise SpecError(f"{NAME}: round_to must be an integer in [1, {MAX_ROUND_TO}] or null, got {size!r}")
 
 
 @dataclass(frozen=True)

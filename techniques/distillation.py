@@ -25,16 +25,33 @@ from techniques._base import (
     SpecError,
     Technique,
     TechniqueSpec,
+    check_int,
     check_range,
+    is_number,
     register,
 )
 
 NAME = "distillation"
+# Bounds of the settings (inclusive unless noted), chosen so that every valid spec trains with finite numbers.
+MIN_TEMPERATURE, MAX_TEMPERATURE = 0.05, 100.0  # logits / T and T² stay well inside float32
+MAX_LR = 1.0  # lr in (0, MAX_LR]
+MAX_WEIGHT_DECAY = 1.0  # AdamW shrinks weights by lr · weight_decay per step: at most all of them
+MAX_EPOCHS = 1000
+MAX_STEPS = 1_000_000
+MAX_FEATURE_WEIGHT = 1e4  # the feature term times this stays finite in float32
 
 
 @dataclass(frozen=True)
 class DistillationSpec(TechniqueSpec):
-    """Temperature, loss mix, budget (epochs and/or optimiser steps) and optimiser of the KD fine-tune."""
+    """Temperature, loss mix, budget (epochs and/or optimiser steps) and optimiser of the KD fine-tune.
+
+    Valid values (numbers finite, never bools; ints accepted where a float is meant, never the reverse):
+    `temperature` in [MIN_TEMPERATURE, MAX_TEMPERATURE] = [0.05, 100]; `alpha` in [0, 1]; `epochs` an integer
+    in [0, MAX_EPOCHS] = [0, 1000]; `steps` null or an integer in [0, MAX_STEPS] = [0, 1_000_000] (0 or null:
+    no step budget), and epochs and steps not both empty; `lr` in (0, MAX_LR] = (0, 1]; `weight_decay` in
+    [0, MAX_WEIGHT_DECAY] = [0, 1]; `feature_weight` in [0, MAX_FEATURE_WEIGHT] = [0, 1e4], above 0 only
+    with `feature_layers`, a list of distinct non-empty layer names.
+    """
 
     technique: ClassVar[str] = NAME
 
@@ -53,21 +70,24 @@ class DistillationSpec(TechniqueSpec):
         super().__post_init__()
 
     def validate(self) -> None:
-        for what, value in (("temperature", self.temperature), ("lr", self.lr)):
-            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
-                raise SpecError(f"{NAME}: {what} must be a positive number, got {value!r}")
+        check_range(NAME, "temperature", self.temperature, MIN_TEMPERATURE, MAX_TEMPERATURE)
+        if not is_number(self.lr) or not 0 < self.lr <= MAX_LR:
+            raise SpecError(f"{NAME}: lr must be in (0, {MAX_LR}], got {self.lr!r}")
         check_range(NAME, "alpha", self.alpha, 0.0, 1.0)
-        check_range(NAME, "weight_decay", self.weight_decay, 0.0, math.inf)
-        check_range(NAME, "feature_weight", self.feature_weight, 0.0, math.inf)
-        for what, value in (("epochs", self.epochs), ("steps", self.steps)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-                raise SpecError(f"{NAME}: {what} must be a non-negative integer, got {value!r}")
+        check_range(NAME, "weight_decay", self.weight_decay, 0.0, MAX_WEIGHT_DECAY)
+        check_range(NAME, "feature_weight", self.feature_weight, 0.0, MAX_FEATURE_WEIGHT)
+        check_int(NAME, "epochs", self.epochs, 0, MAX_EPOCHS)
+        if self.steps is not None:
+            check_int(NAME, "steps", self.steps, 0, MAX_STEPS)
         if self.epochs == 0 and not self.steps:
             raise SpecError(f"{NAME}: the budget is empty; give epochs > 0 and/or steps > 0")
         if not isinstance(self.feature_layers, tuple) or not all(
             isinstance(name, str) and name for name in self.feature_layers
         ):
             raise SpecError(f"{NAME}: feature_layers must be a list of layer names, got {self.feature_layers!r}")
+        repeated = sorted({name for name in self.feature_layers if self.feature_layers.count(name) > 1})
+        if repeated:
+            raise SpecError(f"{NAME}: feature_layers names {', '.join(map(repr, repeated))} more than once")
         if self.feature_weight > 0 and not self.feature_layers:
             raise SpecError(f"{NAME}: feature_weight {self.feature_weight} needs feature_layers")
 
@@ -171,6 +191,11 @@ def distill(student: nn.Module, teacher: nn.Module, spec: DistillationSpec, ctx:
     return student.eval()
 
 
+def _projection_key(layer: str) -> str:
+    """A ModuleDict key for a layer: no dots, and never the name of a ModuleDict attribute (`eval`, `update`)."""
+    return "layer:" + layer.replace(".", "/")
+
+
 def _feature_projections(
     student: nn.Module,
     teacher: nn.Module,
@@ -189,7 +214,7 @@ def _feature_projections(
         example = ctx.example_inputs.to(device)
         student(example), teacher(example)
     for name, s, t in features.pairs():
-        projections[name.replace(".", "/")] = _projection(name, s, t)
+        projections[_projection_key(name)] = _projection(name, s, t)
     return projections
 
 
@@ -210,9 +235,10 @@ def _loss(
         )
     loss = spec.alpha * kd_loss(student_out, teacher_out, spec.temperature)
     if spec.alpha < 1:
+        assert ctx.task_loss is not None, "distill() checks the task loss before training"
         loss = loss + (1 - spec.alpha) * ctx.task_loss(student_out, targets)
     if projections is not None:
-        terms = [F.mse_loss(projections[n.replace(".", "/")](s), t) for n, s, t in features.pairs()]
+        terms = [F.mse_loss(projections[_projection_key(n)](s), t) for n, s, t in features.pairs()]
         loss = loss + spec.feature_weight * torch.stack(terms).mean()
     features.outputs.clear()
     return loss
@@ -237,6 +263,7 @@ def _train(
     for epoch in _epochs(spec):
         student.train()
         total, batches = 0.0, 0
+        assert ctx.train_batches is not None, "distill() checks the training data before training"
         for inputs, targets in ctx.train_batches(epoch):
             inputs, targets = inputs.to(device), targets.to(device)
             with torch.no_grad():

@@ -13,14 +13,15 @@ Decisions:
 from __future__ import annotations
 
 import copy
+from typing import cast
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize, prune
 
-from techniques._base import WeightMask, base_type, set_module
+from techniques._base import WeightMask, base_type, bias_of, parametrizations_of, set_module, weight_of
 from techniques.packed import INT_KERNEL, PackedConv2d, PackedLayer, PackedLinear
-from techniques.quantization import LAYER_TYPES, WeightFakeQuant, quantize_input_hook
+from techniques.quantization import LAYER_TYPES, ActivationFakeQuant, WeightFakeQuant, quantize_input_hook
 
 PLAIN_KERNEL = "fp32"
 _Chain = tuple[torch.Tensor, torch.Tensor | None, WeightFakeQuant | None]
@@ -32,19 +33,21 @@ def _remove_input_quant(module: nn.Module) -> torch.Tensor | None:
         if hook is quantize_input_hook:
             del module._forward_pre_hooks[key]
     observer = module._modules.pop("input_quant", None)
-    return None if observer is None else observer.scale.detach().clone()
+    return None if observer is None else cast(ActivationFakeQuant, observer).scale.detach().clone()
 
 
 def _weight_chain(module: nn.Module, name: str) -> _Chain:
     """(weight before quantisation, combined keep-mask or None, the fake-quant or None) of a layer."""
     if prune.is_pruned(module) and hasattr(module, "weight_mask"):
-        mask = module.weight_mask.detach().to(torch.bool)
+        pruned = cast(torch.Tensor, module.weight_mask).detach().to(torch.bool)
         prune.remove(module, "weight")
-        return module.weight.detach(), mask, None
+        return weight_of(module).detach(), pruned, None
     if not parametrize.is_parametrized(module, "weight"):
-        return module.weight.detach(), None, None
-    chain = module.parametrizations["weight"]
-    weight, mask, quant = chain.original.detach(), None, None
+        return weight_of(module).detach(), None, None
+    chain = parametrizations_of(module, "weight")
+    weight = chain.original.detach()
+    mask: torch.Tensor | None = None
+    quant: WeightFakeQuant | None = None
     for index, step in enumerate(chain):
         if isinstance(step, WeightFakeQuant):
             if index != len(chain) - 1:
@@ -68,16 +71,17 @@ def _bake(module: nn.Module, name: str) -> nn.Module:
     bits = quant.bits if quant is not None else 32
     if quant is None and mask is None and act_scale is None:
         return module
+    cls: type[PackedLayer]
     if isinstance(module, nn.Linear):
         cls, layer = PackedLinear, {"in_features": module.in_features, "out_features": module.out_features}
-    else:
-        cls, layer = PackedConv2d, PackedConv2d.like(module)
+    else:  # LAYER_TYPES holds Linear and Conv2d only
+        cls, layer = PackedConv2d, PackedConv2d.like(cast(nn.Conv2d, module))
     packed = cls.from_weight(
         weight,
         bits=bits,
         group_size=quant.group_size if quant is not None else None,
         mask=mask,
-        bias=module.bias,
+        bias=bias_of(module),
         act_scale=act_scale,
         kernel=quant.kernel if quant is not None else "auto",
         **layer,

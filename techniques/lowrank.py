@@ -17,7 +17,7 @@ import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import nn
@@ -31,6 +31,7 @@ from techniques._base import (
     SpecError,
     Technique,
     TechniqueSpec,
+    is_integer,
     register,
     resolve_layers,
     set_module,
@@ -40,17 +41,20 @@ NAME = "lowrank"
 CONV_METHODS = ("tucker", "cp")
 ENERGY_PREFIX = "energy:"
 LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
+Factorable = nn.Linear | nn.Conv2d  # the layers LAYER_TYPES selects (layers_of matches their exact types)
+MAX_RANK = 1_000_000  # above any layer's full rank: a larger explicit rank could only mean "keep everything"
 
 
 def _energy_fraction(value: str) -> float | None:
-    """The fraction in an ``"energy:<e>"`` string, or None when the string is malformed or out of (0, 1]."""
+    """The fraction in an ``"energy:<e>"`` string, or None when the string is malformed, not finite or out of
+    (0, 1]."""
     if not value.startswith(ENERGY_PREFIX):
         return None
     try:
         fraction = float(value[len(ENERGY_PREFIX) :])
     except ValueError:
         return None
-    return fraction if 0.0 < fraction <= 1.0 else None
+    return fraction if math.isfinite(fraction) and 0.0 < fraction <= 1.0 else None
 
 
 def _check_rank(layer: str, value: Any) -> None:
@@ -58,20 +62,25 @@ def _check_rank(layer: str, value: Any) -> None:
     if value is None:
         return
     ok = (
-        (isinstance(value, int) and not isinstance(value, bool) and value >= 1)
-        or (isinstance(value, float) and 0.0 < value < 1.0)
+        (is_integer(value) and 1 <= value <= MAX_RANK)
+        or (isinstance(value, float) and 0.0 < value < 1.0)  # nan and inf fail the comparison
         or (isinstance(value, str) and _energy_fraction(value) is not None)
     )
     if not ok:
         raise SpecError(
-            f"{NAME}: rank for layer {layer!r} must be an int >= 1, a float in (0, 1) or "
+            f"{NAME}: rank for layer {layer!r} must be an int in [1, {MAX_RANK}], a float in (0, 1) or "
             f"'energy:<fraction in (0, 1]>', got {value!r}"
         )
 
 
 @dataclass(frozen=True)
 class LowRankSpec(TechniqueSpec):
-    """Per-layer ranks for factorising Linear and Conv2d layers; `conv_method` picks Tucker-2 or CP."""
+    """Per-layer ranks for factorising Linear and Conv2d layers; `conv_method` picks Tucker-2 or CP.
+
+    Valid ranks: an int (not a bool, not a float such as 4.0) in [1, MAX_RANK] = [1, 1_000_000], a float
+    fraction strictly inside (0, 1), an ``"energy:<e>"`` string with a finite e in (0, 1], or None to leave a
+    layer alone; nan and inf are rejected everywhere. `conv_method` is one of tucker, cp.
+    """
 
     technique: ClassVar[str] = NAME
 
@@ -242,7 +251,7 @@ def _tucker_pairs(c_in: int, c_out: int) -> list[tuple[int, int]]:
     return sorted(set(pairs))
 
 
-def _family(layer: nn.Module, method: str) -> _Family:
+def _family(layer: Factorable, method: str) -> _Family:
     """The rank family of a Linear (SVD) or Conv2d (Tucker-2 or CP) layer; costs count weights and bias."""
     bias = _n_params(layer) - layer.weight.numel()
     w = layer.weight.detach()
@@ -277,7 +286,7 @@ def _family(layer: nn.Module, method: str) -> _Family:
     )
 
 
-def _factor_layer(name: str, layer: nn.Module, value: Any, method: str, ctx: Context) -> nn.Module | None:
+def _factor_layer(name: str, layer: Factorable, value: Any, method: str, ctx: Context) -> nn.Module | None:
     """The factored replacement of one layer, or None (with a note) when it is skipped."""
     note = functools.partial(ctx.note, NAME, name, rank=value)
     before = _n_params(layer)
@@ -296,13 +305,13 @@ def _factor_layer(name: str, layer: nn.Module, value: Any, method: str, ctx: Con
     if after >= before:
         note(f"skipped: rank {ranks} would not reduce parameters ({after} >= {before})", ranks=ranks)
         return None
-    kind = "svd" if isinstance(layer, nn.Linear) else method
-    if kind == "svd":
-        new = factor_linear(layer, ranks)
-    elif kind == "tucker":
-        new = factor_conv_tucker(layer, ranks, seed=ctx.seed)
+    new: nn.Sequential
+    if isinstance(layer, nn.Linear):
+        kind, new = "svd", factor_linear(layer, ranks)
+    elif method == "tucker":
+        kind, new = method, factor_conv_tucker(layer, ranks, seed=ctx.seed)
     else:
-        new = factor_conv_cp(layer, ranks, seed=ctx.seed)
+        kind, new = method, factor_conv_cp(layer, ranks, seed=ctx.seed)
     note(
         f"factored by {kind} with rank {ranks}: {before} -> {after} parameters",
         method=kind,
@@ -316,7 +325,7 @@ def _factor_layer(name: str, layer: nn.Module, value: Any, method: str, ctx: Con
 def apply_lowrank(model: nn.Module, spec: LowRankSpec, ctx: Context) -> nn.Module:
     """Replace each addressed Linear/Conv2d layer by its factorisation (in place), noting every decision."""
     for name, layer, value in resolve_layers(model, spec.rank, LAYER_TYPES, NAME):
-        new = _factor_layer(name, layer, value, spec.conv_method, ctx)
+        new = _factor_layer(name, cast(Factorable, layer), value, spec.conv_method, ctx)
         if new is not None:
             set_module(model, name, new)
     return model

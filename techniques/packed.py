@@ -21,7 +21,8 @@ Decisions:
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,12 @@ ACT_QMAX = 127
 INT_KERNEL = "int8_int_mm"
 DEQUANT_KERNEL = "dequantized-fp32"
 FLOAT_BITS = (16, 32)
+PaddingMode = Literal["zeros", "reflect", "replicate", "circular"]  # nn.Conv2d's padding modes
+
+
+def _pair(values: Sequence[int]) -> tuple[int, int]:
+    """`tuple(values)`, typed as the pair nn.Conv2d's signature asks for (a 2-d convolution's geometry)."""
+    return cast(tuple[int, int], tuple(values))
 
 
 def weight_codes(weight: torch.Tensor, bits: int, group_size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,6 +65,16 @@ def quantize_activation(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 class PackedLayer(nn.Module):
     """Storage, decoding and activation quantisation shared by PackedLinear and PackedConv2d."""
+
+    # Registered buffers (`scale` only for quantised codes, `mask` only when sparse, `act_scale` only with
+    # act_bits); the last two are non-persistent decode caches.
+    values: torch.Tensor
+    scale: torch.Tensor
+    mask: torch.Tensor
+    bias: torch.Tensor | None
+    act_scale: torch.Tensor
+    _dense: torch.Tensor | None
+    _wt_int8: torch.Tensor | None
 
     def __init__(
         self,
@@ -133,11 +150,11 @@ class PackedLayer(nn.Module):
                 codes, scale = weight_codes(weight, bits, group_size)
                 module.scale.copy_(scale.squeeze(2))
                 flat = codes.reshape(-1).to(torch.int32)
-            if sparse:
+            if sparse and keep is not None:  # sparse implies a mask
                 module.mask.copy_(pack_mask(keep))
                 flat = flat[keep]
             module.values.copy_(flat if bits in FLOAT_BITS else pack_bits(flat, bits))
-            if bias is not None:
+            if bias is not None and module.bias is not None:  # the module was built with has_bias
                 module.bias.copy_(bias.detach())
             if act_scale is not None:
                 module.act_scale.copy_(act_scale)
@@ -268,6 +285,16 @@ class PackedLinear(PackedLayer):
 class PackedConv2d(PackedLayer):
     """A Conv2d layer with packed (quantised and/or sparse) weights; runs a decoded float32 convolution."""
 
+    # Geometry copied from a weightless nn.Conv2d in __init__ (typed as nn.Conv2d types them).
+    in_channels: int
+    out_channels: int
+    kernel_size: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: str | tuple[int, ...]
+    dilation: tuple[int, ...]
+    groups: int
+    padding_mode: PaddingMode
+
     def __init__(
         self,
         in_channels: int,
@@ -278,17 +305,17 @@ class PackedConv2d(PackedLayer):
         padding: str | list[int] | tuple[int, int] = (0, 0),
         dilation: list[int] | tuple[int, int] = (1, 1),
         groups: int = 1,
-        padding_mode: str = "zeros",
+        padding_mode: PaddingMode = "zeros",
         **storage: Any,
     ) -> None:
         # A weightless Conv2d on the meta device validates the geometry and works out non-zero padding.
         geometry = nn.Conv2d(
             in_channels,
             out_channels,
-            tuple(kernel_size),
-            tuple(stride),
-            padding if isinstance(padding, str) else tuple(padding),
-            tuple(dilation),
+            _pair(kernel_size),
+            _pair(stride),
+            padding if isinstance(padding, str) else _pair(padding),
+            _pair(dilation),
             groups,
             bias=False,
             padding_mode=padding_mode,
@@ -301,7 +328,7 @@ class PackedConv2d(PackedLayer):
         self._pad_twice = geometry._reversed_padding_repeated_twice
 
     @classmethod
-    def like(cls, conv: nn.Conv2d) -> dict[str, Any]:
+    def like(cls, conv: nn.Conv2d | PackedConv2d) -> dict[str, Any]:
         """Constructor arguments describing `conv`'s geometry."""
         return {
             "in_channels": conv.in_channels,
@@ -315,7 +342,7 @@ class PackedConv2d(PackedLayer):
         }
 
     def _layer_config(self) -> dict[str, Any]:
-        return PackedConv2d.like(self)  # type: ignore[arg-type]
+        return PackedConv2d.like(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self._quantize_input(x)

@@ -23,15 +23,17 @@ from techniques._base import (
     TechniqueSpec,
     WeightMask,
     check_range,
+    parametrizations_of,
     register,
     resolve_layers,
+    weight_of,
 )
 
 NAME = "unstructured_pruning"
 LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
 SCOPES = ("layer", "global")
 CRITERIA = ("magnitude", "random")
-MAX_SPARSITY = 0.99
+MAX_SPARSITY = 0.99  # a layer keeps at least 1% of its weights; 1.0 would zero it whole
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,9 @@ class UnstructuredPruningSpec(TechniqueSpec):
     is spent on the smallest |w| across all addressed layers together, so a scalar `s` means "a fraction s
     of all addressed weights" and layers end up with different sparsities (possibly a whole layer).
     `criterion="random"` ranks weights by seeded uniform noise (`ctx.seed`) instead of |w|.
+
+    Valid values: each sparsity a finite number in [0, MAX_SPARSITY] = [0, 0.99] (an int 0 counts as 0.0; bools,
+    None, nan and inf are rejected).
     """
 
     technique: ClassVar[str] = NAME
@@ -82,7 +87,7 @@ def existing_mask(module: nn.Module) -> WeightMask | None:
     """The WeightMask already parametrising `module.weight`, if any."""
     if not parametrize.is_parametrized(module, "weight"):
         return None
-    for parametrization in module.parametrizations.weight:
+    for parametrization in parametrizations_of(module, "weight"):
         if isinstance(parametrization, WeightMask):
             return parametrization
     return None
@@ -94,8 +99,9 @@ def attach_mask(module: nn.Module, keep: torch.Tensor) -> torch.Tensor:
     if current is not None:
         current.mask &= keep.to(current.mask.device)
         return current.mask
-    parametrize.register_parametrization(module, "weight", WeightMask(keep))
-    return existing_mask(module).mask
+    mask = WeightMask(keep)
+    parametrize.register_parametrization(module, "weight", mask)
+    return mask.mask
 
 
 def _scores(weights: list[torch.Tensor], criterion: str, seed: int) -> list[torch.Tensor]:
@@ -126,7 +132,7 @@ def apply(model: nn.Module, spec: UnstructuredPruningSpec, ctx: Context) -> nn.M
         ctx.note(NAME, None, "no layer asked for a sparsity above 0; nothing pruned")
         return model
     with torch.no_grad():
-        weights = [module.weight for _, module, _ in targets]
+        weights = [weight_of(module) for _, module, _ in targets]
         counts = [pruned_count(value, w.numel()) for (_, _, value), w in zip(targets, weights, strict=True)]
         masks = _masks(_scores(weights, spec.criterion, ctx.seed), counts, spec.scope)
         pruned = total = 0

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -34,20 +34,31 @@ from techniques._base import (
     SpecError,
     Technique,
     TechniqueSpec,
+    is_integer,
+    parametrizations_of,
     register,
     resolve_layers,
+    weight_of,
 )
 from techniques.packed import ACT_QMAX, dequantize, quantize_activation, weight_codes
 
 BITS = (2, 3, 4, 5, 6, 8, 16)
 FLOAT_BITS = 32  # the search's value for "leave the layer in float32"
 KERNELS = ("auto", "dequantize")
+ACTIVATION_BITS = (8,)  # besides null (float activations)
+MAX_GROUP_SIZE = 1 << 20  # elements per weight group; a row this long is per-channel quantisation anyway
 LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
 
 
 @dataclass(frozen=True)
 class QuantizationSpec(TechniqueSpec):
-    """Weight bits per layer, optional weight group size, optional 8-bit activations, kernel preference."""
+    """Weight bits per layer, optional weight group size, optional 8-bit activations, kernel preference.
+
+    Valid values: each layer's bits an int in BITS = {2, 3, 4, 5, 6, 8, 16} or None (leave the layer in
+    float); `group_size` null or an int in [1, MAX_GROUP_SIZE] = [1, 2**20] (it must also divide the row
+    length of every quantised layer, checked against the model); `activation_bits` null or 8; `kernel` one of
+    KERNELS. Integers are ints: floats such as 8.0 and bools are rejected.
+    """
 
     technique = "quantization"
 
@@ -58,14 +69,17 @@ class QuantizationSpec(TechniqueSpec):
 
     def validate(self) -> None:
         for key, value in self.bits.entries:
-            if value is not None and (isinstance(value, bool) or value not in BITS):
+            if value is not None and not (is_integer(value) and value in BITS):
                 choices = ", ".join(map(str, BITS))
                 raise SpecError(f"quantization: bits for layer {key!r} must be in {{{choices}}}, got {value!r}")
         size = self.group_size
-        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
-            raise SpecError(f"quantization: group_size must be a positive integer or null, got {size!r}")
-        if self.activation_bits not in (None, 8) or isinstance(self.activation_bits, bool):
-            raise SpecError(f"quantization: activation_bits must be 8 or null, got {self.activation_bits!r}")
+        if size is not None and not (is_integer(size) and 1 <= size <= MAX_GROUP_SIZE):
+            raise SpecError(
+                f"quantization: group_size must be an integer in [1, {MAX_GROUP_SIZE}] or null, got {size!r}"
+            )
+        act = self.activation_bits
+        if act is not None and not (is_integer(act) and act in ACTIVATION_BITS):
+            raise SpecError(f"quantization: activation_bits must be 8 or null, got {act!r}")
         if self.kernel not in KERNELS:
             raise SpecError(f"quantization: kernel must be one of {', '.join(KERNELS)}, got {self.kernel!r}")
 
@@ -109,6 +123,8 @@ class ActivationFakeQuant(nn.Module):
     """8-bit static per-tensor fake-quant of a layer's input; records max|x| while `observing`."""
 
     bits = 8
+    scale: torch.Tensor  # registered buffers
+    amax: torch.Tensor
 
     def __init__(self) -> None:
         super().__init__()
@@ -134,19 +150,19 @@ class ActivationFakeQuant(nn.Module):
 
 def quantize_input_hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
     """Forward pre-hook: pass the layer's first input through its `input_quant`."""
-    return (module.input_quant(args[0]), *args[1:])
+    return (cast(ActivationFakeQuant, module.input_quant)(args[0]), *args[1:])
 
 
 def quantizable_layers(model: nn.Module, spec: QuantizationSpec) -> list[tuple[str, nn.Module, int]]:
     """(name, layer, bits) of each Linear/Conv2d the spec quantises; raises SpecError for a bad address."""
     layers = resolve_layers(model, spec.bits, LAYER_TYPES, "quantization")
     for name, module, _ in layers:
-        row = module.weight[0].numel()
+        row = weight_of(module)[0].numel()
         if spec.group_size is not None and row % spec.group_size:
             size = spec.group_size
             raise SpecError(f"quantization: group_size {size} does not divide row length {row} of layer {name!r}")
         if parametrize.is_parametrized(module, "weight") and any(
-            isinstance(p, WeightFakeQuant) for p in module.parametrizations["weight"]
+            isinstance(p, WeightFakeQuant) for p in parametrizations_of(module, "weight")
         ):
             raise SpecError(f"quantization: layer {name!r} is already quantised")
     return layers
@@ -184,9 +200,10 @@ def apply(model: nn.Module, spec: QuantizationSpec, ctx: Context) -> nn.Module:
     if spec.activation_bits is not None and layers:
         observers = []
         for _, module, _ in layers:
-            module.input_quant = ActivationFakeQuant().to(module.weight.device)
+            observer = ActivationFakeQuant().to(weight_of(module).device)
+            module.input_quant = observer
             module.register_forward_pre_hook(quantize_input_hook)
-            observers.append(module.input_quant)
+            observers.append(observer)
         _calibrate(model, observers, ctx)
     return model
 

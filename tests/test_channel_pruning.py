@@ -9,7 +9,7 @@ from torch import nn
 import techniques
 from orchestrator.artifacts.store import measure_artifact
 from orchestrator.measure import count_flops, count_weights
-from techniques.channel_pruning import StructuredPruningSpec, apply, kept_channels
+from techniques.channel_pruning import MAX_RATIO, MAX_ROUND_TO, StructuredPruningSpec, apply, kept_channels
 from techniques.pruning import UnstructuredPruningSpec
 from techniques.pruning import apply as apply_unstructured
 from tests.technique_contract import TechniqueContract, make_context
@@ -42,6 +42,15 @@ class TestStructuredContract(TechniqueContract):
         {"ratio": 0.5, "round_to": 0},
         {"ratio": 0.5, "round_to": 2.5},
         {"ratio": 0.5, "round_to": True},
+        {"ratio": 0.5, "round_to": 8.0},  # an integral float is not an int
+        {"ratio": 0.5, "round_to": MAX_ROUND_TO + 1},  # bounded
+        {"ratio": 0.5, "round_to": 10**30},
+        {"ratio": 0.5, "round_to": -8},
+        {"ratio": float("nan")},
+        {"ratio": float("inf")},
+        {"ratio": {"fc1": float("-inf")}},
+        {"ratio": False},
+        {"ratio": 1},
         {"ratio": 0.5, "bogus": 1},
         {},
     ]
@@ -180,3 +189,27 @@ class _TwoHeads(nn.Module):
 def test_a_layer_whose_output_is_also_returned_keeps_its_channels() -> None:
     model = apply(_TwoHeads(), StructuredPruningSpec(ratio=0.5), make_context())
     assert (model.features.out_channels, model.hidden.out_channels, model.head.out_features) == (8, 4, 10)
+
+
+def test_round_to_bound_and_non_string_importance_are_spec_errors() -> None:
+    StructuredPruningSpec(ratio=0.5, round_to=MAX_ROUND_TO)  # the bound itself is valid
+    with pytest.raises(techniques.SpecError, match=rf"round_to must be an integer in \[1, {MAX_ROUND_TO}\]"):
+        StructuredPruningSpec(ratio=0.5, round_to=MAX_ROUND_TO + 1)
+    with pytest.raises(techniques.SpecError, match="importance"):  # unhashable: a TypeError before
+        StructuredPruningSpec(ratio=0.5, importance=["l1"])
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"ratio": MAX_RATIO},
+        {"ratio": MAX_RATIO, "round_to": 1},
+        {"ratio": MAX_RATIO, "round_to": MAX_ROUND_TO},
+        {"ratio": {"conv1": 0, "conv2": MAX_RATIO, "fc1": 0.5}, "round_to": 3},
+    ],
+)
+def test_boundary_values_apply_with_finite_outputs(settings: dict) -> None:
+    ctx = make_context()
+    model = techniques.apply_spec(seeded(TinyCNN), StructuredPruningSpec(**settings), ctx)
+    with torch.no_grad():
+        assert torch.isfinite(model.eval()(ctx.example_inputs)).all()

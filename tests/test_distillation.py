@@ -11,7 +11,18 @@ from torch.nn.utils import parametrize
 
 import techniques
 from techniques._base import WeightMask
-from techniques.distillation import DistillationSpec, distill, kd_loss
+from techniques.distillation import (
+    MAX_EPOCHS,
+    MAX_FEATURE_WEIGHT,
+    MAX_LR,
+    MAX_STEPS,
+    MAX_TEMPERATURE,
+    MAX_WEIGHT_DECAY,
+    MIN_TEMPERATURE,
+    DistillationSpec,
+    distill,
+    kd_loss,
+)
 from tests.technique_contract import TechniqueContract, make_context
 from tests.tiny_models import TinyCNN, seeded, tiny_data
 
@@ -35,6 +46,39 @@ class TestDistillationContract(TechniqueContract):
         {"feature_weight": -1.0, "feature_layers": ["conv1"]},
         {"feature_weight": 1.0},
         {"temprature": 2.0},
+        # non-finite numbers and bools are never numbers
+        {"temperature": float("nan")},
+        {"temperature": float("inf")},
+        {"temperature": True},
+        {"alpha": float("nan")},
+        {"alpha": True},
+        {"lr": float("nan")},
+        {"lr": float("inf")},
+        {"lr": True},
+        {"weight_decay": float("nan")},
+        {"weight_decay": float("inf")},
+        {"feature_weight": float("inf"), "feature_layers": ["conv1"]},
+        {"feature_weight": float("nan"), "feature_layers": ["conv1"]},
+        # bounds
+        {"temperature": 1e-300},  # gave a NaN loss
+        {"temperature": MIN_TEMPERATURE / 2},
+        {"temperature": MAX_TEMPERATURE * 2},
+        {"lr": MAX_LR * 1.5},
+        {"lr": 1e300},
+        {"weight_decay": MAX_WEIGHT_DECAY * 2},
+        {"feature_weight": MAX_FEATURE_WEIGHT * 10, "feature_layers": ["conv1"]},
+        {"epochs": MAX_EPOCHS + 1},
+        {"epochs": 10**30},
+        {"epochs": 1, "steps": MAX_STEPS + 1},
+        {"epochs": 0, "steps": 10**30},
+        # integral floats are not integers
+        {"epochs": 2.0},
+        {"epochs": 0, "steps": 5.0},
+        {"epochs": True},
+        {"epochs": 1, "steps": True},
+        {"epochs": 1, "steps": -1},
+        # a layer named twice crashed the feature loss
+        {"feature_layers": ["conv1", "conv1"], "feature_weight": 1.0},
     ]
 
     def make_spec(self) -> DistillationSpec:
@@ -218,3 +262,54 @@ def test_runs_on_cuda(teacher: nn.Module) -> None:
     ctx.evaluate = lambda model: float((model(x.cuda()).argmax(1) == y.cuda()).float().mean())
     student = distill(_damaged(teacher), ctx.teacher, DistillationSpec(epochs=1), ctx)
     assert next(student.parameters()).device.type == "cuda" and len(calls) == 1
+
+
+def test_bound_messages_name_the_field() -> None:
+    with pytest.raises(techniques.SpecError, match=r"temperature must be in \[0\.05, 100\.0\], got 1e-300"):
+        DistillationSpec(temperature=1e-300)
+    with pytest.raises(techniques.SpecError, match=rf"epochs must be an integer in \[0, {MAX_EPOCHS}\]"):
+        DistillationSpec(epochs=10**30)
+    with pytest.raises(techniques.SpecError, match=r"lr must be in \(0, 1\.0\], got 2"):
+        DistillationSpec(lr=2)
+    with pytest.raises(techniques.SpecError, match="feature_layers names 'conv1' more than once"):
+        DistillationSpec(feature_layers=("conv1", "fc1", "conv1"), feature_weight=1.0)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"temperature": MIN_TEMPERATURE, "epochs": 1},
+        {"temperature": MAX_TEMPERATURE, "epochs": 1},
+        {"epochs": 0, "steps": 1},
+        {"epochs": MAX_EPOCHS, "steps": 1},
+        {"epochs": 1, "steps": MAX_STEPS},
+        {"epochs": 1, "lr": MAX_LR, "weight_decay": MAX_WEIGHT_DECAY},
+        {"epochs": 1, "alpha": 0, "lr": 1},
+        {"epochs": 1, "alpha": 1, "temperature": 1},
+        {"epochs": 1, "feature_layers": ["conv2", "fc1"], "feature_weight": MAX_FEATURE_WEIGHT},
+    ],
+)
+def test_boundary_values_apply_with_finite_outputs(settings: dict) -> None:
+    ctx = make_context(teacher=seeded(TinyCNN, seed=1))
+    spec = DistillationSpec.from_data(settings)
+    model = techniques.apply_spec(seeded(TinyCNN), spec, ctx)
+    with torch.no_grad():
+        assert torch.isfinite(model.eval()(ctx.example_inputs)).all()
+
+
+def test_feature_layers_named_like_module_dict_methods_train(teacher: nn.Module) -> None:
+    class Named(nn.Module):  # layer names that are also nn.ModuleDict attributes
+        def __init__(self, hidden: int) -> None:
+            super().__init__()
+            self.update = nn.Linear(64, hidden)
+            self.items = nn.Linear(hidden, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.items(torch.relu(self.update(x.flatten(1))))
+
+    torch.manual_seed(0)
+    big, small = Named(32), Named(8)
+    ctx, calls = _context(big)
+    spec = DistillationSpec(epochs=2, lr=1e-2, feature_layers=("update",), feature_weight=1.0)
+    distill(small, big, spec, ctx)
+    assert len(calls) == 2 and torch.isfinite(small(tiny_data(4)[0])).all()

@@ -9,7 +9,9 @@ from torch.nn.utils import parametrize
 
 import techniques
 from techniques._base import WeightMask
+from techniques.finalize import finalize
 from techniques.lowrank import (
+    MAX_RANK,
     LowRankSpec,
     energy_rank,
     factor_conv_cp,
@@ -32,7 +34,19 @@ class TestLowRankContract(TechniqueContract):
         {"rank": "energy:abc"},
         {"rank": "half"},
         {"rank": {"fc1": 0}},
+        {"rank": MAX_RANK + 1},  # explicit ranks are bounded
+        {"rank": {"fc1": 10**30}},
+        {"rank": 4.0},  # an integral float is not an int rank
+        {"rank": {"conv2": 2.0}},
+        {"rank": float("nan")},
+        {"rank": float("inf")},
+        {"rank": -0.5},
+        {"rank": "energy:nan"},
+        {"rank": "energy:inf"},
+        {"rank": "energy:0"},
+        {"rank": "energy:"},
         {"rank": 0.5, "conv_method": "svd"},
+        {"rank": 0.5, "conv_method": ["tucker"]},
         {"rank": 0.5, "colour": "red"},
     ]
 
@@ -200,3 +214,26 @@ def test_factored_model_rebuilds_from_structure_record(method: str) -> None:
     rebuilt.load_state_dict(model.state_dict())
     x = ctx.example_inputs
     assert torch.equal(rebuilt.eval()(x), model.eval()(x))
+
+
+def test_rank_bound_and_message() -> None:
+    LowRankSpec(rank=MAX_RANK)  # the bound itself is valid
+    with pytest.raises(
+        techniques.SpecError, match=rf"rank for layer 'fc1' must be an int in \[1, {MAX_RANK}\].*got {MAX_RANK + 1}"
+    ):
+        LowRankSpec(rank={"fc1": MAX_RANK + 1})
+    with pytest.raises(techniques.SpecError, match=r"'conv2'.*got 8\.0"):
+        LowRankSpec(rank={"conv2": 8.0})
+
+
+@pytest.mark.parametrize(
+    "rank",
+    [1, MAX_RANK, 1e-9, 0.999, "energy:1", "energy:1e-9", {"conv2": 1, "fc1": "energy:0.5", "_default": None}],
+)
+@pytest.mark.parametrize("method", ["tucker", "cp"])
+def test_boundary_values_apply_with_finite_outputs(rank: object, method: str) -> None:
+    ctx = make_context()
+    model = techniques.apply_spec(seeded(TinyCNN, width=16), LowRankSpec(rank=rank, conv_method=method), ctx)
+    with torch.no_grad():
+        assert torch.isfinite(model.eval()(ctx.example_inputs)).all()
+        assert torch.isfinite(finalize(model).eval()(ctx.example_inputs)).all()

@@ -8,7 +8,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import techniques
-from techniques.quantization import ActivationFakeQuant, QuantizationSpec, WeightFakeQuant
+from techniques.finalize import finalize
+from techniques.quantization import MAX_GROUP_SIZE, ActivationFakeQuant, QuantizationSpec, WeightFakeQuant
 from tests.technique_contract import TechniqueContract, make_context
 from tests.tiny_models import TinyCNN, seeded
 
@@ -22,6 +23,18 @@ class TestQuantizationContract(TechniqueContract):
         {"bits": "8"},
         {"bits": 8, "group_size": 0},
         {"bits": 8, "group_size": 2.5},
+        {"bits": 8.0},  # integral floats are not bit-widths (8.0 used to pass and crash in packing)
+        {"bits": {"fc1": 4.0, "_default": 8}},
+        {"bits": 16.0},
+        {"bits": float("nan")},
+        {"bits": float("inf")},
+        {"bits": 8, "group_size": 8.0},
+        {"bits": 8, "group_size": MAX_GROUP_SIZE + 1},
+        {"bits": 8, "group_size": 10**30},
+        {"bits": 8, "group_size": True},
+        {"bits": 8, "group_size": float("nan")},
+        {"bits": 8, "activation_bits": 8.0},
+        {"bits": 8, "activation_bits": True},
         {"bits": 8, "activation_bits": 4},
         {"bits": 8, "kernel": "fast"},
         {"bits": 8, "unknown": 1},
@@ -112,3 +125,32 @@ def test_activation_scale_is_calibrated_max_over_calibration_data() -> None:
         quantized = observer(x)
     assert len((quantized / observer.scale).round().unique()) <= 255
     assert torch.allclose(quantized, x, atol=observer.scale.item() / 2 + 1e-7)
+
+
+def test_integral_float_bits_and_large_group_size_are_spec_errors() -> None:
+    QuantizationSpec(bits=8, group_size=MAX_GROUP_SIZE)  # the bound itself is valid
+    with pytest.raises(techniques.SpecError, match=r"bits for layer 'fc1'.*got 8\.0"):
+        QuantizationSpec(bits={"fc1": 8.0})
+    with pytest.raises(techniques.SpecError, match=r"activation_bits must be 8 or null, got 8\.0"):
+        QuantizationSpec(bits=8, activation_bits=8.0)
+    with pytest.raises(techniques.SpecError, match=rf"group_size must be an integer in \[1, {MAX_GROUP_SIZE}\]"):
+        QuantizationSpec(bits=8, group_size=MAX_GROUP_SIZE + 1)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"bits": 2},
+        {"bits": 16},
+        {"bits": 2, "group_size": 1},
+        {"bits": 16, "group_size": 1, "activation_bits": 8},
+        {"bits": 2, "activation_bits": 8, "kernel": "dequantize"},
+        {"bits": {"conv1": 2, "conv2": 16, "fc1": None, "_default": 8}, "activation_bits": 8},
+    ],
+)
+def test_boundary_values_apply_with_finite_outputs(settings: dict) -> None:
+    ctx = make_context()
+    model = techniques.apply_spec(seeded(TinyCNN), QuantizationSpec(**settings), ctx)
+    with torch.no_grad():
+        assert torch.isfinite(model.eval()(ctx.example_inputs)).all()
+        assert torch.isfinite(finalize(model).eval()(ctx.example_inputs)).all()
