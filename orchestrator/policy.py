@@ -25,6 +25,7 @@ from orchestrator.errors import UserError
 from techniques import LAYER_DEFAULT, SpecError, TechniqueSpec
 
 POLICY_VERSION = 1
+MAX_SEED = 2**32 - 1  # what every RNG the chain seeds (torch, numpy, shuffling) accepts
 _TOP_LEVEL = {"_type", "_version", "seed", "steps", "name"}
 
 
@@ -48,15 +49,17 @@ class Policy:
         return doc
 
     def dumps(self) -> str:
-        """Canonical JSON text (sorted keys), so equal policies serialise to equal bytes."""
-        return json.dumps(self.to_json(), sort_keys=True, indent=2)
+        """JSON text in a fixed key order; per-layer rules keep their order, since the first matching `re:`
+        rule wins, so `Policy.loads(p.dumps())` applies exactly what `p` does (and equal policies give equal
+        bytes)."""
+        return json.dumps(self.to_json(), indent=2)
 
     def techniques(self) -> list[str]:
         return [step.technique for step in self.steps]
 
     def fine_tune_epochs(self) -> int:
-        """Fine-tuning epochs the policy asks for (0 without a distillation step)."""
-        return next((step.epochs for step in self.steps if step.technique == "distillation"), 0)
+        """Fine-tuning epochs the policy asks for (0 without a fine-tuning step)."""
+        return next((step.epochs for step in self.steps if techniques.get(step.technique).fine_tunes), 0)
 
     @classmethod
     def from_json(cls, doc: Any) -> Policy:
@@ -70,9 +73,7 @@ class Policy:
         unknown = sorted(set(doc) - _TOP_LEVEL)
         if unknown:
             raise PolicyError(f"unknown policy field(s) {', '.join(unknown)}")
-        seed = doc.get("seed", 0)
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise PolicyError(f"seed must be a non-negative integer, got {seed!r}")
+        seed = check_seed(doc.get("seed", 0))
         name = doc.get("name")
         if name is not None and not isinstance(name, str):
             raise PolicyError(f"name must be a string, got {name!r}")
@@ -92,9 +93,11 @@ class Policy:
     @classmethod
     def loads(cls, text: str) -> Policy:
         try:
-            doc = json.loads(text)
+            doc = json.loads(text, parse_constant=_reject_constant)
         except json.JSONDecodeError as exc:
             raise PolicyError(f"policy is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+        except RecursionError:
+            raise PolicyError("policy is nested too deeply") from None
         return cls.from_json(doc)
 
     @classmethod
@@ -108,6 +111,18 @@ class Policy:
         return cls.loads(text)
 
 
+def _reject_constant(name: str) -> Any:
+    """JSON has no NaN or Infinity; Python's parser accepts them unless told otherwise."""
+    raise PolicyError(f"policy is not valid JSON: {name} is not a number JSON allows")
+
+
+def check_seed(seed: Any) -> int:
+    """The seed, if it is an integer every random generator of the chain accepts."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise PolicyError(f"seed must be an integer in [0, {MAX_SEED}], got {seed!r}")
+    return seed
+
+
 def check_order(policy: Policy) -> None:
     """Steps must follow the canonical order (low-rank → structured → unstructured → quantization →
     distillation) and name each technique once."""
@@ -119,10 +134,8 @@ def check_order(policy: Policy) -> None:
             raise PolicyError(f"step {index}: {step.technique} already appears as step {seen[step.technique]}")
         seen[step.technique] = index
         if previous is not None and technique.stage < previous.stage:
-            raise PolicyError(
-                f"step {index}: {technique.name} cannot follow {previous.name} "
-                "(order: lowrank, structured_pruning, unstructured_pruning, quantization, distillation)"
-            )
+            order = ", ".join(techniques.registry())
+            raise PolicyError(f"step {index}: {technique.name} cannot follow {previous.name} (order: {order})")
         previous = technique
 
 

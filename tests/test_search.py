@@ -149,26 +149,35 @@ def test_failing_and_nan_trials_are_failed_and_the_search_completes(tmp_path, lo
 
 
 def test_trials_spread_over_a_simulated_multi_node_cluster(tmp_path):
+    """Trials run on the worker nodes; where CUDA does not work, a trial given a (logical) GPU fails with the
+    reason instead of quietly running on the CPU."""
     import ray
     from ray.cluster_utils import Cluster
 
     ray.shutdown()
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
     nodes = [cluster.add_node(num_cpus=1, num_gpus=1) for _ in range(3)]
-    try:
-        outcome = run(
+    cuda = torch.cuda.is_available()
+
+    def search(name: str, trials: int, gpus: float):  # noqa: ANN202
+        space = options_from_json({"families": ["quantization", "unstructured_pruning"], **ONE_EPOCH})
+        return run(
             SearchConfig(
                 address=cluster.address,
-                space=options_from_json({"families": ["quantization", "unstructured_pruning"], **ONE_EPOCH}),
-                num_trials=6,
-                cpus_per_trial=1,
-                gpus_per_trial=1,
+                space=space,
+                num_trials=trials,
+                gpus_per_trial=gpus,
                 concurrency=3,
                 storage_path=str(tmp_path),
-                name="cluster",
+                name=name,
+                max_failures=0,
                 report=False,
             )
         )
+
+    try:
+        outcome = search("cluster", 6, 1 if cuda else 0)
+        on_gpu = None if cuda else search("no-cuda", 2, 1)
     finally:
         ray.shutdown()
         cluster.shutdown()
@@ -176,7 +185,10 @@ def test_trials_spread_over_a_simulated_multi_node_cluster(tmp_path):
     assert used <= {node.node_id for node in nodes}  # the CPU-less head runs no trial
     assert len(used) >= 2
     assert all(row.status == "completed" for row in outcome.trials)
-    assert all(row.device == ("cuda" if torch.cuda.is_available() else "cpu") for row in outcome.trials)
+    assert all(row.device == ("cuda" if cuda else "cpu") for row in outcome.trials)
+    if on_gpu is not None:
+        assert [row.status for row in on_gpu.trials] == ["failed", "failed"]
+        assert all("CUDA is not usable" in row.error for row in on_gpu.trials)
 
 
 def finished_trials(run_dir: Path) -> list[Path]:

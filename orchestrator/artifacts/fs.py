@@ -7,9 +7,13 @@ removed when the write fails. Local paths are resolved to absolute ones before R
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import posixpath
+import shutil
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
@@ -97,9 +101,67 @@ def read_bytes(location: str, name: str) -> bytes | None:
         return stream.read()
 
 
+def publish_directory(local: Path, location: str, *, last: str) -> None:
+    """Copy a local directory tree to `location` so that it appears complete or not at all: locally a copy
+    under a temporary name, then a rename (the temporary is removed on failure); remotely file by file, the
+    top-level file `last` written last as the mark of completion. `location` must not exist yet."""
+    if is_uri(location):
+        names = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
+        for name in [n for n in names if n != last] + [last]:
+            parent, _, base = name.rpartition("/")
+            write_atomic(join(location, parent) if parent else location, base, (local / name).read_bytes())
+        return
+    target = Path(location)
+    if target.exists():
+        raise FileExistsError(f"{target} already exists")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        shutil.copytree(local, tmp)
+        tmp.chmod(0o755)  # mkdtemp creates 0700
+        tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def upload_file(local: str | os.PathLike[str], location: str, name: str) -> str:
     """Copy a local file to `location/name` atomically."""
     return write_atomic(location, name, Path(local).read_bytes())
+
+
+LOCK_FILE = ".lock"
+
+
+class LockHeld(RuntimeError):
+    """Another process holds the lock on a directory."""
+
+
+@contextlib.contextmanager
+def directory_lock(location: str) -> Iterator[None]:
+    """Hold an exclusive lock on a local directory (created if needed) while the block runs.
+
+    A POSIX record lock (`fcntl.lockf`) on `LOCK_FILE` inside it: the kernel drops it when the process
+    dies, and NFS (v3 with lockd, v4) honours it across machines. Object stores (s3://, gs://) have no
+    locks: there this does nothing, and two runs of the same name must not be started.
+    """
+    if is_uri(location):
+        yield
+        return
+    Path(location).mkdir(parents=True, exist_ok=True)
+    with open(Path(location) / LOCK_FILE, "a+") as handle:
+        try:
+            fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            raise LockHeld(f"{location} is in use by another search (process {handle.read().strip() or '?'})") from None
+        handle.truncate(0)
+        handle.write(str(os.getpid()))
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.lockf(handle, fcntl.LOCK_UN)
 
 
 def _remove_quietly(filesystem: pafs.FileSystem, path: str) -> None:

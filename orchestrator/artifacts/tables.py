@@ -27,8 +27,9 @@ TRIALS_FILE = "trials.parquet"
 PARETO_FILE = "pareto.parquet"
 METADATA_KEY = b"orchestrator"
 
-# Status of a trial: completed (fully fine-tuned), stopped_early (by ASHA: never on the front), failed.
-STATUSES = ("completed", "stopped_early", "failed")
+# Status of a trial: completed (fully fine-tuned), stopped_early (by ASHA), failed, or interrupted (the run
+# was stopped before it ended; a later --resume finishes it). Only completed trials can be on the front.
+STATUSES = ("completed", "stopped_early", "failed", "interrupted")
 # Role: the uncompressed baseline, a fixed reference policy, or a policy the sampler proposed.
 ROLES = ("baseline", "reference", "search")
 
@@ -102,6 +103,7 @@ class RunInfo:
     wall_s: float | None = None
     finished: str | None = None
     versions: Mapping[str, str] = field(default_factory=dict)
+    complete: bool = True  # False: interrupted, the tables are partial and the run can be resumed
 
     def to_json(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))

@@ -6,6 +6,7 @@ Bad input is one line on stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 from collections.abc import Sequence
@@ -83,8 +84,9 @@ def _report(args: argparse.Namespace) -> int:
 def _search(args: argparse.Namespace) -> int:
     from orchestrator.search.driver import run
 
-    print_outcome(run(config_from_args(args)))
-    return 0
+    outcome = run(config_from_args(args))
+    print_outcome(outcome)
+    return EXIT_INTERRUPTED if outcome.interrupted else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,6 +133,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.handler(args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        where = f" writing {exc.filename}" if exc.filename else ""
+        print(f"error: no space left on the device{where}; free space and run the command again", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
+import sys
+from pathlib import PurePosixPath as Path
 
 from orchestrator.errors import UserError
 from orchestrator.search.config import SAMPLERS, SearchConfig, SearchOutcome
@@ -60,8 +61,8 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue the interrupted run --name")
     parser.add_argument(
         "--address",
-        default=os.environ.get("RAY_ADDRESS"),
-        help="Ray cluster to join ('auto' on a cluster's head node); default: start Ray locally",
+        help="Ray cluster to join ('auto' on a cluster's head node); default: start a private Ray locally "
+        "(an existing cluster, or RAY_ADDRESS, is never joined without this flag)",
     )
     parser.add_argument("--max-failures", type=int, default=1, help="retries of a trial lost to a node or error")
     parser.add_argument("--latency-batch-size", type=int, default=1)
@@ -110,3 +111,9 @@ def print_outcome(outcome: SearchOutcome) -> None:
     print(f"\nrun directory: {outcome.run_dir}")
     if outcome.report:
         print(f"report:        {outcome.report}")
+    if outcome.interrupted:
+        print(
+            f"\ninterrupted: {outcome.finished + outcome.failed} of {outcome.run_info.num_trials} trials ended; the "
+            f"tables are partial. Continue with --resume --name {Path(outcome.run_dir).name}",
+            file=sys.stderr,
+        )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -67,20 +67,48 @@ def _role(config: dict[str, Any], unclaimed: list[tuple[str, str, dict[str, Any]
     return "search", None
 
 
-def trial_row(
-    result: Any, number: int, role: str, name: str | None, space: SearchSpace, within_drop: Callable[[Any], bool]
-) -> TrialRow:
-    """One trial's row from its Tune result (`within_drop(validation)`: inside the accuracy constraint)."""
+def _status(result: Any, complete: bool) -> str:
+    """A trial without an error or a final report was stopped by ASHA, or cut off by an interruption."""
+    if result.error:
+        return "failed"
+    if (result.metrics or {}).get("final"):
+        return "completed"
+    return "stopped_early" if complete else "interrupted"
+
+
+def _policy(result: Any, space: SearchSpace) -> Policy:
+    """The policy the trial reported, else the one its configuration describes (none before it started)."""
+    reported = (result.metrics or {}).get("policy_json")
+    if reported:
+        return Policy.loads(reported)
+    return space.policy(result.config) if result.config else Policy()
+
+
+@dataclass(frozen=True)
+class RowContext:
+    """What turning Tune results into rows needs besides the results."""
+
+    space: SearchSpace
+    baseline_metric: float
+    max_drop: float | None
+    complete: bool  # False when the run was interrupted
+
+    def within_drop(self, validation: Any) -> bool:
+        return self.max_drop is None or (self.baseline_metric - validation) <= self.max_drop + 1e-12
+
+
+def trial_row(result: Any, number: int, role: str, name: str | None, context: RowContext) -> TrialRow:
+    """One trial's row from its Tune result."""
     metrics = dict(result.metrics or {})
-    status = "failed" if result.error else ("completed" if metrics.get("final") else "stopped_early")
-    policy = Policy.loads(metrics.get("policy_json") or space.policy(result.config).dumps())
+    status = _status(result, context.complete)
+    policy = _policy(result, context.space)
     return TrialRow(
         **{k: metrics.get(k) for k in _REPORTED},
         trial_id=_trial_id(result),
         number=number,
         role=role,
         status=status,
-        feasible=bool(status == "completed" and within_drop(metrics.get("validation"))),
+        feasible=bool(status == "completed" and context.within_drop(metrics.get("validation"))),
         pareto=False,
         epochs_completed=metrics.get("epoch"),
         policy_json=dataclasses.replace(policy, name=name).dumps() if name else policy.dumps(),
@@ -88,17 +116,13 @@ def trial_row(
     )
 
 
-def trial_rows(grid: Any, space: SearchSpace, max_drop: float | None, baseline_metric: float) -> list[TrialRow]:
+def trial_rows(results: list[Any], context: RowContext) -> list[TrialRow]:
     """One row per trial (status, feasibility and metrics), in the order Tune created the trials."""
-    fixed = space.fixed_points()
-
-    def feasible(validation: Any) -> bool:
-        return max_drop is None or (baseline_metric - validation) <= max_drop + 1e-12
-
+    fixed = context.space.fixed_points()
     rows = []
-    for number, result in enumerate(grid):
+    for number, result in enumerate(results):
         role, name = _role(result.config or {}, fixed)
-        rows.append(trial_row(result, number, role, name, space, feasible))
+        rows.append(trial_row(result, number, role, name, context))
     return rows
 
 
@@ -150,7 +174,8 @@ def _baseline_info(prepared: Prepared, rows: list[TrialRow]) -> BaselineInfo:
 def collect(grid: Any, *, config: SearchConfig, prepared: Prepared, run_info: RunInfo) -> SearchOutcome:
     """Rows, front, checkpoints, Parquet tables and (optionally) the report."""
     results = list(grid)
-    rows = trial_rows(results, prepared.space, config.max_accuracy_drop, prepared.reference.metric)
+    context = RowContext(prepared.space, prepared.reference.metric, config.max_accuracy_drop, run_info.complete)
+    rows = trial_rows(results, context)
     front = mark_front(rows, run_info.objectives, run_info.directions)
     checkpoint_front([rows[i] for i in front], [results[i] for i in front], prepared.workload, prepared.run_dir)
     run_info = dataclasses.replace(
@@ -164,7 +189,7 @@ def collect(grid: Any, *, config: SearchConfig, prepared: Prepared, run_info: Ru
     write_table(rows, TRIALS_SCHEMA, prepared.run_dir, TRIALS_FILE, run_info)
     write_table(pareto, PARETO_SCHEMA, prepared.run_dir, PARETO_FILE, run_info)
     outcome = SearchOutcome(prepared.run_dir, rows, pareto, run_info)
-    if config.report:
+    if config.report and outcome.finished:  # a report needs one finished trial
         from orchestrator.report import write_report
 
         outcome.report = str(write_report(prepared.run_dir).html)

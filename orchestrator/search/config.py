@@ -88,3 +88,8 @@ class SearchOutcome:
     @property
     def failed(self) -> int:
         return sum(row.status == "failed" for row in self.trials)
+
+    @property
+    def interrupted(self) -> bool:
+        """The run was stopped before it ended: its tables are partial and `--resume` continues it."""
+        return not self.run_info.complete

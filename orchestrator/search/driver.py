@@ -8,37 +8,64 @@ dashboard off), so it never joins another cluster on the machine; with `address`
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import os
+import sys
 import tempfile
 import warnings
 from typing import Any
 
 import torch
 
-from orchestrator.artifacts.fs import is_uri, upload_file
+from orchestrator.artifacts.fs import LockHeld, directory_lock, is_uri, upload_file
 from orchestrator.artifacts.tables import RunInfo
-from orchestrator.errors import UserError
+from orchestrator.errors import StorageFull, UserError
 from orchestrator.search.config import SearchConfig, SearchOutcome
-from orchestrator.search.prepare import JOURNAL_FILE, Prepared, prepare
+from orchestrator.search.prepare import JOURNAL_FILE, Prepared, prepare, run_directory
 from orchestrator.search.space import SearchSpace
+from orchestrator.search.stopping import out_of_space, ran_out_of_space
 from orchestrator.search.trial import TrialSetup, run_trial
 
 
 def run(config: SearchConfig) -> SearchOutcome:
     """Run (or resume) a search and leave trials.parquet, pareto.parquet, Pareto checkpoints and a report."""
+    config.check()
+    _quiet()
+    try:
+        with directory_lock(run_directory(config)[2]):
+            prepared = prepare(config)
+            start_ray(config)
+            grid = build_tuner(config, prepared).fit()
+            return finish(config, prepared, grid)
+    except LockHeld as exc:
+        raise UserError(f"{exc}; wait for it, or choose another --name") from None
+
+
+def finish(config: SearchConfig, prepared: Prepared, grid: Any) -> SearchOutcome:
+    """After `fit`: settle the journal, collect the rows, the front and the tables; a full disk is one line."""
     from orchestrator.search.collect import collect
     from orchestrator.search.sampler import fail_orphaned_trials
 
-    config.check()
-    _quiet()
-    prepared = prepare(config)
-    start_ray(config)
-    grid = build_tuner(config, prepared).fit()
-    fail_orphaned_trials(prepared.journal, prepared.name)
-    if is_uri(prepared.run_dir):  # the journal was kept locally; it belongs beside the results
-        upload_file(prepared.journal, prepared.run_dir, JOURNAL_FILE)
-    return collect(grid, config=config, prepared=prepared, run_info=run_info(config, prepared))
+    complete = len(grid) >= config.num_trials and grid.num_terminated + grid.num_errors == len(grid)
+    if complete:  # an interrupted run's RUNNING trials are resumed (or adopted) later, not failed
+        fail_orphaned_trials(prepared.journal, prepared.name)
+    full = any(out_of_space(result.error) for result in grid)
+    try:
+        if is_uri(prepared.run_dir):  # the journal was kept locally; it belongs beside the results
+            upload_file(prepared.journal, prepared.run_dir, JOURNAL_FILE)
+        info = dataclasses.replace(run_info(config, prepared), complete=complete and not full)
+        outcome = collect(grid, config=config, prepared=prepared, run_info=info)
+    except OSError as exc:
+        if not out_of_space(exc):
+            raise
+        full = True
+    if full:
+        raise StorageFull(
+            f"the disk holding {prepared.run_dir} is full; free space, then continue with "
+            f"--resume --name {prepared.name} (finished trials are kept)"
+        )
+    return outcome
 
 
 def start_ray(config: SearchConfig) -> None:
@@ -67,6 +94,7 @@ def build_tuner(config: SearchConfig, prepared: Prepared) -> Any:
     from ray import tune
 
     from orchestrator.search.progress import ProgressPrinter
+    from orchestrator.search.stopping import StopWhenStorageFull
 
     setup = TrialSetup(
         workload=prepared.workload,
@@ -74,19 +102,24 @@ def build_tuner(config: SearchConfig, prepared: Prepared) -> Any:
         space=prepared.space,
         objectives=config.metric_keys,
         cpus_per_trial=config.cpus_per_trial,
+        run_dir=prepared.run_dir,
         latency_batch_size=config.latency_batch_size,
     )
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, setup=setup), {"cpu": config.cpus_per_trial, "gpu": config.gpus_per_trial}
     )
     if config.resume:
-        return _restore(prepared.run_dir, trainable)
+        restored = _restore(prepared, trainable)
+        if restored is not None:
+            return restored
+    storage_guard = StopWhenStorageFull()
     run_config = tune.RunConfig(
         name=prepared.name,
         storage_path=prepared.storage,
+        stop=storage_guard,
         failure_config=tune.FailureConfig(max_failures=config.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-        callbacks=[ProgressPrinter(config.num_trials, config.metric_keys)],
+        callbacks=[ProgressPrinter(config.num_trials, config.metric_keys), storage_guard],
         verbose=0,
     )
     concurrency = config.concurrency or max(1, int((os.cpu_count() or 1) // config.cpus_per_trial))
@@ -100,34 +133,46 @@ def build_tuner(config: SearchConfig, prepared: Prepared) -> Any:
     return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
 
 
-def _restore(run_dir: str, trainable: Any) -> Any:
+def _restore(prepared: Prepared, trainable: Any) -> Any | None:
+    """Tune's own restore; None when Tune's state is missing, damaged (e.g. truncated by a full disk) or
+    recorded at another place (the run directory was moved: Tune would keep writing trials there). A new
+    Tuner over the same journal and finished records then resumes without losing or repeating a trial."""
     from ray import tune
 
+    if prepared.moved_from:
+        print(f"{prepared.run_dir} was moved from {prepared.moved_from}: resuming from its journal", file=sys.stderr)
+        return None
+    if not tune.Tuner.can_restore(prepared.run_dir):
+        return None
+    retry = ran_out_of_space(prepared.run_dir)  # trials that failed for lack of space run again
     try:
-        return tune.Tuner.restore(run_dir, trainable=trainable, resume_errored=False, restart_errored=False)
+        return tune.Tuner.restore(prepared.run_dir, trainable=trainable, resume_errored=False, restart_errored=retry)
     except (ModuleNotFoundError, AttributeError) as exc:  # Tune unpickles its searcher by class path
         raise UserError(
-            f"{run_dir} was written by an older version of this tool and cannot be resumed ({exc})"
+            f"{prepared.run_dir} was written by an older version of this tool and cannot be resumed ({exc})"
         ) from None
+    except Exception as exc:  # noqa: BLE001 - any damage to Tune's files: rebuild from our own records
+        print(
+            f"Tune's state in {prepared.run_dir} is unusable ({type(exc).__name__}); resuming from the journal",
+            file=sys.stderr,
+        )
+        return None
 
 
 def _searcher(config: SearchConfig, prepared: Prepared, concurrency: int) -> Any:
     """Optuna (through Tune) with the constraint, the baseline run outside the sampler, and the references."""
     from ray.tune.search import ConcurrencyLimiter
 
-    from orchestrator.search.sampler import (
-        AccuracyDropConstraint,
-        ConstrainedOptunaSearch,
-        journal_storage,
-        make_sampler,
-    )
+    from orchestrator.search.sampler import AccuracyDropConstraint, ConstrainedOptunaSearch, make_sampler, study_exists
 
     constraint = None
     if config.max_accuracy_drop is not None:
         constraint = AccuracyDropConstraint(prepared.reference.metric, config.max_accuracy_drop)
     fixed = prepared.space.fixed_points()  # the baseline runs outside the sampler: Optuna never proposes it
     unsampled = [params for _, role, params in fixed if role == "baseline"][: config.num_trials]
-    sampled = [params for _, role, params in fixed if role != "baseline"]
+    sampled = [params for _, role, params in fixed if role != "baseline"][: config.num_trials - len(unsampled)]
+    if study_exists(prepared.journal, prepared.name):  # resumed from its journal: the references are in it
+        sampled = []
     searcher = ConstrainedOptunaSearch(
         space=prepared.space.define,
         metric=list(config.metric_keys),
@@ -135,9 +180,9 @@ def _searcher(config: SearchConfig, prepared: Prepared, concurrency: int) -> Any
         sampler=make_sampler(
             config.sampler, seed=config.seed, num_trials=config.num_trials, constrained=constraint is not None
         ),
-        storage=journal_storage(prepared.journal),
+        journal=prepared.journal,
         study_name=prepared.name,
-        points_to_evaluate=sampled[: config.num_trials - len(unsampled)] or None,
+        points_to_evaluate=sampled or None,
         constraint=constraint,
         unsampled=unsampled,
     )
@@ -194,5 +239,6 @@ def _quiet() -> None:
 
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")  # each failure is one progress line; see error.txt
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +12,7 @@ import torch
 from torch import nn
 
 from orchestrator import executor
-from orchestrator.artifacts.fs import absolute, cache_root, is_uri, join
+from orchestrator.artifacts.fs import LOCK_FILE, absolute, cache_root, is_uri, join, read_bytes, write_atomic
 from orchestrator.device import resolve_device
 from orchestrator.errors import UserError
 from orchestrator.search.config import SearchConfig
@@ -19,6 +20,7 @@ from orchestrator.search.space import SearchSpace, build_space
 from orchestrator.workloads import Workload, resolve_workload
 
 JOURNAL_FILE = "optuna-journal.log"
+LOCATION_FILE = "location.json"  # where the run directory was created: a moved run is resumed anew
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,7 @@ class Prepared:
     space: SearchSpace
     device: torch.device
     started: float
+    moved_from: str | None = None  # the run directory's former place, when it was moved since it started
 
     @property
     def journal(self) -> str:
@@ -53,7 +56,7 @@ def prepare(config: SearchConfig) -> Prepared:
 
     started = time.time()
     storage, name, run_dir = run_directory(config)
-    if config.resume and not tune.Tuner.can_restore(run_dir):
+    if config.resume and not (tune.Tuner.can_restore(run_dir) or _experiment_exists(run_dir)):
         raise UserError(f"nothing to resume at {run_dir}")
     if not config.resume and _experiment_exists(run_dir):
         raise UserError(f"{run_dir} already holds a search; pass --resume to continue it, or a new --name")
@@ -64,7 +67,17 @@ def prepare(config: SearchConfig) -> Prepared:
         workload, baseline.to(device), device, latency_batch_size=config.latency_batch_size
     )
     space = build_space(baseline, config.space, seed=config.seed)
-    return Prepared(storage, name, run_dir, workload, baseline, reference, space, device, started)
+    moved_from = _record_location(run_dir)
+    return Prepared(storage, name, run_dir, workload, baseline, reference, space, device, started, moved_from)
+
+
+def _record_location(run_dir: str) -> str | None:
+    """Record where the run directory is; return where it was before, if that is somewhere else."""
+    recorded = read_bytes(run_dir, LOCATION_FILE)
+    before = json.loads(recorded).get("run_dir") if recorded else None
+    if before != run_dir:
+        write_atomic(run_dir, LOCATION_FILE, json.dumps({"run_dir": run_dir}).encode())
+    return before if before not in (None, run_dir) else None
 
 
 def journal_path(run_dir: str) -> str:
@@ -79,4 +92,4 @@ def _experiment_exists(run_dir: str) -> bool:
         from ray import tune
 
         return tune.Tuner.can_restore(run_dir)
-    return Path(run_dir).exists() and any(Path(run_dir).iterdir())
+    return Path(run_dir).exists() and any(p.name != LOCK_FILE for p in Path(run_dir).iterdir())

@@ -1,21 +1,29 @@
-"""Optuna inside Ray Tune: the multi-objective sampler, the accuracy-drop constraint, failed trials.
+"""Optuna inside Ray Tune: the multi-objective sampler, the accuracy-drop constraint, failed trials, resume.
 
 Ray's OptunaSearch tells Optuna a trial COMPLETE whenever it has a last result, even when the trial
 raised, and it cannot pass constraints. `ConstrainedOptunaSearch` fixes both: errors and NaN objectives
 become FAIL (never left RUNNING), and each completed trial carries its constraint value as a user
 attribute that the sampler's `constraints_func` reads. It also runs configurations outside the
 sampler's space (the uncompressed baseline) first, without showing them to Optuna.
+
+Decisions, for resuming after the driver died at any moment:
+- every trial is sampled by a fresh sampler seeded from (seed, trial number) (`TrialSeededSampler`), so a
+  trial's parameters depend on the study's history only, not on how often the driver restarted;
+- Optuna trials the journal holds but Tune never recorded (asked, or even finished, after Tune's last
+  snapshot) are adopted by the next trials Tune asks for, with their own parameters, instead of being
+  failed and sampled again; a trial Optuna already knows the end of is never told twice;
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.samplers import BaseSampler
 from ray.tune.search.optuna import OptunaSearch
 
 from orchestrator.errors import UserError
@@ -29,21 +37,72 @@ def constraint_of(trial: optuna.trial.FrozenTrial) -> Sequence[float]:
     return (trial.user_attrs.get(CONSTRAINT_ATTR, 0.0),)
 
 
-def make_sampler(name: str, *, seed: int, num_trials: int, constrained: bool) -> optuna.samplers.BaseSampler:
-    """TPE (the default: best fronts at 24 and 64 trials in docs/BENCHMARKS.md), NSGA-II (population sized so
-    the budget spans several generations) or random."""
-    constraints = constraint_of if constrained else None
-    if name == "nsga2":
-        population = max(4, min(50, num_trials // 4))
-        return optuna.samplers.NSGAIISampler(population_size=population, seed=seed, constraints_func=constraints)
-    if name == "tpe":
-        startup = max(4, min(10, num_trials // 4))
-        return optuna.samplers.TPESampler(
-            seed=seed, n_startup_trials=startup, multivariate=True, constraints_func=constraints
-        )
-    if name == "random":
+@dataclass(frozen=True)
+class SamplerRecipe:
+    """How to build one of the samplers for a seed: TPE (the default: best fronts at 24 and 64 trials in
+    docs/BENCHMARKS.md), NSGA-II (population sized so the budget spans several generations) or random."""
+
+    name: str
+    num_trials: int
+    constrained: bool
+
+    def __call__(self, seed: int) -> BaseSampler:
+        constraints = constraint_of if self.constrained else None
+        if self.name == "nsga2":
+            population = max(4, min(50, self.num_trials // 4))
+            return optuna.samplers.NSGAIISampler(population_size=population, seed=seed, constraints_func=constraints)
+        if self.name == "tpe":
+            startup = max(4, min(10, self.num_trials // 4))
+            return optuna.samplers.TPESampler(
+                seed=seed, n_startup_trials=startup, multivariate=True, constraints_func=constraints
+            )
         return optuna.samplers.RandomSampler(seed=seed)
-    raise UserError(f"unknown sampler {name!r}; one of {', '.join(SAMPLERS)}")
+
+
+class TrialSeededSampler(BaseSampler):
+    """Samples each trial with a fresh sampler from `make(seed')`, seed' derived from (seed, trial number).
+
+    Samplers keep a random state that advances with every draw; after a restart from an older snapshot that
+    state is behind, and the same trial number would get other parameters. Here a trial's draws depend only
+    on its number and the study's history.
+    """
+
+    def __init__(self, make: Callable[[int], BaseSampler], seed: int) -> None:
+        self._make = make
+        self._seed = seed
+        self._by_number: dict[int, BaseSampler] = {}
+
+    def _for(self, trial: optuna.trial.FrozenTrial) -> BaseSampler:
+        if trial.number not in self._by_number:
+            self._by_number[trial.number] = self._make((self._seed * 1_000_003 + trial.number) % 2**32)
+        return self._by_number[trial.number]
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> dict:
+        return self._for(trial).infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study: optuna.Study, trial: optuna.trial.FrozenTrial, search_space: dict) -> dict:
+        return self._for(trial).sample_relative(study, trial, search_space)
+
+    def sample_independent(
+        self, study: optuna.Study, trial: optuna.trial.FrozenTrial, param_name: str, param_distribution: Any
+    ) -> Any:
+        return self._for(trial).sample_independent(study, trial, param_name, param_distribution)
+
+    def before_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        self._for(trial).before_trial(study, trial)
+
+    def after_trial(
+        self, study: optuna.Study, trial: optuna.trial.FrozenTrial, state: Any, values: Sequence[float] | None
+    ) -> None:
+        self._for(trial).after_trial(study, trial, state, values)
+        self._by_number.pop(trial.number, None)
+
+
+def make_sampler(name: str, *, seed: int, num_trials: int, constrained: bool) -> BaseSampler:
+    """The named sampler, seeded per trial (see `TrialSeededSampler`)."""
+    if name not in SAMPLERS:
+        raise UserError(f"unknown sampler {name!r}; one of {', '.join(SAMPLERS)}")
+    return TrialSeededSampler(SamplerRecipe(name, num_trials, constrained), seed)
 
 
 def journal_storage(path: str | Path) -> optuna.storages.JournalStorage:
@@ -66,20 +125,27 @@ class AccuracyDropConstraint:
         return (self.baseline - result[self.metric]) - self.max_drop
 
 
+_FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL, optuna.trial.TrialState.PRUNED)
+_ADOPTABLE = (optuna.trial.TrialState.RUNNING, *_FINISHED)
+
+
 class ConstrainedOptunaSearch(OptunaSearch):
-    """OptunaSearch that records constraints, never tells Optuna a failed trial is complete, and suggests
-    the `unsampled` configurations first without involving Optuna."""
+    """OptunaSearch that records constraints, never tells Optuna a failed trial is complete, suggests the
+    `unsampled` configurations first without involving Optuna, and resumes without repeating or failing
+    trials the journal already holds (see the module's decisions)."""
 
     def __init__(
         self,
         *args: Any,
+        journal: str,
         constraint: AccuracyDropConstraint | None = None,
         unsampled: Sequence[dict[str, Any]] = (),
         **kwargs: Any,
     ) -> None:
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, storage=journal_storage(journal), **kwargs)
         if self._ot_study is not None:  # the dashboard and our tables name the objectives
             self._ot_study.set_metric_names(list(self._metric))
+        self._journal = journal
         self._constraint = constraint
         self._unsampled = [dict(config) for config in unsampled]
         self._unsampled_trials: set[str] = set()
@@ -88,27 +154,58 @@ class ConstrainedOptunaSearch(OptunaSearch):
         if self._unsampled:
             self._unsampled_trials.add(trial_id)
             return self._unsampled.pop(0)
+        if trial_id not in self._ot_trials:
+            orphan = self._next_orphan()
+            if orphan is not None:  # keeps its number and parameters: no second sampling, no FAIL entry
+                self._ot_trials[trial_id] = optuna.trial.Trial(self._ot_study, orphan._trial_id)
         return super().suggest(trial_id)
+
+    def _next_orphan(self) -> optuna.trial.FrozenTrial | None:
+        """The first trial of the study no Tune trial of this search stands for."""
+        bound = {trial.number for trial in self._ot_trials.values()}
+        for trial in self._ot_study.get_trials(deepcopy=False, states=_ADOPTABLE):
+            if trial.number not in bound:
+                return trial
+        return None
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if trial_id not in self._unsampled_trials:
             super().on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if trial_id in self._unsampled_trials:
+        """Tell Optuna how the trial ended, once: FAIL for errors and broken objectives, COMPLETE with the
+        constraint otherwise. A trial Optuna already knows the end of (told before a restart) is not told
+        again; one that had failed and now succeeded (re-run after the disk had filled) is recorded anew."""
+        if trial_id in self._unsampled_trials or trial_id not in self._ot_trials:
             return None
-        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
-            return super().on_trial_complete(trial_id, result, error)
         ot_trial = self._ot_trials[trial_id]
-        values = [None if not result else result.get(m) for m in self._metric]
-        broken = any(v is None or (isinstance(v, float) and math.isnan(v)) for v in values)
-        if error or broken:
-            self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.FAIL)
-            self._completed_trials.add(trial_id)
-            return None
-        if self._constraint is not None:
-            ot_trial.set_user_attr(CONSTRAINT_ATTR, float(self._constraint(result)))
-        return super().on_trial_complete(trial_id, result, error)
+        known = self._ot_study.get_trials(deepcopy=False)[ot_trial.number]
+        values = None if error or not result else [result.get(m) for m in self._metric]
+        good = values is not None and not any(v is None or (isinstance(v, float) and math.isnan(v)) for v in values)
+        attrs = {CONSTRAINT_ATTR: float(self._constraint(result))} if good and self._constraint else {}
+        if known.state == optuna.trial.TrialState.RUNNING:
+            for key, value in attrs.items():
+                ot_trial.set_user_attr(key, value)
+            state = optuna.trial.TrialState.COMPLETE if good else optuna.trial.TrialState.FAIL
+            self._ot_study.tell(ot_trial, values if good else None, state=state)
+        elif known.state == optuna.trial.TrialState.FAIL and good:
+            self._ot_study.add_trial(
+                optuna.trial.create_trial(
+                    params=known.params,
+                    distributions=known.distributions,
+                    values=values,
+                    user_attrs={**known.user_attrs, **attrs, "retry_of": known.number},
+                )
+            )
+        self._completed_trials.add(trial_id)
+        return None
+
+
+def study_exists(journal: str, study_name: str) -> bool:
+    """Whether the journal already holds the study (a search resumed without Tune's state)."""
+    if not Path(journal).is_file():
+        return False
+    return any(s.study_name == study_name for s in optuna.get_all_study_summaries(journal_storage(journal)))
 
 
 def fail_orphaned_trials(journal: str, study_name: str) -> int:

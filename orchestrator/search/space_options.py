@@ -157,7 +157,7 @@ def options_from_json(doc: Any) -> SpaceOptions:
     unknown = [key for key in doc if key not in _FIXED_KEYS and key not in with_globals]
     if unknown:
         known = ", ".join([*_FIXED_KEYS, *with_globals])
-        raise SpaceError(f"unknown search-space key(s) {', '.join(map(str, unknown))}; known: {known}")
+        raise SpaceError(f"unknown search-space key(s) {', '.join(map(repr, unknown))}; known: {known}")
     return SpaceOptions(
         families=_families(doc["families"]) if "families" in doc else None,
         grouping=_grouping(doc.get("grouping", "auto")),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import tempfile
@@ -14,11 +15,14 @@ import torch
 
 from orchestrator import executor
 from orchestrator.artifacts import store
+from orchestrator.artifacts.fs import join, publish_directory, read_bytes, resolve
+from orchestrator.policy import Policy
 from orchestrator.search.space import SearchSpace
 from orchestrator.workloads import Workload
 
 CHECKPOINT_SUBDIR = "model"
 RESULT_FILE = "final_result.json"  # beside the model in a trial's only checkpoint: the trial is done
+FINISHED_DIR = "finished"  # in the run directory: one record per finished configuration
 
 
 @dataclass(frozen=True)
@@ -30,6 +34,7 @@ class TrialSetup:
     space: SearchSpace
     objectives: tuple[str, ...]
     cpus_per_trial: float
+    run_dir: str
     latency_batch_size: int = 1
 
 
@@ -54,9 +59,18 @@ def _baseline(setup: TrialSetup) -> torch.nn.Module:
 
 
 def _device() -> torch.device:
+    """CUDA when Ray gave this trial a GPU; a GPU given but unusable is an error, never a silent CPU run."""
     import ray
 
-    return torch.device("cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu")
+    if not ray.get_gpu_ids():
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            f"this trial was given GPU(s) {ray.get_gpu_ids()} but CUDA is not usable here (torch "
+            f"{torch.__version__}, CUDA build {torch.version.cuda}): check the NVIDIA driver, or search with "
+            "--gpus-per-trial 0"
+        )
+    return torch.device("cuda")
 
 
 def _check_finite(result: dict[str, Any], objectives: tuple[str, ...]) -> None:
@@ -65,33 +79,70 @@ def _check_finite(result: dict[str, Any], objectives: tuple[str, ...]) -> None:
         raise FloatingPointError(f"objective(s) {', '.join(bad)} not finite: {[result.get(k) for k in bad]}")
 
 
+def finished_record(run_dir: str, config: dict[str, Any]) -> str:
+    """Where the finished trial with this configuration keeps its result and checkpoint.
+
+    Keyed by the configuration, not Tune's trial id: the executor is deterministic, so a configuration met
+    again (a trial Tune re-runs after a restart, or one the sampler proposes twice) is never recomputed.
+    """
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    return join(run_dir, f"{FINISHED_DIR}/{digest}")
+
+
+def _report_finished(record: str) -> bool:
+    """Report a finished record again (marked `restored`); False when there is none."""
+    from ray import tune
+
+    data = read_bytes(record, RESULT_FILE)
+    if data is None:
+        return False
+    filesystem, path = resolve(record)
+    checkpoint = tune.Checkpoint(path=path, filesystem=filesystem)
+    tune.report({**json.loads(data), "restored": True}, checkpoint=checkpoint)
+    return True
+
+
 def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     """The Tune function trainable: reports every objective after each fine-tuning epoch and at the end.
 
-    Only the final report carries a checkpoint, so a trial restored from a checkpoint (after the driver
-    died between its end and Tune's next snapshot) is already done.
+    Only the final report carries a checkpoint, and the finished trial is also kept under
+    `finished/` in the run directory, so a trial Tune restarts after the driver died is reported again
+    instead of being recomputed.
     """
-    import ray
     from ray import tune
 
-    finished = tune.get_checkpoint()
-    if finished is not None:  # resumed after its final report: report it again instead of redoing the work
-        with finished.as_directory() as local:
-            result = json.loads((Path(local) / RESULT_FILE).read_text())
-        tune.report({**result, "restored": True}, checkpoint=finished)
+    record = finished_record(setup.run_dir, config)
+    if _report_finished(record):
         return
     torch.set_num_threads(max(1, int(setup.cpus_per_trial)))
     started = time.perf_counter()
     device = _device()
     policy = setup.space.policy(config)
-    reference = _reference_on(setup, str(device))  # same process, threads and device as the trial
+    result, outcome = _compress(policy, setup, device)
+    result["wall_s"] = time.perf_counter() - started
+    _check_finite(result, setup.objectives)
+    with tempfile.TemporaryDirectory(prefix="trial-") as tmp:
+        store.save(outcome.model, policy, outcome.metrics, setup.workload, str(Path(tmp) / CHECKPOINT_SUBDIR))
+        (Path(tmp) / RESULT_FILE).write_text(json.dumps(result))
+        try:
+            publish_directory(Path(tmp), record, last=RESULT_FILE)
+        except FileExistsError:  # the same configuration finished meanwhile: its record stands
+            pass
+        tune.report(result, checkpoint=tune.Checkpoint.from_directory(tmp))
+
+
+def _compress(policy: Policy, setup: TrialSetup, device: torch.device) -> tuple[dict[str, Any], Any]:
+    """Apply the policy, reporting every objective after each fine-tuning epoch but the last; return the
+    final result and the executor's outcome."""
+    import ray
+    from ray import tune
+
     common = {
         "node_id": ray.get_runtime_context().get_node_id(),
         "device": str(device),
         "policy_json": policy.dumps(),
         "techniques": ",".join(policy.techniques()),
     }
-
     epochs = policy.fine_tune_epochs()
 
     def on_epoch(epoch: int, value: float, artifact: dict[str, Any]) -> None:
@@ -106,7 +157,7 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
         setup.workload,
         device=device,
         baseline=_baseline(setup),
-        reference=reference,
+        reference=_reference_on(setup, str(device)),  # same process, threads and device as the trial
         on_epoch=on_epoch,
         latency_batch_size=setup.latency_batch_size,
     )
@@ -117,10 +168,5 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
         "kernels_json": json.dumps(metrics["kernels"], sort_keys=True),
         "epoch": epochs,
         "final": True,
-        "wall_s": time.perf_counter() - started,
     }
-    _check_finite(result, setup.objectives)
-    with tempfile.TemporaryDirectory(prefix="trial-") as tmp:
-        store.save(outcome.model, policy, metrics, setup.workload, str(Path(tmp) / CHECKPOINT_SUBDIR))
-        (Path(tmp) / RESULT_FILE).write_text(json.dumps(result))
-        tune.report(result, checkpoint=tune.Checkpoint.from_directory(tmp))
+    return result, outcome

@@ -1,0 +1,264 @@
+"""The search under faults: SIGKILL at random moments, Ctrl-C, a moved run directory, two runs of one name,
+another Ray cluster on the machine, a GPU that does not work. What README's "What is promised under faults"
+section says is what these tests show."""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+
+from orchestrator.artifacts import store
+from orchestrator.artifacts.tables import PARETO_FILE, TRIALS_FILE, read_table
+from orchestrator.errors import UserError
+from orchestrator.search.sampler import journal_storage
+from orchestrator.workloads import resolve_workload
+
+REPO = Path(__file__).resolve().parents[1]
+FAMILIES = "quantization,unstructured_pruning"
+TRIALS = 8
+
+
+def search_args(storage: Path, name: str, *extra: str) -> list[str]:
+    space = storage / "space.json"
+    space.parent.mkdir(parents=True, exist_ok=True)
+    space.write_text(json.dumps({"distillation": {"epochs": [1]}}))
+    return [
+        sys.executable,
+        str(REPO / "search.py"),
+        *("--storage-path", str(storage), "--name", name, "--families", FAMILIES),
+        *("--num-trials", str(TRIALS), "--concurrency", "1", "--search-space", str(space), "--no-report"),
+        *extra,
+    ]
+
+
+def launch(args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, text=True)
+
+
+def kill_group(process: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, sig)
+    process.wait(timeout=120)
+    time.sleep(1)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)  # Ray's own processes, orphaned by the driver's death
+
+
+def final_results(run_dir: Path) -> list[dict]:
+    """Every final result any trial ever reported, computed or restored (Tune's result.json files)."""
+    found = []
+    for path in run_dir.glob("trial_*/result.json"):
+        found += [r for r in map(json.loads, path.read_text().splitlines()) if r.get("final")]
+    return found
+
+
+def computations(run_dir: Path) -> collections.Counter:
+    """How often each policy was computed (not restored from a finished record)."""
+    return collections.Counter(r["policy_json"] for r in final_results(run_dir) if not r.get("restored"))
+
+
+def journal_states(run_dir: Path, name: str) -> collections.Counter:
+    study = optuna.load_study(study_name=name, storage=journal_storage(run_dir / "optuna-journal.log"))
+    return collections.Counter(t.state.name for t in study.trials)
+
+
+def policies(run_dir: Path) -> list[str]:
+    trials, _ = read_table(str(run_dir), TRIALS_FILE)
+    return sorted(t["policy_json"] for t in trials)
+
+
+def check_resumed_run(run_dir: Path, name: str, clean: Path) -> None:
+    trials, info = read_table(str(run_dir), TRIALS_FILE)
+    assert info["complete"] is True and len(trials) == TRIALS
+    assert {t["status"] for t in trials} == {"completed"}
+    assert policies(run_dir) == policies(clean)  # the same trials as a run never interrupted
+    assert max(computations(run_dir).values()) == 1  # no finished trial ran twice
+    assert journal_states(run_dir, name) == collections.Counter({"COMPLETE": TRIALS - 1})  # baseline outside
+    pareto, _ = read_table(str(run_dir), PARETO_FILE)
+    workload = resolve_workload("digits")
+    for row in pareto:  # every Pareto checkpoint verifies and reproduces its metric
+        checkpoint = store.load(str(run_dir / row["checkpoint"]), workload)
+        assert workload.evaluate(checkpoint.model, "validation") == row["validation"]
+
+
+@pytest.fixture(scope="module")
+def clean_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    storage = tmp_path_factory.mktemp("clean")
+    result = subprocess.run(search_args(storage, "clean"), capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return storage / "clean"
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_sigkill_at_random_moments_then_resume_gives_the_clean_runs_trials(tmp_path, clean_run):
+    rng = random.Random(20261201)
+    storage = tmp_path / "runs"
+    run_dir = storage / "faulty"
+    for _ in range(4):
+        started = run_dir.is_dir() and any(p.name != ".lock" for p in run_dir.iterdir())
+        args = search_args(storage, "faulty", *(["--resume"] if started else []))  # as a user would rerun it
+        process = launch(args)
+        time.sleep(rng.uniform(2.0, 14.0))
+        if process.poll() is not None:
+            assert process.returncode == 0, process.stderr.read()[-4000:]
+            break
+        kill_group(process)
+    finished = subprocess.run(search_args(storage, "faulty", "--resume"), capture_output=True, text=True, timeout=900)
+    assert finished.returncode == 0, finished.stderr[-4000:]
+    check_resumed_run(storage / "faulty", "faulty", clean_run)
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_ctrl_c_leaves_partial_tables_and_a_moved_run_resumes(tmp_path, clean_run):
+    storage = tmp_path / "first"
+    process = launch(search_args(storage, "moved"))
+    deadline = time.time() + 300
+    while len(final_results(storage / "moved")) < 3 and time.time() < deadline and process.poll() is None:
+        time.sleep(0.3)
+    assert process.poll() is None, "the search ended before it could be interrupted"
+    os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 130, stderr[-4000:]
+    assert "--resume --name moved" in stderr
+    trials, info = read_table(str(storage / "moved"), TRIALS_FILE)
+    assert info["complete"] is False and {t["status"] for t in trials} <= {"completed", "interrupted"}
+    assert 3 <= sum(t["status"] == "completed" for t in trials) < TRIALS
+    assert "FAIL" not in journal_states(storage / "moved", "moved")
+
+    moved = tmp_path / "second"
+    moved.mkdir()
+    shutil.move(str(storage / "moved"), moved / "moved")
+    resumed = subprocess.run(search_args(moved, "moved", "--resume"), capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    check_resumed_run(moved / "moved", "moved", clean_run)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 3 MB tmpfs: room for a few trials of the digits search, not for all of them."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs is not permitted here")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_a_full_disk_is_one_line_and_resume_keeps_every_finished_trial(small_disk, clean_run):
+    first = subprocess.run(search_args(small_disk, "full"), capture_output=True, text=True, timeout=900)
+    assert first.returncode == 2, first.stderr[-4000:]
+    errors = [line for line in first.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [first.stderr.strip().splitlines()[-1]] and "disk holding" in errors[0] and "--resume" in errors[0]
+    assert "Traceback" not in first.stderr
+    assert not [p for p in small_disk.rglob("*") if ".tmp" in p.name]  # no half-written file anywhere
+    finished = {r["policy_json"]: r["validation"] for r in final_results(small_disk / "full")}
+    assert 1 <= len(finished) < TRIALS
+
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)  # space freed
+    second = subprocess.run(search_args(small_disk, "full", "--resume"), capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, second.stderr[-4000:]
+    trials, info = read_table(str(small_disk / "full"), TRIALS_FILE)
+    assert info["complete"] is True and {t["status"] for t in trials} == {"completed"}
+    assert policies(small_disk / "full") == policies(clean_run)  # the trial that ran out of space ran again
+    kept = {t["policy_json"]: t["validation"] for t in trials}
+    assert all(kept[policy] == value for policy, value in finished.items())  # every finished trial is kept
+    assert max(computations(small_disk / "full").values()) == 1  # ... and was not computed again
+    states = journal_states(small_disk / "full", "full")
+    assert "RUNNING" not in states and states["COMPLETE"] == TRIALS - 1  # failed attempts stay FAIL, honestly
+
+
+def test_a_second_search_of_the_same_name_is_refused_while_the_first_runs(tmp_path):
+    from orchestrator.search import SearchConfig, run
+
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\nfrom orchestrator.artifacts.fs import directory_lock\n"
+            f"with directory_lock({str(tmp_path / 'same')!r}):\n    print('held', flush=True)\n    time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(UserError, match="in use by another search"):
+            run(SearchConfig(storage_path=str(tmp_path), name="same", resume=True))
+        cli = subprocess.run(
+            [sys.executable, str(REPO / "search.py"), "--storage-path", str(tmp_path), "--name", "same"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert cli.returncode == 2 and cli.stderr.strip().splitlines() == [
+            f"error: {tmp_path / 'same'} is in use by another search (process {holder.pid}); wait for it, or "
+            "choose another --name"
+        ]
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+START_RAY = (
+    "import ray\nfrom orchestrator.search import SearchConfig\nfrom orchestrator.search.driver import start_ray\n"
+    "start_ray(SearchConfig())\nprint(ray.get_runtime_context().gcs_address, flush=True)\nray.shutdown()"
+)
+
+
+@pytest.mark.ray
+def test_a_local_search_never_joins_another_ray_cluster(tmp_path):
+    dead = {**os.environ, "RAY_ADDRESS": "127.0.0.1:1"}  # a cluster that died: ray.init() would hang or fail
+    own = subprocess.run([sys.executable, "-c", START_RAY], env=dead, capture_output=True, text=True, timeout=180)
+    assert own.returncode == 0, own.stderr[-3000:]
+    other = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import ray, time\nray.init(address='local', num_cpus=1, include_dashboard=False)\n"
+            "print(ray.get_runtime_context().gcs_address, flush=True)\ntime.sleep(120)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        address = other.stdout.readline().strip()
+        assert address
+        live = {**os.environ, "RAY_ADDRESS": address}
+        ours = subprocess.run([sys.executable, "-c", START_RAY], env=live, capture_output=True, text=True, timeout=180)
+        assert ours.returncode == 0, ours.stderr[-3000:]
+        assert ours.stdout.strip() and ours.stdout.strip() != address
+    finally:
+        kill_group(other)
+
+
+def test_a_trial_given_a_gpu_that_does_not_work_fails_with_the_reason(monkeypatch):
+    import ray
+    import torch
+
+    from orchestrator.search import trial
+
+    monkeypatch.setattr(ray, "get_gpu_ids", lambda: [0])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="given GPU.*CUDA is not usable.*--gpus-per-trial 0"):
+        trial._device()
+    monkeypatch.setattr(ray, "get_gpu_ids", lambda: [])
+    assert trial._device() == torch.device("cpu")
