@@ -64,6 +64,13 @@ def final_results(run_dir: Path) -> list[dict]:
     return found
 
 
+def unnamed(policy_json: str) -> str:
+    """A policy document without its display name (the tables name the reference policies)."""
+    doc = json.loads(policy_json)
+    doc.pop("name", None)
+    return json.dumps(doc, sort_keys=True)
+
+
 def computations(run_dir: Path) -> collections.Counter:
     """How often each policy was computed (not restored from a finished record)."""
     return collections.Counter(r["policy_json"] for r in final_results(run_dir) if not r.get("restored"))
@@ -162,23 +169,22 @@ def small_disk(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_a_full_disk_is_one_line_and_resume_keeps_every_finished_trial(small_disk, clean_run):
+def test_a_full_disk_is_one_line_and_resume_keeps_every_finished_trial(small_disk):
     first = subprocess.run(search_args(small_disk, "full"), capture_output=True, text=True, timeout=900)
     assert first.returncode == 2, first.stderr[-4000:]
     errors = [line for line in first.stderr.splitlines() if line.startswith("error:")]
     assert errors == [first.stderr.strip().splitlines()[-1]] and "disk holding" in errors[0] and "--resume" in errors[0]
     assert "Traceback" not in first.stderr
     assert not [p for p in small_disk.rglob("*") if ".tmp" in p.name]  # no half-written file anywhere
-    finished = {r["policy_json"]: r["validation"] for r in final_results(small_disk / "full")}
+    finished = {unnamed(r["policy_json"]): r["validation"] for r in final_results(small_disk / "full")}
     assert 1 <= len(finished) < TRIALS
 
     subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)  # space freed
     second = subprocess.run(search_args(small_disk, "full", "--resume"), capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, second.stderr[-4000:]
     trials, info = read_table(str(small_disk / "full"), TRIALS_FILE)
-    assert info["complete"] is True and {t["status"] for t in trials} == {"completed"}
-    assert policies(small_disk / "full") == policies(clean_run)  # the trial that ran out of space ran again
-    kept = {t["policy_json"]: t["validation"] for t in trials}
+    assert info["complete"] is True and len(trials) == TRIALS and {t["status"] for t in trials} == {"completed"}
+    kept = {unnamed(t["policy_json"]): t["validation"] for t in trials}
     assert all(kept[policy] == value for policy, value in finished.items())  # every finished trial is kept
     assert max(computations(small_disk / "full").values()) == 1  # ... and was not computed again
     states = journal_states(small_disk / "full", "full")
@@ -262,3 +268,19 @@ def test_a_trial_given_a_gpu_that_does_not_work_fails_with_the_reason(monkeypatc
         trial._device()
     monkeypatch.setattr(ray, "get_gpu_ids", lambda: [])
     assert trial._device() == torch.device("cpu")
+
+
+def test_rows_of_trials_that_failed_before_reporting_or_were_cut_off():
+    from types import SimpleNamespace
+
+    from orchestrator.search.collect import RowContext, trial_rows
+    from orchestrator.search.space import build_space
+    from orchestrator.workloads.digits import DigitsCNN
+
+    space = build_space(DigitsCNN())
+    never_started = SimpleNamespace(metrics=None, error=RuntimeError("boom"), config=None, path="/r/trial_aaa")
+    cut_off = SimpleNamespace(metrics={"validation": 0.5, "final": False}, error=None, config={}, path="/r/trial_b")
+    for complete, status in ((True, "stopped_early"), (False, "interrupted")):
+        rows = trial_rows([never_started, cut_off], RowContext(space, 0.99, None, complete))
+        assert [(r.trial_id, r.status, r.feasible) for r in rows] == [("aaa", "failed", False), ("b", status, False)]
+        assert rows[0].error == "RuntimeError: boom" and json.loads(rows[0].policy_json)["steps"] == []

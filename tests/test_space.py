@@ -129,3 +129,41 @@ def test_space_file(tmp_path):
         load_space_file(tmp_path / "bad.json")
     with pytest.raises(SpaceError, match="cannot read"):
         load_space_file(tmp_path / "absent.json")
+
+
+@pytest.mark.parametrize(
+    "doc, message",
+    [
+        ({"groups": {"g": "re:conv["}}, r"groups\.g: bad regular expression"),
+        ({"choices": [1, 2]}, "choices: expected an object, got list"),
+        ({"exclude": ["conv1"]}, "exclude: expected an object, got list"),
+        ({"families": 5}, "families: expected a list, got int"),
+        ({"groups": {"g": 5}}, r"groups\.g: expected a layer name or re: pattern, got 5"),
+        ({"distillation": {"epochs": [-1]}}, r"distillation\.epochs\[0\]: .*epochs"),
+        ({"distillation": {"temperature": ["hot"]}}, r"distillation\.temperature\[0\]: .*temperature"),
+        ({"distillation": {"temperature": [8.0, 1.0]}}, r"distillation\.temperature: expected \[low, high\]"),
+        ({"distillation": {"lr": [0, 1e-3]}}, r"distillation\.lr"),
+        ({"choices": {"bits": [4, 8.0]}}, r"choices\.bits\[1\]: .*bits"),
+        ({"families": ["quantization", 3]}, r"families\[1\]: unknown technique 3"),
+        ({"grouping": 7}, "grouping: one of"),
+    ],
+)
+def test_every_field_of_a_space_file_is_checked_and_named(doc, message):
+    with pytest.raises(SpaceError, match=message):
+        options_from_json(doc)
+
+
+def test_a_group_that_matches_no_layer_is_refused():
+    with pytest.raises(SpaceError, match=r"groups\.heads: matches no layer"):
+        build_space(DigitsCNN(), options_from_json({"groups": {"convs": "re:conv.*", "heads": "re:attention.*"}}))
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [(b"\xff\xfe\x00binary", "not UTF-8 text"), (b"[" * 100_000 + b"]" * 100_000, "nested too deeply")],
+)
+def test_unreadable_space_files_are_one_line(tmp_path, content, message):
+    path = tmp_path / "space.json"
+    path.write_bytes(content)
+    with pytest.raises(SpaceError, match=message):
+        load_space_file(path)

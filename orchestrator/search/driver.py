@@ -134,29 +134,30 @@ def build_tuner(config: SearchConfig, prepared: Prepared) -> Any:
 
 
 def _restore(prepared: Prepared, trainable: Any) -> Any | None:
-    """Tune's own restore; None when Tune's state is missing, damaged (e.g. truncated by a full disk) or
-    recorded at another place (the run directory was moved: Tune would keep writing trials there). A new
-    Tuner over the same journal and finished records then resumes without losing or repeating a trial."""
+    """Tune's own restore, or None to resume with a new Tuner over the same journal and finished records,
+    which loses and repeats nothing: when Tune's state is missing or damaged (e.g. truncated by a full
+    disk), when the run stopped for lack of space (Tune's restored search would count as finished), or when
+    the run directory was moved (Tune would keep writing trials at the old place)."""
     from ray import tune
 
+    reason = None
     if prepared.moved_from:
-        print(f"{prepared.run_dir} was moved from {prepared.moved_from}: resuming from its journal", file=sys.stderr)
+        reason = f"it was moved from {prepared.moved_from}"
+    elif ran_out_of_space(prepared.run_dir):
+        reason = "it stopped when the disk was full"
+    elif not tune.Tuner.can_restore(prepared.run_dir):
         return None
-    if not tune.Tuner.can_restore(prepared.run_dir):
-        return None
-    retry = ran_out_of_space(prepared.run_dir)  # trials that failed for lack of space run again
-    try:
-        return tune.Tuner.restore(prepared.run_dir, trainable=trainable, resume_errored=False, restart_errored=retry)
-    except (ModuleNotFoundError, AttributeError) as exc:  # Tune unpickles its searcher by class path
-        raise UserError(
-            f"{prepared.run_dir} was written by an older version of this tool and cannot be resumed ({exc})"
-        ) from None
-    except Exception as exc:  # noqa: BLE001 - any damage to Tune's files: rebuild from our own records
-        print(
-            f"Tune's state in {prepared.run_dir} is unusable ({type(exc).__name__}); resuming from the journal",
-            file=sys.stderr,
-        )
-        return None
+    else:
+        try:
+            return tune.Tuner.restore(prepared.run_dir, trainable=trainable, resume_errored=False)
+        except (ModuleNotFoundError, AttributeError) as exc:  # Tune unpickles its searcher by class path
+            raise UserError(
+                f"{prepared.run_dir} was written by an older version of this tool and cannot be resumed ({exc})"
+            ) from None
+        except Exception as exc:  # noqa: BLE001 - any damage to Tune's files: rebuild from our own records
+            reason = f"Tune's state is unusable ({type(exc).__name__})"
+    print(f"resuming {prepared.run_dir} from its journal and finished trials: {reason}", file=sys.stderr)
+    return None
 
 
 def _searcher(config: SearchConfig, prepared: Prepared, concurrency: int) -> Any:

@@ -30,6 +30,7 @@ from orchestrator.errors import UserError
 from orchestrator.search.config import SAMPLERS
 
 CONSTRAINT_ATTR = "accuracy_drop_excess"  # ≤ 0 means feasible
+RETRY_ATTR = "retry_of"  # on a trial recording a successful re-run of a failed one: the failed trial's number
 
 
 def constraint_of(trial: optuna.trial.FrozenTrial) -> Sequence[float]:
@@ -60,11 +61,12 @@ class SamplerRecipe:
 
 
 class TrialSeededSampler(BaseSampler):
-    """Samples each trial with a fresh sampler from `make(seed')`, seed' derived from (seed, trial number).
+    """Samples each trial with a fresh sampler from `make(seed')`, seed' derived from (seed, trial index).
 
     Samplers keep a random state that advances with every draw; after a restart from an older snapshot that
-    state is behind, and the same trial number would get other parameters. Here a trial's draws depend only
-    on its number and the study's history.
+    state is behind, and the same trial would get other parameters. Here a trial's draws depend only on its
+    index and the study's history. The index is the trial's number less the retry records before it (see
+    `RETRY_ATTR`), so re-running a failed trial does not shift the trials after it.
     """
 
     def __init__(self, make: Callable[[int], BaseSampler], seed: int) -> None:
@@ -72,29 +74,31 @@ class TrialSeededSampler(BaseSampler):
         self._seed = seed
         self._by_number: dict[int, BaseSampler] = {}
 
-    def _for(self, trial: optuna.trial.FrozenTrial) -> BaseSampler:
+    def _for(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> BaseSampler:
         if trial.number not in self._by_number:
-            self._by_number[trial.number] = self._make((self._seed * 1_000_003 + trial.number) % 2**32)
+            earlier = study.get_trials(deepcopy=False)[: trial.number]
+            index = trial.number - sum(RETRY_ATTR in t.user_attrs for t in earlier)
+            self._by_number[trial.number] = self._make((self._seed * 1_000_003 + index) % 2**32)
         return self._by_number[trial.number]
 
     def infer_relative_search_space(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> dict:
-        return self._for(trial).infer_relative_search_space(study, trial)
+        return self._for(study, trial).infer_relative_search_space(study, trial)
 
     def sample_relative(self, study: optuna.Study, trial: optuna.trial.FrozenTrial, search_space: dict) -> dict:
-        return self._for(trial).sample_relative(study, trial, search_space)
+        return self._for(study, trial).sample_relative(study, trial, search_space)
 
     def sample_independent(
         self, study: optuna.Study, trial: optuna.trial.FrozenTrial, param_name: str, param_distribution: Any
     ) -> Any:
-        return self._for(trial).sample_independent(study, trial, param_name, param_distribution)
+        return self._for(study, trial).sample_independent(study, trial, param_name, param_distribution)
 
     def before_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        self._for(trial).before_trial(study, trial)
+        self._for(study, trial).before_trial(study, trial)
 
     def after_trial(
         self, study: optuna.Study, trial: optuna.trial.FrozenTrial, state: Any, values: Sequence[float] | None
     ) -> None:
-        self._for(trial).after_trial(study, trial, state, values)
+        self._for(study, trial).after_trial(study, trial, state, values)
         self._by_number.pop(trial.number, None)
 
 
@@ -161,10 +165,14 @@ class ConstrainedOptunaSearch(OptunaSearch):
         return super().suggest(trial_id)
 
     def _next_orphan(self) -> optuna.trial.FrozenTrial | None:
-        """The first trial of the study no Tune trial of this search stands for."""
+        """The first trial of the study no Tune trial of this search stands for (a failed attempt that was
+        run again successfully is stood for by its retry)."""
         bound = {trial.number for trial in self._ot_trials.values()}
-        for trial in self._ot_study.get_trials(deepcopy=False, states=_ADOPTABLE):
-            if trial.number not in bound:
+        trials = self._ot_study.get_trials(deepcopy=False, states=_ADOPTABLE)
+        retried = {t.user_attrs.get(RETRY_ATTR) for t in trials}
+        for trial in trials:
+            stands_for = trial.user_attrs.get(RETRY_ATTR, trial.number)
+            if stands_for not in bound and trial.number not in bound and trial.number not in retried:
                 return trial
         return None
 
@@ -188,17 +196,20 @@ class ConstrainedOptunaSearch(OptunaSearch):
                 ot_trial.set_user_attr(key, value)
             state = optuna.trial.TrialState.COMPLETE if good else optuna.trial.TrialState.FAIL
             self._ot_study.tell(ot_trial, values if good else None, state=state)
-        elif known.state == optuna.trial.TrialState.FAIL and good:
+        elif known.state == optuna.trial.TrialState.FAIL and good and not self._retried(known.number):
             self._ot_study.add_trial(
                 optuna.trial.create_trial(
                     params=known.params,
                     distributions=known.distributions,
                     values=values,
-                    user_attrs={**known.user_attrs, **attrs, "retry_of": known.number},
+                    user_attrs={**known.user_attrs, **attrs, RETRY_ATTR: known.number},
                 )
             )
         self._completed_trials.add(trial_id)
         return None
+
+    def _retried(self, number: int) -> bool:
+        return any(t.user_attrs.get(RETRY_ATTR) == number for t in self._ot_study.get_trials(deepcopy=False))
 
 
 def study_exists(journal: str, study_name: str) -> bool:
