@@ -1,8 +1,9 @@
 """Re-measuring what exists: a workload's baseline, or a saved checkpoint reloaded through its workload.
 
-Decisions: a checkpoint is verified (every checksum) before its workload is even resolved, and the
-workload comes from the built-in names or the caller (`--workload`), never from code the checkpoint
-names; measurements go through `executor.measure_on`, like every trial's.
+Decisions: a checkpoint is verified in full (every checksum, every document's schema) before its
+workload is even resolved, and the workload comes from the built-in names or the caller (`--workload`):
+nothing a checkpoint names is ever imported; measurements go through `executor.measure_on`, like every
+trial's.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 from orchestrator.artifacts import store
 from orchestrator.device import resolve_device
 from orchestrator.executor import compressed_metrics, measure_on, measure_reference
-from orchestrator.workloads import Workload, resolve_workload
+from orchestrator.workloads import BUILTIN, Workload, resolve_workload
 
 
 def measure_baseline(workload: Workload, *, device: torch.device, latency_batch_size: int = 1) -> dict[str, Any]:
@@ -29,6 +30,17 @@ def measure_baseline(workload: Workload, *, device: torch.device, latency_batch_
     }
 
 
+def recorded_workload(manifest: dict[str, Any]) -> str:
+    """The built-in workload a verified manifest names; any other name must come from the user."""
+    name = manifest["workload"]
+    if name not in BUILTIN:
+        raise store.CheckpointError(
+            f"the checkpoint is of workload {name!r}, which is not built in; "
+            "pass --workload package.module:function yourself to load it"
+        )
+    return name
+
+
 def evaluate_checkpoint(
     source: str,
     *,
@@ -40,9 +52,9 @@ def evaluate_checkpoint(
 ) -> dict[str, Any]:
     """Validation and test metric, artifact bytes, latency, parameters and FLOPs of a checkpoint."""
     torch_device = resolve_device(device)
-    manifest = store.read_manifest(source)
-    work = resolve_workload(workload or str(manifest.get("workload", "")), data_dir=data_dir, weights=weights)
-    checkpoint = store.load(source, work)
+    verified = store.read_verified(source)
+    work = resolve_workload(workload or recorded_workload(verified.manifest), data_dir=data_dir, weights=weights)
+    checkpoint = store.load_verified(verified, work)
     model = checkpoint.model.to(torch_device)
     reference = measure_reference(
         work, work.load_baseline().to(torch_device), torch_device, latency_batch_size=latency_batch_size

@@ -100,9 +100,33 @@ def describe(model: nn.Module, base: nn.Module) -> list[dict[str, Any]]:
     return record
 
 
+_CONFIG_KEYS = {
+    "Linear": {"in_features", "out_features", "bias"},
+    "Conv2d": {
+        "in_channels",
+        "out_channels",
+        "kernel_size",
+        "stride",
+        "padding",
+        "dilation",
+        "groups",
+        "bias",
+        "padding_mode",
+    },
+    "BatchNorm1d": {"num_features", "eps", "momentum", "affine", "track_running_stats"},
+    "BatchNorm2d": {"num_features", "eps", "momentum", "affine", "track_running_stats"},
+    "LayerNorm": {"normalized_shape", "eps", "elementwise_affine", "bias"},
+    "Sequential": set(),
+}
+# What constructing an allow-listed module from a bad (hand-edited) config can raise.
+_BUILD_ERRORS = (LookupError, TypeError, AttributeError, ValueError, RuntimeError, ArithmeticError, MemoryError)
+
+
 def build_module(type_name: str, config: dict[str, Any]) -> nn.Module:
     """Construct one recorded module from the allow-list (built-in layers and registered packed layers)."""
     if type_name in _BUILTIN:
+        if set(config) != _CONFIG_KEYS[type_name]:
+            raise StructureError(f"{type_name} config has keys {sorted(config)}, not {sorted(_CONFIG_KEYS[type_name])}")
         return _BUILTIN[type_name][2](config)
     cls = techniques.module_types().get(type_name)
     if cls is None:
@@ -110,12 +134,31 @@ def build_module(type_name: str, config: dict[str, Any]) -> nn.Module:
     return cls.from_rebuild_config(config)
 
 
+def _check_place(model: nn.Module, name: str) -> None:
+    """A recorded module replaces one the model has, or appends the next child of a Sequential."""
+    parent_name, _, child = name.rpartition(".")
+    try:
+        parent = model.get_submodule(parent_name) if parent_name else model
+    except AttributeError:
+        parent = None
+    if parent is not None and child in dict(parent.named_children()):
+        return
+    if isinstance(parent, nn.Sequential) and child == str(len(parent)):
+        return
+    raise StructureError(f"structure record names module {name!r}, which the model does not have")
+
+
 def rebuild(base: nn.Module, record: list[dict[str, Any]]) -> nn.Module:
     """Apply a structure record to a freshly built base architecture (in place; returns it)."""
     for entry in record:
+        name = entry.get("name") if isinstance(entry, dict) else None
         try:
+            _check_place(base, entry["name"])
             module = build_module(entry["type"], entry["config"])
             techniques.set_module(base, entry["name"], module)
-        except (KeyError, TypeError, AttributeError) as exc:
-            raise StructureError(f"bad structure entry {entry.get('name')!r}: {exc}") from None
+        except StructureError as exc:
+            raise StructureError(f"bad structure entry {name!r}: {exc}") from None
+        except _BUILD_ERRORS as exc:
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise StructureError(f"bad structure entry {name!r}: {reason}") from None
     return base

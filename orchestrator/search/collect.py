@@ -150,7 +150,7 @@ def checkpoint_front(rows: list[TrialRow], results: list[Any], workload: Workloa
         test = workload.evaluate(loaded.model, "test")
         try:
             store.save(loaded.model, loaded.policy, {**loaded.metrics, "test": test}, workload, join(run_dir, relative))
-        except store.CheckpointError:  # written by an earlier collect of this run: keep it
+        except store.CheckpointExistsError:  # written by an earlier collect of this run: keep it
             pass
         row.test = test
         row.checkpoint = relative
