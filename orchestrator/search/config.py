@@ -13,6 +13,8 @@ from orchestrator.search.space_options import SpaceOptions
 OBJECTIVE_KEYS = {"accuracy": "validation", "size": "size_bytes", "latency": "latency_ms", "flops": "flops"}
 DIRECTIONS = {"validation": "maximize", "size_bytes": "minimize", "latency_ms": "minimize", "flops": "minimize"}
 SAMPLERS = ("tpe", "nsga2", "random")
+DEFAULT_TRIALS = 32  # a new run's budget when none is given
+DEFAULT_MAX_DROP = 0.05  # the accuracy guard: by default a model 5 points below the baseline is never on the front
 
 
 @dataclass(frozen=True)
@@ -23,8 +25,8 @@ class SearchConfig:
     data_dir: str | None = None
     weights: str | None = None
     objectives: tuple[str, ...] = ("accuracy", "size")
-    max_accuracy_drop: float | None = None
-    num_trials: int = 32
+    max_accuracy_drop: float | None = DEFAULT_MAX_DROP  # None: no guard
+    num_trials: int | None = None  # None: DEFAULT_TRIALS for a new run, the run's own budget for --resume
     sampler: str = "tpe"
     seed: int = 0
     space: SpaceOptions = field(default_factory=SpaceOptions)
@@ -39,6 +41,8 @@ class SearchConfig:
     max_failures: int = 1
     latency_batch_size: int = 1
     report: bool = True
+    mlflow: str | None = None  # an MLflow tracking URI; "" = mlruns/ beside the run directory
+    wandb: bool = False  # log to Weights & Biases (offline unless WANDB_MODE says otherwise)
     extra_ray_init: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -59,7 +63,7 @@ class SearchConfig:
             raise UserError("the objectives must include accuracy")
         if self.sampler not in SAMPLERS:
             raise UserError(f"unknown sampler {self.sampler!r}; one of {', '.join(SAMPLERS)}")
-        if self.num_trials < 1:
+        if self.num_trials is not None and self.num_trials < 1:
             raise UserError("--num-trials must be at least 1")
         if self.max_accuracy_drop is not None and not 0 <= self.max_accuracy_drop <= 1:
             raise UserError("--max-accuracy-drop is a fraction in [0, 1] (0.01 = one point)")

@@ -47,7 +47,7 @@ def finish(config: SearchConfig, prepared: Prepared, grid: Any) -> SearchOutcome
     from orchestrator.search.collect import collect
     from orchestrator.search.sampler import fail_orphaned_trials
 
-    complete = len(grid) >= config.num_trials and grid.num_terminated + grid.num_errors == len(grid)
+    complete = len(grid) >= prepared.num_trials and grid.num_terminated + grid.num_errors == len(grid)
     if complete:  # an interrupted run's RUNNING trials are resumed (or adopted) later, not failed
         fail_orphaned_trials(prepared.journal, prepared.name)
     full = any(out_of_space(result.error) for result in grid)
@@ -95,6 +95,7 @@ def build_tuner(config: SearchConfig, prepared: Prepared) -> Any:
 
     from orchestrator.search.progress import ProgressPrinter
     from orchestrator.search.stopping import StopWhenStorageFull
+    from orchestrator.search.tracking import tracking_callbacks
 
     setup = TrialSetup(
         workload=prepared.workload,
@@ -119,14 +120,18 @@ def build_tuner(config: SearchConfig, prepared: Prepared) -> Any:
         stop=storage_guard,
         failure_config=tune.FailureConfig(max_failures=config.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-        callbacks=[ProgressPrinter(config.num_trials, config.metric_keys), storage_guard],
+        callbacks=[
+            ProgressPrinter(prepared.num_trials, config.metric_keys),
+            storage_guard,
+            *tracking_callbacks(config, prepared),
+        ],
         verbose=0,
     )
     concurrency = config.concurrency or max(1, int((os.cpu_count() or 1) // config.cpus_per_trial))
     tune_config = tune.TuneConfig(
         search_alg=_searcher(config, prepared, concurrency),
         scheduler=_scheduler(config, prepared.space),
-        num_samples=config.num_trials,
+        num_samples=prepared.num_trials,
         reuse_actors=True,
         trial_dirname_creator=trial_dirname,
     )
@@ -137,12 +142,15 @@ def _restore(prepared: Prepared, trainable: Any) -> Any | None:
     """Tune's own restore, or None to resume with a new Tuner over the same journal and finished records,
     which loses and repeats nothing: when Tune's state is missing or damaged (e.g. truncated by a full
     disk), when the run stopped for lack of space (Tune's restored search would count as finished), or when
-    the run directory was moved (Tune would keep writing trials at the old place)."""
+    the run directory was moved (Tune would keep writing trials at the old place), or when `--num-trials`
+    extends the budget (Tune keeps the one it was first given)."""
     from ray import tune
 
     reason = None
     if prepared.moved_from:
         reason = f"it was moved from {prepared.moved_from}"
+    elif prepared.extended_from:
+        reason = f"its budget grows from {prepared.extended_from} to {prepared.num_trials} trials"
     elif ran_out_of_space(prepared.run_dir):
         reason = "it stopped when the disk was full"
     elif not tune.Tuner.can_restore(prepared.run_dir):
@@ -170,22 +178,23 @@ def _searcher(config: SearchConfig, prepared: Prepared, concurrency: int) -> Any
     if config.max_accuracy_drop is not None:
         constraint = AccuracyDropConstraint(prepared.reference.metric, config.max_accuracy_drop)
     fixed = prepared.space.fixed_points()  # the baseline runs outside the sampler: Optuna never proposes it
-    unsampled = [params for _, role, params in fixed if role == "baseline"][: config.num_trials]
-    sampled = [params for _, role, params in fixed if role != "baseline"][: config.num_trials - len(unsampled)]
+    unsampled = [params for _, role, params in fixed if role == "baseline"][: prepared.num_trials]
+    references = [(name, params) for name, role, params in fixed if role == "reference"]
+    references = references[: prepared.num_trials - len(unsampled)]
     if study_exists(prepared.journal, prepared.name):  # resumed from its journal: the references are in it
-        sampled = []
+        references = []
     searcher = ConstrainedOptunaSearch(
         space=prepared.space.define,
         metric=list(config.metric_keys),
         mode=["max" if d == "maximize" else "min" for d in config.directions],
         sampler=make_sampler(
-            config.sampler, seed=config.seed, num_trials=config.num_trials, constrained=constraint is not None
+            config.sampler, seed=config.seed, num_trials=prepared.num_trials, constrained=constraint is not None
         ),
         journal=prepared.journal,
         study_name=prepared.name,
-        points_to_evaluate=sampled or None,
         constraint=constraint,
         unsampled=unsampled,
+        references=references,
     )
     return ConcurrencyLimiter(searcher, max_concurrent=concurrency)
 
@@ -199,7 +208,7 @@ def run_info(config: SearchConfig, prepared: Prepared) -> RunInfo:
         objectives=config.metric_keys,
         directions=config.directions,
         max_accuracy_drop=config.max_accuracy_drop,
-        num_trials=config.num_trials,
+        num_trials=prepared.num_trials,
         sampler=config.sampler,
         seed=config.seed,
         asha=config.asha,

@@ -7,6 +7,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -15,12 +16,12 @@ from orchestrator import executor
 from orchestrator.artifacts.fs import LOCK_FILE, absolute, cache_root, is_uri, join, read_bytes, write_atomic
 from orchestrator.device import resolve_device
 from orchestrator.errors import UserError
-from orchestrator.search.config import SearchConfig
+from orchestrator.search.config import DEFAULT_TRIALS, SearchConfig
 from orchestrator.search.space import SearchSpace, build_space
 from orchestrator.workloads import Workload, resolve_workload
 
 JOURNAL_FILE = "optuna-journal.log"
-LOCATION_FILE = "location.json"  # where the run directory was created: a moved run is resumed anew
+RUN_FILE = "run.json"  # where the run directory is and its trial budget: a moved or extended run resumes anew
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,9 @@ class Prepared:
     space: SearchSpace
     device: torch.device
     started: float
+    num_trials: int = DEFAULT_TRIALS  # the budget in force: as given, or the resumed run's own
     moved_from: str | None = None  # the run directory's former place, when it was moved since it started
+    extended_from: int | None = None  # the budget before `--resume --num-trials` raised it
 
     @property
     def journal(self) -> str:
@@ -67,17 +70,27 @@ def prepare(config: SearchConfig) -> Prepared:
         workload, baseline.to(device), device, latency_batch_size=config.latency_batch_size
     )
     space = build_space(baseline, config.space, seed=config.seed)
-    moved_from = _record_location(run_dir)
-    return Prepared(storage, name, run_dir, workload, baseline, reference, space, device, started, moved_from)
+    record = _run_record(run_dir, config)
+    return Prepared(storage, name, run_dir, workload, baseline, reference, space, device, started, **record)
 
 
-def _record_location(run_dir: str) -> str | None:
-    """Record where the run directory is; return where it was before, if that is somewhere else."""
-    recorded = read_bytes(run_dir, LOCATION_FILE)
-    before = json.loads(recorded).get("run_dir") if recorded else None
-    if before != run_dir:
-        write_atomic(run_dir, LOCATION_FILE, json.dumps({"run_dir": run_dir}).encode())
-    return before if before not in (None, run_dir) else None
+def _run_record(run_dir: str, config: SearchConfig) -> dict[str, Any]:
+    """The budget in force and what changed since the run began (its place, its budget); record both."""
+    data = read_bytes(run_dir, RUN_FILE) if config.resume else None
+    before = json.loads(data) if data else {}
+    budget = config.num_trials or before.get("num_trials") or DEFAULT_TRIALS
+    if budget < before.get("num_trials", 0):
+        raise UserError(f"--num-trials {budget} is below this run's budget of {before['num_trials']} trials")
+    record = {"run_dir": run_dir, "num_trials": budget}
+    if record != before:
+        write_atomic(run_dir, RUN_FILE, json.dumps(record).encode())
+    moved = before.get("run_dir") not in (None, run_dir)
+    extended = before.get("num_trials") not in (None, budget)
+    return {
+        "num_trials": budget,
+        "moved_from": before["run_dir"] if moved else None,
+        "extended_from": before["num_trials"] if extended else None,
+    }
 
 
 def journal_path(run_dir: str) -> str:

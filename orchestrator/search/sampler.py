@@ -30,6 +30,9 @@ from orchestrator.errors import UserError
 from orchestrator.search.config import SAMPLERS
 
 CONSTRAINT_ATTR = "accuracy_drop_excess"  # ≤ 0 means feasible
+REFERENCE_ATTR = "reference"  # on a reference policy's trial: its name ("uniform int8", ...)
+BASELINE_ATTR = "baseline"  # on the study: the uncompressed baseline's trial id, metrics and checkpoint
+RECORDED = ("validation", "size_bytes", "latency_ms", "flops", "params", "compression_ratio", "speedup")
 RETRY_ATTR = "retry_of"  # on a trial recording a successful re-run of a failed one: the failed trial's number
 
 
@@ -144,11 +147,14 @@ class ConstrainedOptunaSearch(OptunaSearch):
         journal: str,
         constraint: AccuracyDropConstraint | None = None,
         unsampled: Sequence[dict[str, Any]] = (),
+        references: Sequence[tuple[str, dict[str, Any]]] = (),
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, storage=journal_storage(journal), **kwargs)
         if self._ot_study is not None:  # the dashboard and our tables name the objectives
             self._ot_study.set_metric_names(list(self._metric))
+            for name, params in references:  # evaluated first, named so the dashboard shows which is which
+                self._ot_study.enqueue_trial(params, user_attrs={REFERENCE_ATTR: name})
         self._journal = journal
         self._constraint = constraint
         self._unsampled = [dict(config) for config in unsampled]
@@ -184,13 +190,19 @@ class ConstrainedOptunaSearch(OptunaSearch):
         """Tell Optuna how the trial ended, once: FAIL for errors and broken objectives, COMPLETE with the
         constraint otherwise. A trial Optuna already knows the end of (told before a restart) is not told
         again; one that had failed and now succeeded (re-run after the disk had filled) is recorded anew."""
-        if trial_id in self._unsampled_trials or trial_id not in self._ot_trials:
+        if trial_id in self._unsampled_trials:  # the baseline: not a sampled trial, recorded on the study
+            if result and not error:
+                self._ot_study.set_user_attr(BASELINE_ATTR, {"ray_trial_id": trial_id, **_record(result)})
+            return None
+        if trial_id not in self._ot_trials:
             return None
         ot_trial = self._ot_trials[trial_id]
         known = self._ot_study.get_trials(deepcopy=False)[ot_trial.number]
         values = None if error or not result else [result.get(m) for m in self._metric]
         good = values is not None and not any(v is None or (isinstance(v, float) and math.isnan(v)) for v in values)
-        attrs = {CONSTRAINT_ATTR: float(self._constraint(result))} if good and self._constraint else {}
+        attrs = {"ray_trial_id": trial_id, **_record(result or {})}
+        if good and self._constraint is not None:
+            attrs[CONSTRAINT_ATTR] = float(self._constraint(result))
         if known.state == optuna.trial.TrialState.RUNNING:
             for key, value in attrs.items():
                 ot_trial.set_user_attr(key, value)
@@ -210,6 +222,12 @@ class ConstrainedOptunaSearch(OptunaSearch):
 
     def _retried(self, number: int) -> bool:
         return any(t.user_attrs.get(RETRY_ATTR) == number for t in self._ot_study.get_trials(deepcopy=False))
+
+
+def _record(result: dict[str, Any]) -> dict[str, Any]:
+    """What the study keeps of a trial's result: its measurements and where its checkpoint is."""
+    kept = {key: result[key] for key in RECORDED if isinstance(result.get(key), int | float)}
+    return {**kept, "checkpoint": result.get("checkpoint_path")} if result.get("checkpoint_path") else kept
 
 
 def study_exists(journal: str, study_name: str) -> bool:

@@ -120,6 +120,7 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     policy = setup.space.policy(config)
     result, outcome = _compress(policy, setup, device)
     result["wall_s"] = time.perf_counter() - started
+    result["checkpoint_path"] = join(record, CHECKPOINT_SUBDIR)
     _check_finite(result, setup.objectives)
     with tempfile.TemporaryDirectory(prefix="trial-") as tmp:
         store.save(outcome.model, policy, outcome.metrics, setup.workload, str(Path(tmp) / CHECKPOINT_SUBDIR))
