@@ -8,17 +8,21 @@ dashboard off), so it never joins another cluster on the machine; with `address`
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
+import logging
 import os
 import sys
 import tempfile
 import warnings
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from orchestrator.artifacts.fs import LockHeld, directory_lock, is_uri, upload_file
+from orchestrator.artifacts.fs import LockHeld, cache_root, directory_lock, is_uri, upload_file
 from orchestrator.artifacts.tables import RunInfo
 from orchestrator.errors import StorageFull, UserError
 from orchestrator.search.config import SearchConfig, SearchOutcome
@@ -26,6 +30,8 @@ from orchestrator.search.prepare import JOURNAL_FILE, Prepared, prepare, run_dir
 from orchestrator.search.space import SearchSpace
 from orchestrator.search.stopping import out_of_space, ran_out_of_space
 from orchestrator.search.trial import TrialSetup, run_trial
+
+LOG_FILE = "search.log"
 
 
 def run(config: SearchConfig) -> SearchOutcome:
@@ -35,7 +41,7 @@ def run(config: SearchConfig) -> SearchOutcome:
     try:
         with directory_lock(run_directory(config)[2]):
             prepared = prepare(config)
-            start_ray(config)
+            start_ray(config, log_file=_log_file(prepared))
             grid = build_tuner(config, prepared).fit()
             return finish(config, prepared, grid)
     except LockHeld as exc:
@@ -68,12 +74,52 @@ def finish(config: SearchConfig, prepared: Prepared, grid: Any) -> SearchOutcome
     return outcome
 
 
-def start_ray(config: SearchConfig) -> None:
-    """Join `config.address`, or start a private local Ray (never an existing cluster by accident)."""
+def _log_file(prepared: Prepared) -> Path:
+    """Where Ray's and Tune's own log lines go: `search.log` in the run directory (the cache for a remote run)."""
+    if is_uri(prepared.run_dir):
+        return cache_root() / "logs" / f"{prepared.name}.log"
+    return Path(prepared.run_dir) / LOG_FILE
+
+
+def route_ray_logs(log_file: Path) -> None:
+    """Send the `ray` loggers (Ray, Tune, and their warnings) to `log_file` instead of the console."""
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(log_file)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logger = logging.getLogger("ray")
+    for old in list(logger.handlers):
+        logger.removeHandler(old)
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
+def start_ray(config: SearchConfig, *, log_file: Path | None = None) -> None:
+    """Join `config.address`, or start a private local Ray (never an existing cluster by accident); Ray's own
+    log lines, those it writes while starting included, go to `log_file` when one is given."""
     import ray
 
-    if ray.is_initialized():
+    if not ray.is_initialized():
+        with _to_log(log_file):
+            _init_ray(config, log_file is None)
+    if log_file is not None:
+        route_ray_logs(log_file)
+
+
+@contextlib.contextmanager
+def _to_log(log_file: Path | None) -> Iterator[None]:
+    """Python-level stderr into the log while Ray starts (it clears its loggers' handlers as it does)."""
+    if log_file is None:
+        yield
         return
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_file, "a") as log, contextlib.redirect_stderr(log):
+        yield
+
+
+def _init_ray(config: SearchConfig, configure_logging: bool) -> None:
+    import ray
+
     if config.address:
         ray.init(address=config.address, **config.extra_ray_init)
         return
@@ -83,7 +129,7 @@ def start_ray(config: SearchConfig) -> None:
         dashboard_host="127.0.0.1",
         include_dashboard=False,
         log_to_driver=False,
-        configure_logging=True,
+        configure_logging=configure_logging,
         logging_level="WARNING",
         **config.extra_ray_init,
     )
@@ -187,9 +233,7 @@ def _searcher(config: SearchConfig, prepared: Prepared, concurrency: int) -> Any
         space=prepared.space.define,
         metric=list(config.metric_keys),
         mode=["max" if d == "maximize" else "min" for d in config.directions],
-        sampler=make_sampler(
-            config.sampler, seed=config.seed, num_trials=prepared.num_trials, constrained=constraint is not None
-        ),
+        sampler=make_sampler(config.sampler, seed=config.seed, num_trials=prepared.num_trials),
         journal=prepared.journal,
         study_name=prepared.name,
         constraint=constraint,

@@ -2,8 +2,8 @@
 
 Ray's OptunaSearch tells Optuna a trial COMPLETE whenever it has a last result, even when the trial
 raised, and it cannot pass constraints. `ConstrainedOptunaSearch` fixes both: errors and NaN objectives
-become FAIL (never left RUNNING), and each completed trial carries its constraint value as a user
-attribute that the sampler's `constraints_func` reads. It also runs configurations outside the
+become FAIL (never left RUNNING), and each completed trial carries its constraint value
+(`Trial.set_constraint`, which Optuna's samplers read). It also runs configurations outside the
 sampler's space (the uncompressed baseline) first, without showing them to Optuna.
 
 Decisions, for resuming after the driver died at any moment:
@@ -29,16 +29,11 @@ from ray.tune.search.optuna import OptunaSearch
 from orchestrator.errors import UserError
 from orchestrator.search.config import SAMPLERS
 
-CONSTRAINT_ATTR = "accuracy_drop_excess"  # ≤ 0 means feasible
+CONSTRAINT = "accuracy_drop_excess"  # the trial's constraint: ≤ 0 means feasible
 REFERENCE_ATTR = "reference"  # on a reference policy's trial: its name ("uniform int8", ...)
 BASELINE_ATTR = "baseline"  # on the study: the uncompressed baseline's trial id, metrics and checkpoint
 RECORDED = ("validation", "size_bytes", "latency_ms", "flops", "params", "compression_ratio", "speedup")
 RETRY_ATTR = "retry_of"  # on a trial recording a successful re-run of a failed one: the failed trial's number
-
-
-def constraint_of(trial: optuna.trial.FrozenTrial) -> Sequence[float]:
-    """Optuna's constraints_func: the recorded excess accuracy drop (trials without one count as feasible)."""
-    return (trial.user_attrs.get(CONSTRAINT_ATTR, 0.0),)
 
 
 @dataclass(frozen=True)
@@ -48,18 +43,13 @@ class SamplerRecipe:
 
     name: str
     num_trials: int
-    constrained: bool
 
     def __call__(self, seed: int) -> BaseSampler:
-        constraints = constraint_of if self.constrained else None
         if self.name == "nsga2":
-            population = max(4, min(50, self.num_trials // 4))
-            return optuna.samplers.NSGAIISampler(population_size=population, seed=seed, constraints_func=constraints)
+            return optuna.samplers.NSGAIISampler(population_size=max(4, min(50, self.num_trials // 4)), seed=seed)
         if self.name == "tpe":
             startup = max(4, min(10, self.num_trials // 4))
-            return optuna.samplers.TPESampler(
-                seed=seed, n_startup_trials=startup, multivariate=True, constraints_func=constraints
-            )
+            return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, multivariate=True)
         return optuna.samplers.RandomSampler(seed=seed)
 
 
@@ -105,11 +95,11 @@ class TrialSeededSampler(BaseSampler):
         self._by_number.pop(trial.number, None)
 
 
-def make_sampler(name: str, *, seed: int, num_trials: int, constrained: bool) -> BaseSampler:
+def make_sampler(name: str, *, seed: int, num_trials: int) -> BaseSampler:
     """The named sampler, seeded per trial (see `TrialSeededSampler`)."""
     if name not in SAMPLERS:
         raise UserError(f"unknown sampler {name!r}; one of {', '.join(SAMPLERS)}")
-    return TrialSeededSampler(SamplerRecipe(name, num_trials, constrained), seed)
+    return TrialSeededSampler(SamplerRecipe(name, num_trials), seed)
 
 
 def journal_storage(path: str | Path) -> optuna.storages.JournalStorage:
@@ -201,11 +191,12 @@ class ConstrainedOptunaSearch(OptunaSearch):
         values = None if error or not result else [result.get(m) for m in self._metric]
         good = values is not None and not any(v is None or (isinstance(v, float) and math.isnan(v)) for v in values)
         attrs = {"ray_trial_id": trial_id, **_record(result or {})}
-        if good and self._constraint is not None:
-            attrs[CONSTRAINT_ATTR] = float(self._constraint(result))
+        constraints = {CONSTRAINT: float(self._constraint(result))} if good and self._constraint else {}
         if known.state == optuna.trial.TrialState.RUNNING:
             for key, value in attrs.items():
                 ot_trial.set_user_attr(key, value)
+            for key, value in constraints.items():
+                ot_trial.set_constraint(key, value)
             state = optuna.trial.TrialState.COMPLETE if good else optuna.trial.TrialState.FAIL
             self._ot_study.tell(ot_trial, values if good else None, state=state)
         elif known.state == optuna.trial.TrialState.FAIL and good and not self._retried(known.number):
@@ -215,6 +206,7 @@ class ConstrainedOptunaSearch(OptunaSearch):
                     distributions=known.distributions,
                     values=values,
                     user_attrs={**known.user_attrs, **attrs, RETRY_ATTR: known.number},
+                    constraints=constraints,
                 )
             )
         self._completed_trials.add(trial_id)
