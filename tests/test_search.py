@@ -58,6 +58,20 @@ def test_smoke_test_leaves_checkpoints_that_reproduce_their_metrics(tmp_path):
     assert info["objectives"] == ["validation", "size_bytes"]
     assert "Pareto front" in result.stdout and f"run directory: {run_dir}" in result.stdout
     print(f"smoke test wall time {wall:.0f} s")
+    # the console holds our own lines only: Ray's and Tune's go to search.log; no colour codes in a pipe
+    assert "\x1b" not in result.stdout + result.stderr
+    assert not [line for line in result.stderr.splitlines() if "WARNING" in line or "INFO" in line]
+    assert "Token authentication" in (run_dir / "search.log").read_text()
+    assert [int(line.split("/")[0].strip("[")) for line in result.stderr.splitlines() if line.startswith("[")] == [
+        1,
+        2,
+        3,
+        4,
+        5,
+        6,
+    ]
+    # the default accuracy guard: nothing on the front is more than 5 points below the baseline
+    assert all(row["validation"] >= info["baseline"]["validation"] - 0.05 for row in pareto)
 
     workload = resolve_workload("digits")
     assert pareto
@@ -277,3 +291,29 @@ def test_asha_stops_weak_fine_tunes_and_stopped_trials_stay_off_the_front(tmp_pa
     assert all(r.epochs_completed < 4 for r in stopped)  # stopped at an earlier rung, never after all the work
     assert all(r.status == "completed" for r in outcome.trials if r.pareto)
     assert any(r.status == "completed" and r.epochs_completed == 4 for r in outcome.trials)
+
+
+def test_resume_extends_a_finished_search_and_counts_progress_across_sessions(tmp_path):
+    space = tmp_path / "space.json"
+    space.write_text(json.dumps({"families": ["quantization"], **ONE_EPOCH}))
+    common = ["--storage-path", str(tmp_path), "--name", "grow", "--search-space", str(space), "--no-report"]
+    first = subprocess.run(search_command(*common, "--num-trials", "3"), capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-4000:]
+    same = subprocess.run(search_command(*common, "--resume"), capture_output=True, text=True, timeout=600)
+    assert same.returncode == 0, same.stderr[-4000:]  # no --num-trials: the run's own budget, nothing new
+    trials, _ = read_table(str(tmp_path / "grow"), TRIALS_FILE)
+    assert len(trials) == 3
+    more = subprocess.run(
+        search_command(*common, "--resume", "--num-trials", "5"), capture_output=True, text=True, timeout=600
+    )
+    assert more.returncode == 0, more.stderr[-4000:]
+    trials, info = read_table(str(tmp_path / "grow"), TRIALS_FILE)
+    assert len(trials) == 5 and info["num_trials"] == 5 and {t["status"] for t in trials} == {"completed"}
+    progress = [line.split()[0] for line in more.stderr.splitlines() if line.startswith("[")]
+    assert progress[-1] == "[5/5]" and all(p.endswith("/5]") for p in progress)
+    kept = [line for line in more.stderr.splitlines() if "kept from before" in line]
+    assert len(kept) == 3  # the first three were reported again, not recomputed
+    shrink = subprocess.run(
+        search_command(*common, "--resume", "--num-trials", "2"), capture_output=True, text=True, timeout=600
+    )
+    assert shrink.returncode == 2 and "below this run's budget of 5" in shrink.stderr

@@ -12,7 +12,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from orchestrator.cli._dashboard import add_dashboard_arguments, run_dashboard
 from orchestrator.cli._format import format_measurements, format_result
+from orchestrator.cli._parser import EXIT_CODES, CliParser, SubcommandParser, version_text
 from orchestrator.cli._search import add_search_arguments, config_from_args, print_outcome
 from orchestrator.errors import UserError
 
@@ -24,8 +26,14 @@ __all__ = ["build_parser", "main", "search_main"]
 
 def _add_workload_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workload", default="digits", help="digits, cifar10, or package.module:function")
-    parser.add_argument("--data-dir", help="data directory (cifar10: the CIFAR-10 python batches)")
-    parser.add_argument("--weights", help="cifar10: baseline weights as a local safetensors file")
+    parser.add_argument(
+        "--data-dir", metavar="DIR", help="data directory (default: none; cifar10 needs the CIFAR-10 python batches)"
+    )
+    parser.add_argument(
+        "--weights",
+        metavar="FILE",
+        help="cifar10: baseline weights as a local safetensors file (default: none: trained and cached)",
+    )
     parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, or cuda[:N]")
 
 
@@ -89,46 +97,86 @@ def _search(args: argparse.Namespace) -> int:
     return EXIT_INTERRUPTED if outcome.interrupted else 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m orchestrator", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def build_parser(*, search_prog: str | None = None) -> argparse.ArgumentParser:
+    """The parser of `python -m orchestrator` (`search_prog`: the search's own name, e.g. python search.py)."""
+    parser = CliParser(prog="python -m orchestrator", description=__doc__.splitlines()[0], epilog=EXIT_CODES)
+    parser.add_argument("--version", action="version", version=version_text())
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=SubcommandParser)
+    _add_measuring_commands(commands)
 
-    baseline = commands.add_parser("baseline", help="train or load a workload's baseline and measure it")
+    search = commands.add_parser(
+        "search", help="run a search (the same as python search.py)", epilog=EXIT_CODES, prog=search_prog
+    )
+    search.add_argument("--version", action="version", version=version_text())
+    add_search_arguments(search)
+    search.set_defaults(handler=_search)
+
+    report = commands.add_parser(
+        "report", help="(re)write report.html and summary.md of a search run", epilog=EXIT_CODES
+    )
+    report.add_argument("run_dir", help="the run directory (local path or s3://, gs://)")
+    report.set_defaults(handler=_report)
+
+    dashboard = commands.add_parser(
+        "dashboard", help="browse a search's trials in optuna-dashboard (optional extra)", epilog=EXIT_CODES
+    )
+    add_dashboard_arguments(dashboard)
+    dashboard.set_defaults(handler=run_dashboard)
+    return parser
+
+
+def _add_measuring_commands(commands: argparse._SubParsersAction) -> None:
+    baseline = commands.add_parser(
+        "baseline", help="train or load a workload's baseline and measure it", epilog=EXIT_CODES
+    )
     _add_workload_args(baseline)
-    baseline.add_argument("--latency-batch-size", type=int, default=1)
+    baseline.add_argument(
+        "--latency-batch-size", type=int, default=1, metavar="N", help="batch size of the latency measurements"
+    )
     baseline.add_argument("--json", action="store_true", help="print the measurements as JSON")
     baseline.set_defaults(handler=_baseline)
 
-    apply = commands.add_parser("apply", help="apply a policy to a workload's baseline and save a checkpoint")
+    apply = commands.add_parser(
+        "apply", help="apply a policy to a workload's baseline and save a checkpoint", epilog=EXIT_CODES
+    )
     _add_workload_args(apply)
-    apply.add_argument("--policy", required=True, help="policy JSON file")
-    apply.add_argument("--out", required=True, help="new checkpoint directory (local path or s3://, gs://)")
-    apply.add_argument("--seed", type=int, help="override the policy's seed")
+    apply.add_argument("--policy", required=True, metavar="FILE", help="policy JSON file")
+    apply.add_argument(
+        "--out", required=True, metavar="DIR", help="new checkpoint directory (local path or s3://, gs://)"
+    )
+    apply.add_argument("--seed", type=int, metavar="N", help="override the policy's seed (default: the policy's own)")
     apply.add_argument("--json", action="store_true", help="print the metrics as JSON")
     apply.set_defaults(handler=_apply)
 
-    evaluate = commands.add_parser("evaluate", help="reload a checkpoint and re-measure it, test split included")
+    evaluate = commands.add_parser(
+        "evaluate", help="reload a checkpoint and re-measure it, test split included", epilog=EXIT_CODES
+    )
     evaluate.add_argument("checkpoint", help="checkpoint directory (local path or s3://, gs://)")
-    evaluate.add_argument("--workload", help="workload (default: the one recorded in the checkpoint)")
-    evaluate.add_argument("--data-dir", help="data directory (cifar10: the CIFAR-10 python batches)")
-    evaluate.add_argument("--weights", help="cifar10: baseline weights as a local safetensors file")
+    evaluate.add_argument("--workload", help="workload (default: the one recorded in the checkpoint, if built in)")
+    evaluate.add_argument(
+        "--data-dir", metavar="DIR", help="data directory (default: none; cifar10 needs the CIFAR-10 python batches)"
+    )
+    evaluate.add_argument(
+        "--weights", metavar="FILE", help="cifar10: baseline weights as a local safetensors file (default: none)"
+    )
     evaluate.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, or cuda[:N]")
     evaluate.add_argument("--json", action="store_true", help="print the metrics as JSON")
     evaluate.set_defaults(handler=_evaluate)
 
-    search = commands.add_parser("search", help="run a search (the same as python search.py)")
-    add_search_arguments(search)
-    search.set_defaults(handler=_search)
-
-    report = commands.add_parser("report", help="(re)write report.html and summary.md of a search run")
-    report.add_argument("run_dir", help="the run directory (local path or s3://, gs://)")
-    report.set_defaults(handler=_report)
-    return parser
-
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one subcommand; user errors become one line on stderr and exit code 2."""
-    args = build_parser().parse_args(argv)
+    return _run(build_parser(), argv)
+
+
+def search_main(argv: Sequence[str] | None = None) -> int:
+    """`python search.py`: the `search` subcommand of `python -m orchestrator`."""
+    arguments = ["search", *(sys.argv[1:] if argv is None else argv)]
+    return _run(build_parser(search_prog="python search.py"), arguments)
+
+
+def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
+    args = parser.parse_args(argv)
     try:
         return args.handler(args)
     except UserError as exc:
@@ -143,8 +191,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-
-
-def search_main(argv: Sequence[str] | None = None) -> int:
-    """`python search.py`: the `search` subcommand of `python -m orchestrator`."""
-    return main(["search", *(sys.argv[1:] if argv is None else argv)])

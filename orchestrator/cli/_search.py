@@ -4,69 +4,149 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 from pathlib import PurePosixPath as Path
 
 from orchestrator.errors import UserError
-from orchestrator.search.config import SAMPLERS, SearchConfig, SearchOutcome
+from orchestrator.search.config import DEFAULT_MAX_DROP, DEFAULT_TRIALS, SAMPLERS, SearchConfig, SearchOutcome
 from orchestrator.search.space import check_families, searchable
 from orchestrator.search.space_options import GROUPINGS, SpaceOptions, load_space_file
 
 SMOKE_TRIALS = 6
 _SETTINGS = ("workload", "data_dir", "weights", "objectives", "max_accuracy_drop", "num_trials", "sampler", "seed")
 _RESOURCES = ("cpus_per_trial", "gpus_per_trial", "concurrency", "asha", "storage_path", "name", "resume")
-_RUN = ("address", "max_failures", "latency_batch_size", "report")
+_RUN = ("address", "max_failures", "latency_batch_size", "report", "mlflow", "wandb")
 
 
 def _csv(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
+def max_accuracy_drop(text: str) -> float | None:
+    """A fraction in [0, 1], or `none` (any case) for no guard."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value <= 1:  # NaN fails this too
+        raise argparse.ArgumentTypeError(f"a fraction from 0 to 1 (0.01 = one point) or none, got {text!r}")
+    return value
+
+
 def add_search_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--workload", default="digits", help="digits (default), cifar10, or package.module:function")
-    parser.add_argument("--data-dir", help="data directory (cifar10: the CIFAR-10 python batches)")
-    parser.add_argument("--weights", help="cifar10: baseline weights as a local safetensors file")
+    """The search's flags: what to search, then where and how to run it."""
+    _add_what_arguments(parser)
+    _add_how_arguments(parser)
+
+
+def _add_what_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workload", default="digits", help="digits, cifar10, or package.module:function")
+    parser.add_argument(
+        "--data-dir", metavar="DIR", help="data directory (default: none; cifar10 needs the CIFAR-10 python batches)"
+    )
+    parser.add_argument(
+        "--weights",
+        metavar="FILE",
+        help="cifar10: baseline weights as a local safetensors file (default: none: trained and cached)",
+    )
     parser.add_argument(
         "--objectives",
         type=_csv,
+        metavar="LIST",
         default=("accuracy", "size"),
         help="comma-separated, from accuracy, size, latency, flops (default: accuracy,size)",
     )
     parser.add_argument(
         "--max-accuracy-drop",
-        type=float,
-        help="hard constraint: trials losing more validation accuracy (a fraction; 0.01 = one "
-        "point) are infeasible and never on the front",
+        type=max_accuracy_drop,
+        default=DEFAULT_MAX_DROP,
+        metavar="FRACTION",
+        help="trials losing more validation accuracy than this fraction of the baseline's (0.05 = five points) "
+        "are infeasible: kept in the tables and plots, marked, never on the front; `none` disables the guard",
     )
-    parser.add_argument("--num-trials", type=int, default=32, help="trial budget, baseline and references included")
-    parser.add_argument("--sampler", default="tpe", choices=SAMPLERS)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--num-trials",
+        type=int,
+        metavar="N",
+        help=f"trial budget, baseline and references included (default: {DEFAULT_TRIALS} for a new run; "
+        "with --resume, the run's own budget, which a larger value extends)",
+    )
+    parser.add_argument(
+        "--sampler",
+        default="tpe",
+        choices=SAMPLERS,
+        help="how trials are proposed: Optuna's multi-objective TPE, NSGA-II, or random search",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, metavar="N", help="seed of the sampler and of every trial's policy"
+    )
     parser.add_argument(
         "--families",
         type=_csv,
-        help=f"technique families to search (default: all of {','.join(searchable())})",
+        metavar="LIST",
+        help=f"technique families to search, comma-separated (default: all of {', '.join(searchable())})",
     )
     parser.add_argument(
         "--grouping",
         choices=GROUPINGS,
-        help="one search parameter per layer, per block, or per layer type (default auto: layer up to 12)",
+        help="one search parameter per layer, per block, or per layer type "
+        "(default: the search-space file's, else auto: per layer up to 12 layers)",
     )
-    parser.add_argument("--search-space", dest="space_file", help="JSON file overriding ranges, groups, families")
-    parser.add_argument("--cpus-per-trial", type=float, default=1.0)
-    parser.add_argument("--gpus-per-trial", type=float, default=0.0, help="fractions allowed, e.g. 0.5")
-    parser.add_argument("--concurrency", type=int, help="trials at once (default: cores / cpus-per-trial)")
+    parser.add_argument(
+        "--search-space",
+        dest="space_file",
+        metavar="FILE",
+        help="JSON file overriding ranges, groups, families (default: none: the space built from the model)",
+    )
+
+
+def _add_how_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--cpus-per-trial", type=float, default=1.0, metavar="N", help="CPU cores per trial, fractions allowed"
+    )
+    parser.add_argument(
+        "--gpus-per-trial", type=float, default=0.0, metavar="N", help="GPUs per trial, fractions allowed, e.g. 0.5"
+    )
+    parser.add_argument("--concurrency", type=int, metavar="N", help="trials at once (default: cores / cpus-per-trial)")
     parser.add_argument("--asha", action="store_true", help="stop weak fine-tunes early (ASHA on epochs)")
-    parser.add_argument("--storage-path", default="runs", help="results root: a local path or s3://, gs://")
-    parser.add_argument("--name", help="run name (default: workload and time); the run directory is STORAGE/NAME")
+    parser.add_argument(
+        "--storage-path", default="runs", metavar="PATH", help="results root: a local path or s3://, gs://"
+    )
+    parser.add_argument(
+        "--name", help="run name; the run directory is STORAGE/NAME (default: the workload and the time)"
+    )
     parser.add_argument("--resume", action="store_true", help="continue the interrupted run --name")
     parser.add_argument(
         "--address",
         help="Ray cluster to join ('auto' on a cluster's head node); default: start a private Ray locally "
         "(an existing cluster, or RAY_ADDRESS, is never joined without this flag)",
     )
-    parser.add_argument("--max-failures", type=int, default=1, help="retries of a trial lost to a node or error")
-    parser.add_argument("--latency-batch-size", type=int, default=1)
-    parser.add_argument("--no-report", dest="report", action="store_false", help="skip report.html")
+    parser.add_argument(
+        "--max-failures", type=int, default=1, metavar="N", help="retries of a trial lost to a node or error"
+    )
+    parser.add_argument(
+        "--latency-batch-size", type=int, default=1, metavar="N", help="batch size of the latency measurements"
+    )
+    parser.add_argument(
+        "--no-report",
+        dest="report",
+        action="store_false",
+        help="skip report.html (default: off: the report is written)",
+    )
+    parser.add_argument(
+        "--mlflow",
+        nargs="?",
+        const="",
+        metavar="URI",
+        help="log each trial's parameters, metrics and policy to MLflow (default store: mlruns/ beside the run "
+        "directory); default: off",
+    )
+    parser.add_argument(
+        "--wandb", action="store_true", help="log to Weights & Biases (offline mode unless WANDB_MODE is set)"
+    )
     parser.add_argument(
         "--smoke-test",
         action="store_true",
@@ -95,11 +175,12 @@ def space_options(args: argparse.Namespace) -> SpaceOptions:
 
 
 def config_from_args(args: argparse.Namespace) -> SearchConfig:
+    """The parsed flags as a SearchConfig."""
     if args.resume and not args.name:
         raise UserError("--resume needs the --name of the run to continue")
     fields = {k: getattr(args, k) for k in (*_SETTINGS, *_RESOURCES, *_RUN)}
     if args.smoke_test:
-        fields["num_trials"] = min(args.num_trials, SMOKE_TRIALS)
+        fields["num_trials"] = min(args.num_trials or DEFAULT_TRIALS, SMOKE_TRIALS)
     return SearchConfig(**fields, space=space_options(args))
 
 

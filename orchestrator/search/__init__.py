@@ -1,10 +1,25 @@
 """The search: Ray Tune trials driven by an Optuna sampler over a space built from the technique registry.
 
-`run(SearchConfig(...))` runs or resumes one search and returns a `SearchOutcome`.
+`run(SearchConfig(...))` runs or resumes one search and returns a `SearchOutcome`. The names load lazily, so
+importing a light module of this package (`orchestrator.search.config`) does not start torch or Ray.
 """
 
-from orchestrator.search.config import SearchConfig, SearchOutcome
-from orchestrator.search.driver import run
-from orchestrator.search.space_options import SpaceOptions, load_space_file
+from __future__ import annotations
 
-__all__ = ["SearchConfig", "SearchOutcome", "SpaceOptions", "load_space_file", "run"]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "SearchConfig": "orchestrator.search.config",
+    "SearchOutcome": "orchestrator.search.config",
+    "SpaceOptions": "orchestrator.search.space_options",
+    "load_space_file": "orchestrator.search.space_options",
+    "run": "orchestrator.search.driver",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'orchestrator.search' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
