@@ -19,6 +19,11 @@ from matplotlib import image as mpimg
 
 from orchestrator.artifacts.tables import PARETO_SCHEMA, TRIALS_SCHEMA, ResultsError, write_table
 from orchestrator.report import ReportPaths, format_front_table, write_report
+from orchestrator.report._compare import fmt_change, fmt_speed, speed_spread
+from orchestrator.report._data import load_run
+from orchestrator.report._figures import front_figure
+from orchestrator.report._png import front_plot
+from orchestrator.report._points import hover_text
 from orchestrator.report._policy import layer_table, summary
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -115,8 +120,18 @@ def trial(
 def make_trials() -> list[dict]:
     return [
         trial(0, "baseline", validation=0.975, size=BASE_SIZE, latency=BASE_LATENCY, steps=()),
-        trial(1, "reference", validation=0.9712, size=19_200, latency=0.61, steps=(QUANT8,), name="int8"),
-        trial(2, "reference", validation=0.92, size=10_400, latency=0.58, steps=(QUANT4,)),
+        trial(1, "reference", validation=0.9712, size=19_200, latency=0.61, steps=(QUANT8,), name="uniform int8"),
+        # below the accuracy-drop limit (0.975 − 0.05): infeasible, yet listed and drawn, marked as such
+        trial(
+            2,
+            "reference",
+            feasible=False,
+            validation=0.92,
+            size=10_400,
+            latency=0.58,
+            steps=(QUANT4,),
+            name="uniform 4-bit",
+        ),
         trial(3, pareto=True, validation=0.9689, size=12_595, latency=0.41, steps=(PRUNE, QUANT8, KD)),
         trial(4, pareto=True, validation=0.9533, size=6_150, latency=0.37, steps=(LOWRANK, STRUCT, QUANT4, KD)),
         trial(5, pareto=True, validation=0.9741, size=22_010, latency=0.52, steps=(PRUNE, KD)),
@@ -127,6 +142,23 @@ def make_trials() -> list[dict]:
         trial(10, status="failed", validation=None, size=None, latency=None),
         trial(11, status="stopped_early", validation=0.71, size=9_800, latency=0.45),
     ]
+
+
+COLUMNS = [
+    "trial",
+    "test accuracy",
+    "validation accuracy",
+    "size",
+    "Δ test",
+    "Δ validation",
+    "compression",
+    "latency",
+    "speed",
+    "FLOPs",
+    "techniques",
+    "role",
+    "checkpoint",
+]
 
 
 def make_front(trials: list[dict], checkpoints: dict[str, str]) -> list[dict]:
@@ -195,13 +227,14 @@ def report(run_dir: Path) -> ReportPaths:
 def test_html_table_matches_pareto_table(run_dir: Path, report: ReportPaths) -> None:
     html = Path(report.html).read_text()
     rows = table_rows(html)
-    assert list(rows) == ["baseline", "t004", "t003", "t005"]  # baseline first, then smallest model first
+    # the baseline, the references (smallest first), then the front, smallest model first
+    assert list(rows) == ["baseline", "reference-2", "reference-1", "t004", "t003", "t005"]
     for front in make_front(make_trials(), {"t003": "", "t004": "", "t005": ""}):
         cells = rows[front["trial_id"]]
         test, validation, size = (cells[i][0] for i in (1, 2, 3))
         assert float(test) == front["test"] and float(validation) == front["validation"]
         assert int(size) == front["size_bytes"]
-    assert rows["t003"][3][1] == "12.3 KiB" and rows["t003"][4][1] == "5.69×"
+    assert rows["t003"][3][1] == "12.3 KiB" and rows["t003"][COLUMNS.index("compression")][1] == "5.69×"
     assert rows["t003"][-1][1] == "checkpoints/t003"
     assert rows["t004"][-1][1] == "checkpoints/t004 checkpoint missing"
     assert rows["t005"][-1][1] == str(run_dir.parent / "elsewhere" / "t005")
@@ -214,8 +247,8 @@ def test_html_table_matches_pareto_table(run_dir: Path, report: ReportPaths) -> 
 def test_summary_markdown_and_png(run_dir: Path, report: ReportPaths) -> None:
     text = Path(report.summary).read_text()
     lines = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
-    assert {"t003", "t004", "t005", "baseline"} <= set(lines)
-    assert "| 0.9655 | 0.9689 | 12.3 KiB | 5.69× |" in lines["t003"]
+    assert {"t003", "t004", "t005", "baseline", "uniform int8", "uniform 4-bit"} <= set(lines)
+    assert "| 0.9655 | 0.9689 | 12.3 KiB | −0.39 pt | −0.61 pt | 5.69× |" in lines["t003"]
     assert "| 0.9477 | 0.9533 | 6.01 KiB |" in lines["t004"] and "checkpoint missing" in lines["t004"]
     assert "checkpoint missing" not in lines["t003"] + lines["t005"]
     assert "](front.png)" in text
@@ -247,13 +280,16 @@ def test_html_references_no_network_resource(report: ReportPaths) -> None:
 
 def test_console_table_aligns_numbers() -> None:
     front = make_front(make_trials(), {"t003": "checkpoints/t003", "t004": "checkpoints/t004", "t005": "c/t005"})
-    text = format_front_table(front, RUN_INFO, notes={"t004": "checkpoint missing"})
+    text = format_front_table(front, RUN_INFO, notes={"t004": "checkpoint missing"}, trials=make_trials())
     lines = text.splitlines()
     assert lines[0].split()[:3] == ["trial", "test", "accuracy"] and set(lines[1]) == {"-", " "}
-    assert [line.split()[0] for line in lines[2:]] == ["baseline", "t004", "t003", "t005"]
+    labels = [line[: lines[1].index(" ")].rstrip() for line in lines[2:]]
+    assert labels == ["baseline", "uniform 4-bit", "uniform int8", "t004", "t003", "t005"]
     size_end = lines[0].index("size") + len("size")
     assert {line[:size_end].rstrip()[-3:] for line in lines[2:]} == {"KiB"}  # right-aligned under "size"
     assert "checkpoints/t004 (checkpoint missing)" in text
+    without_trials = format_front_table(front, RUN_INFO)  # the front alone: no reference rows
+    assert "uniform" not in without_trials and len(without_trials.splitlines()) == 2 + 4
 
 
 def test_policy_layer_table_and_summary() -> None:
@@ -279,6 +315,8 @@ def test_regenerates_without_checkpoints_and_from_uri(run_dir: Path) -> None:
     assert paths.html == f"{run_dir.as_uri()}/report.html"
     html = (run_dir / "report.html").read_text()
     assert [cells[-1][1].endswith("checkpoint missing") for cells in table_rows(html).values()] == [
+        False,  # baseline
+        False,  # the references have no checkpoint
         False,
         True,
         True,
@@ -295,6 +333,221 @@ def test_minimal_metadata_and_no_pareto_table(tmp_path: Path) -> None:
     assert list(table_rows(html)) == ["t003"] and "pareto.parquet is missing" in html
     assert "<dd>n/a</dd>" in html and "no checkpoint recorded" in html
     assert html.count('class="plotly-graph-div"') == 2  # no latency plot without latencies; one heat map
+
+
+def md_rows(text: str) -> dict[str, list[str]]:
+    """Markdown table rows: first cell → all cells."""
+    rows = [
+        [c.strip() for c in line.strip().strip("|").split(" | ")] for line in text.splitlines() if line.startswith("| ")
+    ]
+    return {cells[0]: cells for cells in rows}
+
+
+def console_rows(text: str) -> dict[str, list[str]]:
+    """Console table rows: first column → cells, cut at the columns the rule under the header marks."""
+    lines = text.splitlines()
+    spans = [(m.start(), m.end()) for m in re.finditer(r"-+", lines[1])]
+    rows = [[line[a:b].strip() for a, b in spans] for line in [lines[0], *lines[2:]]]
+    return {cells[0]: cells for cells in rows}
+
+
+def all_tables(run_dir: Path, report: ReportPaths) -> dict[str, dict[str, list[str]]]:
+    """Row label → cell texts (in COLUMNS order) of the HTML, Markdown and console tables of the same run."""
+    html = {cells[0][1]: [text for _, text in cells] for cells in table_rows(Path(report.html).read_text()).values()}
+    console = format_front_table(
+        make_front(make_trials(), {"t003": "c", "t004": "c", "t005": "c"}), RUN_INFO, trials=make_trials()
+    )
+    return {"html": html, "markdown": md_rows(Path(report.summary).read_text()), "console": console_rows(console)}
+
+
+def test_reference_rows_are_named_and_marked(run_dir: Path, report: ReportPaths) -> None:
+    html = Path(report.html).read_text()
+    assert '<tr data-trial-id="reference-1" class="reference">' in html
+    assert '<tr data-trial-id="baseline" class="baseline">' in html
+    role = COLUMNS.index("role")
+    for kind, rows in all_tables(run_dir, report).items():
+        assert rows["uniform int8"][role] == "reference", kind  # the policy's name labels the row
+        assert rows["uniform 4-bit"][role] == "reference · infeasible", kind
+        assert rows["baseline"][role] == "baseline" and rows["t003"][role] == "Pareto", kind
+        assert "reference-1" not in rows and "reference-2" not in rows, kind
+
+
+def test_a_reference_on_the_front_is_listed_once_with_its_trial_id() -> None:
+    trials = make_trials()
+    front = make_front(trials, {"t003": "c3", "t004": "c4", "t005": "c5"})
+    front.append({**trials[1], "pareto": True, "test": 0.968, "checkpoint": "pareto/reference-1"})
+    rows = console_rows(format_front_table(front, RUN_INFO, trials=trials))
+    assert list(rows)[1:] == ["baseline", "uniform 4-bit", "t004", "t003", "reference-1", "t005"]
+    assert rows["reference-1"][COLUMNS.index("role")] == "Pareto · reference (uniform int8)"
+
+
+def test_metric_change_columns(run_dir: Path, report: ReportPaths) -> None:
+    """Δ test and Δ validation: the change from the baseline (test 0.9694, validation 0.975) in points."""
+    expected = {
+        "baseline": ["—", "—"],
+        "uniform int8": ["n/a", "−0.38 pt"],  # references have no test metric
+        "uniform 4-bit": ["n/a", "−5.50 pt"],
+        "t004": ["−2.17 pt", "−2.17 pt"],
+        "t003": ["−0.39 pt", "−0.61 pt"],
+        "t005": ["+0.08 pt", "−0.09 pt"],
+    }
+    columns = [COLUMNS.index("Δ test"), COLUMNS.index("Δ validation")]
+    for kind, rows in all_tables(run_dir, report).items():
+        assert rows["trial"][columns[0]] == "Δ test" if kind != "html" else True
+        assert {label: [rows[label][i] for i in columns] for label in expected} == expected, kind
+    assert 'data-value="-0.006099999999999994"' in Path(report.html).read_text()  # the exact number, unrounded
+    assert fmt_change(0.975, 0.975) == "0.00 pt" and fmt_change(0.97501, 0.975) == "0.00 pt"
+    assert fmt_change(12.5, 10.0) == "+2.5000" and fmt_change(None, 0.9) == "n/a"
+
+
+@pytest.mark.parametrize(
+    ("speedup", "spread", "words"),
+    [
+        (0.91, None, "1.10× slower"),
+        (1.25, None, "1.25× faster"),
+        (1.04, None, "about the same speed"),
+        (0.96, None, "about the same speed"),
+        (1.0, None, "about the same speed"),
+        (1.06, None, "1.06× faster"),
+        (0.5, None, "2.00× slower"),
+        (1.08, (0.97, 1.2), "no measurable change"),
+        (0.9, (0.8, 1.0), "no measurable change"),
+        (1.03, (1.01, 1.05), "1.03× faster"),  # a measured spread overrides the ±5 % rule
+        (0.8, (0.75, 0.85), "1.25× slower"),
+        (None, None, "n/a"),
+    ],
+)
+def test_speed_in_words(speedup: float | None, spread: tuple[float, float] | None, words: str) -> None:
+    assert fmt_speed(speedup, spread) == words
+
+
+def test_speed_rule_is_documented_and_spreads_are_read() -> None:
+    assert "±5 %" in (fmt_speed.__doc__ or "") and "no measurable change" in (fmt_speed.__doc__ or "")
+    base = RUN_INFO["baseline"]
+    assert speed_spread({"speedup_low": 1.1, "speedup_high": 0.9}, base) == (0.9, 1.1)
+    assert speed_spread({"latency_ms": 0.5}, base) is None  # nothing measured a spread
+    low, high = speed_spread({"latency_ms": 0.5, "latency_p10_ms": 0.4, "latency_p90_ms": 0.6}, base)
+    assert (low, high) == pytest.approx((0.84 / 0.6, 0.84 / 0.4))
+    low, high = speed_spread({"latency_ms": 0.8}, {**base, "latency_p10_ms": 0.7, "latency_p90_ms": 0.9})
+    assert (low, high) == pytest.approx((0.7 / 0.8, 0.9 / 0.8))
+
+
+def test_slower_models_read_slower_in_tables_and_hover() -> None:
+    """0.84 ms baseline: 0.923 ms is 1.10× slower, 0.672 ms 1.25× faster, 0.8077 ms about the same; a spread
+    from the row (`speedup_low`/`speedup_high`, optional columns) turns a 1.08× into no measurable change."""
+    rows = [
+        {**trial(20, pareto=True, latency=0.923, size=1_000), "test": 0.95},
+        {**trial(21, pareto=True, latency=0.672, size=2_000), "test": 0.95},
+        {**trial(22, pareto=True, latency=0.8077, size=3_000), "test": 0.95},
+        {
+            **trial(23, pareto=True, latency=0.84 / 1.08, size=4_000),
+            "test": 0.95,
+            "speedup_low": 0.97,
+            "speedup_high": 1.2,
+        },
+    ]
+    table = console_rows(format_front_table(rows, RUN_INFO))
+    speed = COLUMNS.index("speed")
+    assert [table[f"t0{n}"][speed] for n in (20, 21, 22, 23)] == [
+        "1.10× slower",
+        "1.25× faster",
+        "about the same speed",
+        "no measurable change",
+    ]
+    hovers = [hover_text(row, RUN_INFO) for row in rows]
+    assert "latency: 0.923 ms (1.10× slower)" in hovers[0] and "faster" not in hovers[0]
+    assert "(1.25× faster)" in hovers[1] and "(about the same speed)" in hovers[2]
+    assert "(no measurable change)" in hovers[3]
+    bigger = hover_text({**rows[0], "size_bytes": 80_000, "compression_ratio": BASE_SIZE / 80_000}, RUN_INFO)
+    assert "size: 78.1 KiB (1.12× larger)" in bigger and "smaller" not in bigger
+
+
+MIB = 1024 * 1024
+DECIMAL_UNITS = re.compile(r"(?<![A-Za-z])(kB|KB|MB|GB|TB)(?![A-Za-z])")
+
+
+def sized_run(path: Path, sizes: list[int]) -> Path:
+    """A run whose baseline is 3 MiB and whose trials have the given sizes (the first two on the front)."""
+    base = {**RUN_INFO["baseline"], "size_bytes": 3 * MIB}
+    trials = [trial(0, "baseline", validation=0.975, size=3 * MIB, latency=BASE_LATENCY, steps=())]
+    trials += [
+        {**trial(n + 1, pareto=n < 2, validation=0.96 - 0.002 * n, size=s), "compression_ratio": 3 * MIB / s}
+        for n, s in enumerate(sizes)
+    ]
+    info = {**RUN_INFO, "baseline": base}
+    write_table(trials, TRIALS_SCHEMA, str(path), "trials.parquet", info)
+    front = [{**t, "test": 0.95, "checkpoint": None} for t in trials if t["pareto"]]
+    write_table(front, PARETO_SCHEMA, str(path), "pareto.parquet", info)
+    return path
+
+
+def without_plotly_js(html: str) -> str:
+    """The page minus the inlined plotly.js library (whose source mentions kB and MB in its own strings)."""
+    parts = html.split("</script>")
+    assert sum("* plotly.js v" in part for part in parts) == 1
+    return "</script>".join(part for part in parts if "* plotly.js v" not in part)
+
+
+@pytest.mark.parametrize("sizes", [[300 * 1024, 700 * 1024, MIB + 512 * 1024], [720 * 1024, 2 * MIB, 1_500_000]])
+def test_sizes_are_binary_everywhere(tmp_path: Path, sizes: list[int]) -> None:
+    """Sizes spanning KiB and MiB: a log axis (first case) and a linear one (second) both tick in KiB/MiB, and
+    no page, summary or console table says kB or MB."""
+    run_dir = sized_run(tmp_path / "run", sizes)
+    paths = write_report(str(run_dir))
+    run = load_run(str(run_dir))
+    texts = {
+        "report.html": without_plotly_js(Path(paths.html).read_text()),
+        "summary.md": Path(paths.summary).read_text(),
+        "console": format_front_table(run.front, run.run_info, trials=run.trials),
+    }
+    for name, text in texts.items():
+        assert not DECIMAL_UNITS.search(text), (name, DECIMAL_UNITS.search(text))
+        assert "KiB" in text and "MiB" in text, name
+    axis = front_figure(run, "size_bytes").layout.xaxis
+    assert axis.ticktext and all(re.fullmatch(r"[\d.]+ (KiB|MiB)", t) for t in axis.ticktext), axis.ticktext
+    log = max(sizes + [3 * MIB]) / min(sizes) >= 8
+    assert axis.type == ("log" if log else "linear")
+    assert {t.split()[1] for t in axis.ticktext} == ({"KiB", "MiB"} if log else {"MiB"})  # 1 MiB, 1.5 MiB, ...
+    fig = front_plot(run)
+    fig.canvas.draw()
+    ticks = [t.get_text() for t in fig.axes[0].get_xticklabels() if t.get_text()]
+    assert ticks and all(re.fullmatch(r"[\d.]+ (KiB|MiB)", t) for t in ticks), ticks
+
+
+def test_infeasible_trials_are_marked_and_never_on_the_front(run_dir: Path) -> None:
+    """t009 is over the accuracy-drop limit and pareto.parquet claims it anyway (a damaged or hand-edited
+    table): the report drops it from the front with a warning and draws it as infeasible; the infeasible
+    reference stays in every table, marked."""
+    trials = make_trials()
+    front = make_front(trials, {"t003": "c3", "t004": "c4", "t005": "c5"}) + [{**trials[9], "test": 0.79}]
+    write_table(front, PARETO_SCHEMA, str(run_dir), "pareto.parquet", {**RUN_INFO, "run_dir": str(run_dir)})
+    run = load_run(str(run_dir))
+    assert [r["trial_id"] for r in run.front] == ["t003", "t004", "t005"]
+    assert run.warnings == ["infeasible trials flagged as Pareto-optimal are not shown on the front: t009"]
+    fig = front_figure(run, "size_bytes")
+    traces = {t.name: t for t in fig.data if t.name}
+    assert list(traces["infeasible (over accuracy-drop limit) (1)"].x) == [4_900]
+    assert 4_900 not in traces["Pareto front (3)"].x and 4_900 not in [
+        x for t in fig.data if t.mode == "lines" for x in t.x
+    ]
+    assert "(search, completed, infeasible)" in traces["infeasible (over accuracy-drop limit) (1)"].hovertext[0]
+    assert "uniform 4-bit (infeasible)" in [a.text for a in fig.layout.annotations]
+    legend = [t.get_text() for t in front_plot(run).legends[0].get_texts()]
+    assert "infeasible (over accuracy-drop limit) (1)" in legend and "Pareto front (3)" in legend
+    paths = write_report(str(run_dir))
+    html = Path(paths.html).read_text()
+    assert "t009" not in table_rows(html) and "not shown on the front: t009" in html
+    assert '<td class="role infeasible">reference · infeasible</td>' in html
+    assert "| reference · infeasible |" in Path(paths.summary).read_text()
+    (run_dir / "pareto.parquet").unlink()  # the fallback reads the trials' flags: the same rule holds
+    write_table(
+        [{**t, "pareto": t["pareto"] or t["trial_id"] == "t009"} for t in trials],
+        TRIALS_SCHEMA,
+        str(run_dir),
+        "trials.parquet",
+        RUN_INFO,
+    )
+    assert [r["trial_id"] for r in load_run(str(run_dir)).front] == ["t003", "t004", "t005"]
 
 
 def one_line_error(run_dir: Path) -> str:
@@ -365,8 +618,9 @@ def test_chromium_draws_plots_without_script_errors(report: ReportPaths, tmp_pat
     dom = dump_dom(page, tmp_path / "profile")
     assert dom.count('class="main-svg"') >= 2 * 6  # plotly draws two svg layers per figure
     assert body_tag(dom) == "<body>"
-    for label in ("int8", "reference-2", "baseline", "accuracy-drop limit"):  # labelled markers, both plots
-        assert len(re.findall(rf"<text[^>]*>{label}</text>", dom)) == 2, label
+    labels = ("uniform int8", "uniform 4-bit (infeasible)", "baseline", "accuracy-drop limit")
+    for label in labels:  # labelled markers, both plots
+        assert len(re.findall(rf"<text[^>]*>{re.escape(label)}</text>", dom)) == 2, label
     broken = tmp_path / "broken.html"  # the hook must notice a failing script, or the check above means nothing
     broken.write_text(page.read_text().replace("</body>", "<script>undefinedFunction();</script></body>"))
     assert "undefinedFunction" in body_tag(dump_dom(broken, tmp_path / "p2"))

@@ -188,7 +188,9 @@ def print_outcome(outcome: SearchOutcome) -> None:
     from orchestrator.report import format_front_table
 
     print(f"\n{outcome.finished} trials finished, {outcome.failed} failed; {len(outcome.pareto)} on the Pareto front\n")
-    print(format_front_table([row.as_dict() for row in outcome.pareto], outcome.run_info.to_json()))
+    front = [row.as_dict() for row in outcome.pareto]
+    trials = [row.as_dict() for row in outcome.trials]
+    print(format_front_table(front, outcome.run_info.to_json(), trials=trials))
     print(f"\nrun directory: {outcome.run_dir}")
     if outcome.report:
         print(f"report:        {outcome.report}")

@@ -30,6 +30,16 @@ def _front_from_trials(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{**t, "test": None, "checkpoint": None} for t in trials if t.get("pareto")]
 
 
+def _feasible_front(front: list[dict[str, Any]], warnings: list[str]) -> list[dict[str, Any]]:
+    """The front without infeasible rows: a model over the accuracy-drop limit is never shown as Pareto-optimal
+    (it stays among the trials, marked infeasible); a warning names any such row."""
+    kept = [row for row in front if row.get("feasible", True) is not False]
+    dropped = [str(row.get("trial_id")) for row in front if row not in kept]
+    if dropped:
+        warnings.append(f"infeasible trials flagged as Pareto-optimal are not shown on the front: {', '.join(dropped)}")
+    return kept
+
+
 def load_run(run_dir: str) -> RunData:
     """Read trials.parquet (required) and pareto.parquet (falling back to the trials' Pareto flags)."""
     trials, run_info = read_table(run_dir, TRIALS_FILE)
@@ -42,6 +52,7 @@ def load_run(run_dir: str) -> RunData:
     else:
         front = _front_from_trials(trials)
         warnings.append(f"{PARETO_FILE} is missing: the front is taken from {TRIALS_FILE}, without test metrics")
+    front = _feasible_front(front, warnings)
     notes = {
         str(row["trial_id"]): directory_note(locate(run_dir, row["checkpoint"]))
         for row in front

@@ -2,47 +2,58 @@
 
 from __future__ import annotations
 
+import html
 import math
+from dataclasses import replace
 
 import plotly.graph_objects as go
 
 from orchestrator.report._data import RunData
+from orchestrator.report._labels import Box, Frame, place
 from orchestrator.report._points import (
     AXES,
     FRONT_COLOUR,
     PARETO,
+    Limits,
     Style,
     drop_limit,
     has_point,
     hover_text,
-    log_scale,
+    labelled_points,
+    plot_limits,
     point_groups,
-    point_label,
     step_line,
+    unlabelled_points,
 )
 from orchestrator.report._policy import LayerTable, display, layer_settings, layer_table, numeric
+from orchestrator.report._scale import fraction, size_ticks
 from orchestrator.report._table import sort_front
 
 FONT = dict(family="system-ui, -apple-system, 'Segoe UI', Roboto, Helvetica, Arial, sans-serif", size=13)
 _SYMBOLS = {"circle": "circle", "x": "x", "diamond": "diamond", "star": "star"}
+# The plot area's size in pixels as the page may show it: the figures follow the window's width (two per row
+# from 1100 pixels, else one), and the legend below takes one to three rows of the fixed height. Measured in
+# Chromium: 502 × 268 at a 1280-pixel window, 746 × 293 at 900, 346 × 243 at 400.
+PLOT_AREA = Frame(width=(260.0, 1000.0), height=(230.0, 330.0))
+TYPICAL_AREA = Frame.fixed(500.0, 270.0)  # two figures per row in a 1280-pixel window
+LABEL_FONT = 11
+LIMIT_NOTE = "accuracy-drop limit"
+_LIMIT_COLOUR = "#7F7F7F"
 
 
-def _binary_ticks(low: float, high: float) -> tuple[list[float], list[str]]:
-    """Tick positions at powers of two (16 KiB, 32 KiB, ...) spanning [low, high], at most about eight."""
-    first, last = math.floor(math.log2(low)), math.ceil(math.log2(high))
-    stride = max(1, math.ceil((last - first + 1) / 8))
-    values = [2.0**p for p in range(first, last + 1, stride)]
-    return values, [AXES["size_bytes"][1](v) for v in values]
+def text_box(text: str, fx: float, fy: float) -> Box:
+    """A generous estimate of an annotation's box at LABEL_FONT: proportional glyphs, 2 px padding around."""
+    return Box(fx, fy, width=len(text) * 0.62 * LABEL_FONT + 8, height=LABEL_FONT * 1.3 + 6)
 
 
-def _axis(x: str, values: list[float]) -> dict:
-    """x-axis settings: log scale when the values span a wide range, readable units on the ticks."""
-    title, _ = AXES[x]
-    axis: dict = {"title": {"text": title}, "type": "log" if log_scale(values) else "linear"}
-    if x == "size_bytes" and axis["type"] == "log":
-        axis["tickvals"], axis["ticktext"] = _binary_ticks(min(values), max(values))
-    elif x == "size_bytes":
-        axis.update(tickformat="~s", ticksuffix="B")
+def _axis(x: str, limits: tuple[float, float], log: bool) -> dict:
+    """x-axis settings: the given range, log or linear, readable units on the ticks (binary for sizes)."""
+    title, fmt = AXES[x]
+    axis: dict = {"title": {"text": title}, "type": "log" if log else "linear"}
+    axis["range"] = [math.log10(v) for v in limits] if log else list(limits)
+    if x == "size_bytes":
+        axis["tickvals"] = size_ticks(*limits, log)
+        axis["ticktext"] = [fmt(v) for v in axis["tickvals"]]
     elif x == "latency_ms":
         axis["ticksuffix"] = " ms"
     else:
@@ -50,18 +61,15 @@ def _axis(x: str, values: list[float]) -> dict:
     return axis
 
 
-def _points_trace(rows: list[dict], x: str, style: Style, metric: str) -> go.Scatter:
-    """One point group's markers (labelled for the baseline and references)."""
+def _points_trace(rows: list[dict], x: str, style: Style, run: RunData) -> go.Scatter:
+    """One point group's markers (the labels of the baseline and references are annotations)."""
     return go.Scatter(
         x=[r[x] for r in rows],
         y=[r["validation"] for r in rows],
         name=f"{style.name} ({len(rows)})",
         legendgroup="front" if style is PARETO else style.name,
-        mode="markers+text" if style.labelled else "markers",
-        text=[point_label(r) for r in rows] if style.labelled else None,
-        textposition="top center",
-        textfont=dict(color=style.colour, size=11),
-        hovertext=[hover_text(r, metric) for r in rows],
+        mode="markers",
+        hovertext=[hover_text(r, run.run_info) for r in rows],
         hoverinfo="text",
         marker=dict(
             symbol=_SYMBOLS[style.marker] + ("-open" if style.hollow else ""),
@@ -86,37 +94,93 @@ def _front_line(rows: list[dict], x: str) -> go.Scatter:
     )
 
 
+def _limit_note(limit: float, ylim: tuple[float, float]) -> tuple[dict, Box]:
+    """The accuracy-drop limit's note (right end, under the line) and the box it takes, which labels avoid."""
+    box = text_box(LIMIT_NOTE, 1.0, fraction(limit, ylim, False))
+    note = dict(
+        x=1,
+        xref="paper",
+        y=limit,
+        yref="y",
+        text=LIMIT_NOTE,
+        showarrow=False,
+        xanchor="right",
+        yanchor="top",
+        font=dict(color=_LIMIT_COLOUR, size=LABEL_FONT),
+        borderpad=2,
+    )
+    return note, replace(box, dx=-box.width / 2, dy=-box.height / 2)
+
+
+def label_boxes(run: RunData, x: str, limits: Limits) -> list[Box]:
+    """Where the labels of the baseline and references go on the validation-versus-`x` plot, as placed boxes
+    (in the order of `labelled_points`)."""
+    points = labelled_points(run, x)
+    anchors = [(fraction(p.x, limits.x, limits.log), fraction(p.y, limits.y, False)) for p in points]
+    markers = [Box(fx, fy, p.style.size, p.style.size) for p, (fx, fy) in zip(points, anchors, strict=True)]
+    limit = drop_limit(run.run_info)
+    fixed = [_limit_note(limit, limits.y)[1]] if limit is not None else []
+    labels = [text_box(p.text, fx, fy) for p, (fx, fy) in zip(points, anchors, strict=True)]
+    others = [
+        Box(fraction(px, limits.x, limits.log), fraction(py, limits.y, False), style.size, style.size)
+        for px, py, style in unlabelled_points(run, x)
+    ]
+    return place(labels, markers + fixed, PLOT_AREA, [p.style.size / 2 for p in points], others, TYPICAL_AREA)
+
+
+def _annotations(run: RunData, x: str, limits: Limits) -> list[dict]:
+    """The labels as plotly annotations: text centred at the placed box, a thin line to the point."""
+    found = []
+    for point, box in zip(labelled_points(run, x), label_boxes(run, x, limits), strict=True):
+        found.append(
+            dict(
+                x=math.log10(point.x) if limits.log else point.x,
+                y=point.y,
+                text=html.escape(point.text),
+                showarrow=True,
+                ax=box.dx,
+                ay=-box.dy,  # plotly's pixel offsets point down
+                xanchor="center",
+                yanchor="middle",
+                arrowhead=0,
+                arrowwidth=1,
+                arrowcolor=point.style.colour,
+                standoff=point.style.size / 2,
+                font=dict(color=point.style.colour, size=LABEL_FONT),
+                bgcolor="rgba(255,255,255,0.85)",
+                borderpad=2,
+            )
+        )
+    return found
+
+
 def front_figure(run: RunData, x: str) -> go.Figure:
     """Validation metric versus `x`: all trials faint, the front as a step line, baseline and references labelled."""
     fig = go.Figure()
-    xs: list[float] = []
     for group in point_groups(run):
         rows = [r for r in group.rows if has_point(r, x)]
         if not rows:
             continue
-        xs += [r[x] for r in rows]
         if group.style is PARETO:
             fig.add_trace(_front_line(rows, x))
-        fig.add_trace(_points_trace(rows, x, group.style, run.metric))
+        fig.add_trace(_points_trace(rows, x, group.style, run))
+    limits = plot_limits(run, x)
+    annotations = _annotations(run, x, limits)
     limit = drop_limit(run.run_info)
     if limit is not None:
-        fig.add_hline(
-            y=limit,
-            line=dict(color="#7F7F7F", dash="dot", width=1),
-            annotation_text="accuracy-drop limit",
-            annotation_position="bottom right",
-            annotation_font=dict(color="#7F7F7F", size=11),
-        )
+        fig.add_hline(y=limit, line=dict(color=_LIMIT_COLOUR, dash="dot", width=1))
+        annotations.append(_limit_note(limit, limits.y)[0])
     fig.update_layout(
         template="plotly_white",
         font=FONT,
         height=460,
         margin=dict(l=60, r=20, t=50, b=50),
         title=dict(text=f"{run.metric} vs {AXES[x][0]}", x=0.01, font=dict(size=15)),
-        xaxis=_axis(x, xs),
-        yaxis=dict(title=dict(text=f"validation {run.metric}")),
+        xaxis=_axis(x, limits.x, limits.log),
+        yaxis=dict(title=dict(text=f"validation {run.metric}"), range=list(limits.y)),
         legend=dict(orientation="h", yanchor="top", y=-0.16, x=0, font=dict(size=11)),
         hoverlabel=dict(align="left", font=dict(size=12)),
+        annotations=annotations,
     )
     return fig
 

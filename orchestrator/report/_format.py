@@ -18,6 +18,9 @@ def _number(value: Any) -> float | None:
     return float(value)
 
 
+number = _number  # for the other report modules
+
+
 def _three_figures(value: float) -> str:
     """About three significant figures without scientific notation: 0.412, 4.12, 41.2, 412."""
     magnitude = abs(value)

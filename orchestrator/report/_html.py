@@ -53,7 +53,7 @@ def render_html(run: RunData) -> str:
         objectives=objectives(run.run_info),
         failed=sum(1 for t in run.trials if t.get("status") == "failed"),
         facts=run_facts(run.run_info, run.trials),
-        table=front_table(run.front, run.run_info, run.notes),
+        table=front_table(run.front, run.run_info, run.notes, run.trials),
         plots=plots,
         heatmaps=maps,
     )

@@ -14,9 +14,11 @@ from typing import Any
 import numpy as np
 
 from orchestrator.pareto import pareto_mask
+from orchestrator.report._compare import fmt_change, fmt_size_change, fmt_speed, speed_spread
 from orchestrator.report._data import RunData
-from orchestrator.report._format import fmt_bytes, fmt_count, fmt_metric, fmt_ms, fmt_ratio, fmt_techniques
+from orchestrator.report._format import fmt_bytes, fmt_count, fmt_metric, fmt_ms, fmt_techniques, ratio
 from orchestrator.report._policy import policy_name, summary
+from orchestrator.report._scale import axis_range
 
 # Axes a plot can use: column → (axis title, formatter of a tick value).
 AXES = {
@@ -78,10 +80,33 @@ def _baseline_row(run_info: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 def point_label(row: Mapping[str, Any]) -> str:
-    """Text next to a labelled point: "baseline", else the policy's name, else the trial id."""
+    """Text next to a labelled point: "baseline", else the policy's name, else the trial id; infeasible
+    points say so."""
     if row.get("role") == "baseline":
         return "baseline"
-    return policy_name(row.get("policy_json")) or str(row.get("trial_id"))
+    name = policy_name(row.get("policy_json")) or str(row.get("trial_id"))
+    return name if row.get("feasible", True) else f"{name} (infeasible)"
+
+
+@dataclass(frozen=True)
+class LabelledPoint:
+    """A point that carries its name on the plots (the baseline, the references)."""
+
+    text: str
+    x: float
+    y: float
+    style: Style
+
+
+def labelled_points(run: RunData, x: str) -> list[LabelledPoint]:
+    """The baseline first, then the references, each with its label, where they have a value of `x`."""
+    groups = sorted((g for g in point_groups(run) if g.style.labelled), key=lambda g: g.style is not BASELINE)
+    return [
+        LabelledPoint(point_label(r), float(r[x]), float(r["validation"]), g.style)
+        for g in groups
+        for r in g.rows
+        if has_point(r, x)
+    ]
 
 
 def has_point(row: Mapping[str, Any], x: str) -> bool:
@@ -113,16 +138,68 @@ def log_scale(values: Sequence[float]) -> bool:
     )
 
 
-def hover_text(row: Mapping[str, Any], metric: str) -> str:
+def _status(row: Mapping[str, Any]) -> str:
+    status = str(row.get("status", "n/a")).replace("_", " ")
+    return status + ("" if row.get("feasible", True) else ", infeasible")
+
+
+def _versus_baseline(row: Mapping[str, Any], base: Mapping[str, Any]) -> tuple[str, str, str]:
+    """(metric change, size change, speed change) in words, empty for the baseline itself."""
+    if row.get("role") == "baseline" or not base:
+        return "", "", ""
+    compression = row.get("compression_ratio") or ratio(base.get("size_bytes"), row.get("size_bytes"))
+    speedup = row.get("speedup") or ratio(base.get("latency_ms"), row.get("latency_ms"))
+    return (
+        f" ({fmt_change(row.get('validation'), base.get('validation'))} vs baseline)",
+        f" ({fmt_size_change(compression)})",
+        f" ({fmt_speed(speedup, speed_spread(row, base))})",
+    )
+
+
+def unlabelled_points(run: RunData, x: str) -> list[tuple[float, float, Style]]:
+    """(x, validation, style) of every other drawn point: labels try not to cover them."""
+    return [
+        (float(r[x]), float(r["validation"]), g.style)
+        for g in point_groups(run)
+        if not g.style.labelled
+        for r in g.rows
+        if has_point(r, x)
+    ]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """A plot's axis ranges in data units, and whether its x axis is logarithmic."""
+
+    x: tuple[float, float]
+    y: tuple[float, float]
+    log: bool
+
+
+def plot_limits(run: RunData, x: str) -> Limits:
+    """Axis ranges around every drawn point and the accuracy-drop limit, with room above the best models for
+    their labels."""
+    rows = [r for g in point_groups(run) for r in g.rows if has_point(r, x)]
+    xs, ys = [float(r[x]) for r in rows], [float(r["validation"]) for r in rows]
+    limit = drop_limit(run.run_info)
+    ys += [limit] if limit is not None else []
+    if not xs:
+        return Limits((0.0, 1.0), axis_range(ys or [0.0, 1.0], False), False)
+    log = log_scale(xs)
+    return Limits(axis_range(xs, log), axis_range(ys, False, pad=0.06, top=0.2), log)
+
+
+def hover_text(row: Mapping[str, Any], run_info: Mapping[str, Any]) -> str:
     """Trial id, status, metrics, techniques and a compact policy summary, as plotly hover HTML."""
-    status = row.get("status", "n/a") + ("" if row.get("feasible", True) else ", infeasible")
+    metric = run_info.get("metric") or "metric"
+    drop, smaller, faster = _versus_baseline(row, run_info.get("baseline") or {})
+    name = policy_name(row.get("policy_json"))
     lines = [
-        f"{row.get('trial_id')} ({row.get('role', 'n/a')}, {status})"
-        + (f" · {policy_name(row.get('policy_json'))}" if policy_name(row.get("policy_json")) else ""),
-        f"validation {metric}: {fmt_metric(row.get('validation'))}"
+        f"{row.get('trial_id')} ({row.get('role', 'n/a')}, {_status(row)})" + (f" · {name}" if name else ""),
+        f"validation {metric}: {fmt_metric(row.get('validation'))}{drop}"
         + (f" · test: {fmt_metric(row['test'])}" if row.get("test") is not None else ""),
-        f"size: {fmt_bytes(row.get('size_bytes'))} ({fmt_ratio(row.get('compression_ratio'))} smaller)",
-        f"latency: {fmt_ms(row.get('latency_ms'))} ({fmt_ratio(row.get('speedup'))} faster)",
+        f"size: {fmt_bytes(row.get('size_bytes'))}{smaller}",
+        f"latency: {fmt_ms(row.get('latency_ms'))}{faster}",
         f"FLOPs: {fmt_count(row.get('flops'))}",
         f"techniques: {fmt_techniques(row.get('techniques'))}",
         *summary(row.get("policy_json")),

@@ -18,7 +18,7 @@ def summary_markdown(run: RunData, png_name: str) -> str:
         *[f"- **{label}**: {facts[label]}" for label in _FACTS],
         *[f"- **warning**: {warning}" for warning in run.warnings],
         "",
-        render_markdown(front_table(run.front, run.run_info, run.notes)),
+        render_markdown(front_table(run.front, run.run_info, run.notes, run.trials)),
         "",
         f"![Pareto front: validation {run.metric} versus size and latency]({png_name})",
         "",

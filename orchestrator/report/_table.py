@@ -1,6 +1,7 @@
 """The Pareto front as one table model, rendered as plain text (console) and Markdown; HTML uses the model.
 
-The baseline heads the table so every ratio has its reference in view.
+The baseline heads the table so every ratio has its reference in view; the reference policies follow
+(labelled by name), then the front, smallest model first. A role column says which is which.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from orchestrator.report._compare import change, fmt_change, fmt_speed, speed_spread
 from orchestrator.report._format import (
     fmt_bytes,
     fmt_count,
@@ -18,6 +20,9 @@ from orchestrator.report._format import (
     fmt_techniques,
     ratio,
 )
+from orchestrator.report._policy import policy_name
+
+NOT_APPLICABLE = "—"  # a comparison of the baseline with itself
 
 
 @dataclass(frozen=True)
@@ -35,6 +40,7 @@ class FrontTable:
     headers: list[str]
     rows: list[list[Cell]]
     trial_ids: list[str]
+    kinds: list[str]  # per row: "baseline", "reference" or "front"
 
     @property
     def numeric(self) -> list[bool]:
@@ -50,53 +56,106 @@ def sort_front(rows: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
     )
 
 
-def _row(trial_id: str, row: Mapping[str, Any], base: Mapping[str, Any], checkpoint: Cell) -> list[Cell]:
-    size, latency, flops = row.get("size_bytes"), row.get("latency_ms"), row.get("flops")
-    compression = row.get("compression_ratio") or ratio(base.get("size_bytes"), size)
-    speedup = row.get("speedup") or ratio(base.get("latency_ms"), latency)
+def _headers(metric: str) -> list[str]:
     return [
-        Cell(trial_id),
-        Cell(fmt_metric(row.get("test")), row.get("test"), True),
-        Cell(fmt_metric(row.get("validation")), row.get("validation"), True),
-        Cell(fmt_bytes(size), size, True),
-        Cell(fmt_ratio(compression), compression, True),
-        Cell(fmt_ms(latency), latency, True),
-        Cell(fmt_ratio(speedup), speedup, True),
-        Cell(fmt_count(flops), flops, True),
-        Cell(fmt_techniques(row.get("techniques"))),
-        checkpoint,
-    ]
-
-
-def front_table(
-    front: Sequence[Mapping[str, Any]], run_info: Mapping[str, Any], notes: Mapping[str, str] | None = None
-) -> FrontTable:
-    """Table model of the front (sorted by size) under a baseline row; `notes` maps trial id → checkpoint note."""
-    metric = run_info.get("metric") or "metric"
-    headers = [
         "trial",
         f"test {metric}",
         f"validation {metric}",
         "size",
+        "Δ test",
+        "Δ validation",
         "compression",
         "latency",
-        "speedup",
+        "speed",
         "FLOPs",
         "techniques",
+        "role",
         "checkpoint",
     ]
+
+
+def _comparisons(row: Mapping[str, Any], base: Mapping[str, Any]) -> list[Cell]:
+    """Δ test, Δ validation (points), compression, then latency and speed, all against the baseline."""
+    compression = row.get("compression_ratio") or ratio(base.get("size_bytes"), row.get("size_bytes"))
+    speedup = row.get("speedup") or ratio(base.get("latency_ms"), row.get("latency_ms"))
+    test, validation = (change(row.get(k), base.get(k)) for k in ("test", "validation"))
+    return [
+        Cell(fmt_change(row.get("test"), base.get("test")), test, True),
+        Cell(fmt_change(row.get("validation"), base.get("validation")), validation, True),
+        Cell(fmt_ratio(compression), compression, True),
+        Cell(fmt_ms(row.get("latency_ms")), row.get("latency_ms"), True),
+        Cell(fmt_speed(speedup, speed_spread(row, base)), speedup, True),
+    ]
+
+
+def _row(label: str, row: Mapping[str, Any], base: Mapping[str, Any], role: str, checkpoint: Cell) -> list[Cell]:
+    size, flops = row.get("size_bytes"), row.get("flops")
+    if base is row:  # the baseline: nothing to compare with but itself
+        same = Cell(NOT_APPLICABLE, numeric=True)
+        latency = Cell(fmt_ms(row.get("latency_ms")), row.get("latency_ms"), True)
+        comparisons = [same, same, same, latency, same]
+    else:
+        comparisons = _comparisons(row, base)
+    return [
+        Cell(label),
+        Cell(fmt_metric(row.get("test")), row.get("test"), True),
+        Cell(fmt_metric(row.get("validation")), row.get("validation"), True),
+        Cell(fmt_bytes(size), size, True),
+        *comparisons,
+        Cell(fmt_count(flops), flops, True),
+        Cell(fmt_techniques(row.get("techniques"))),
+        Cell(role),
+        checkpoint,
+    ]
+
+
+def _role(row: Mapping[str, Any], on_front: bool) -> str:
+    """The role column: reference, reference · infeasible, Pareto, Pareto · reference (uniform int8), ..."""
+    kind, name = row.get("role"), policy_name(row.get("policy_json"))
+    if on_front:
+        own = {"baseline": " · baseline", "reference": f" · reference ({name})" if name else " · reference"}
+        return "Pareto" + own.get(str(kind), "")
+    status = row.get("status")
+    if status == "completed":
+        return "reference" if row.get("feasible") else "reference · infeasible"
+    return f"reference · {str(status).replace('_', ' ')}"
+
+
+def _references(trials: Sequence[Mapping[str, Any]], front_ids: set[str]) -> list[Mapping[str, Any]]:
+    """The reference trials that are not on the front (those are listed there), smallest first."""
+    return sort_front([t for t in trials if t.get("role") == "reference" and str(t.get("trial_id")) not in front_ids])
+
+
+def front_table(
+    front: Sequence[Mapping[str, Any]],
+    run_info: Mapping[str, Any],
+    notes: Mapping[str, str] | None = None,
+    trials: Sequence[Mapping[str, Any]] = (),
+) -> FrontTable:
+    """Table model: the baseline, the references among `trials` (by name), then the front sorted by size;
+    `notes` maps trial id → checkpoint note."""
     base = run_info.get("baseline") or {}
-    rows, ids = [], []
+    rows, ids, kinds = [], [], []
     if base:
-        rows.append(_row("baseline", {**base, "techniques": "none (uncompressed)"}, base, Cell("")))
+        plain = {**base, "techniques": "none (uncompressed)"}
+        rows.append(_row("baseline", plain, plain, "baseline", Cell(NOT_APPLICABLE)))
         ids.append("baseline")
+        kinds.append("baseline")
+    front_ids = {str(r.get("trial_id")) for r in front}
+    for row in _references(trials, front_ids):
+        trial_id = str(row.get("trial_id"))
+        label = policy_name(row.get("policy_json")) or trial_id
+        rows.append(_row(label, row, base, _role(row, False), Cell(NOT_APPLICABLE)))
+        ids.append(trial_id)
+        kinds.append("reference")
     for row in sort_front(front):
         trial_id = str(row.get("trial_id"))
         path = row.get("checkpoint") or ""
         note = (notes or {}).get(trial_id, "") if path else "no checkpoint recorded"
-        rows.append(_row(trial_id, row, base, Cell(path or "—", path or None, note=note)))
+        rows.append(_row(trial_id, row, base, _role(row, True), Cell(path or "—", path or None, note=note)))
         ids.append(trial_id)
-    return FrontTable(headers, rows, ids)
+        kinds.append("front")
+    return FrontTable(_headers(run_info.get("metric") or "metric"), rows, ids, kinds)
 
 
 def _plain(cell: Cell) -> str:
@@ -130,7 +189,12 @@ def render_markdown(table: FrontTable) -> str:
 
 
 def format_front_table(
-    rows: Sequence[Mapping[str, Any]], run_info: Mapping[str, Any], *, notes: Mapping[str, str] | None = None
+    rows: Sequence[Mapping[str, Any]],
+    run_info: Mapping[str, Any],
+    *,
+    notes: Mapping[str, str] | None = None,
+    trials: Sequence[Mapping[str, Any]] = (),
 ) -> str:
-    """The Pareto front (rows of pareto.parquet) as an aligned plain-text table, for the console."""
-    return render_text(front_table(rows, run_info, notes))
+    """The Pareto front (rows of pareto.parquet) as an aligned plain-text table, for the console; pass the
+    run's `trials` (rows of trials.parquet) to list the reference policies too."""
+    return render_text(front_table(rows, run_info, notes, trials))
