@@ -195,3 +195,29 @@ def test_nothing_secret_in_the_file(raw):
     assert set(raw["auth"]) == {"ssh_user"}  # Ray creates and manages the SSH key pair itself
     for node in raw["available_node_types"].values():
         assert "KeyName" not in node["node_config"]
+
+
+IAM_NAME = re.compile(r"^[\w+=,.@-]{1,128}$")
+INSTANCE_PROFILE_ARN = re.compile(
+    r"^arn:aws:iam::(\d{12}|ACCOUNT_ID):instance-profile/(?:[\w+=,.@-]+/)*(?P<name>[\w+=,.@-]+)$"
+)
+
+
+def test_workers_declare_the_instance_profile_that_lets_them_write_results(raw, cfg):
+    """Trials on the workers write to s3:// with the workers' own IAM role; `ray up` fills in the head's only."""
+    workers = {k: v for k, v in cfg["available_node_types"].items() if k != cfg["head_node_type"]}
+    text = CLUSTER_YAML.read_text()
+    for name, node in workers.items():
+        profile = node["node_config"].get("IamInstanceProfile")
+        assert isinstance(profile, dict) and len(profile) == 1, f"{name}: IamInstanceProfile needs Name or Arn"
+        if "Arn" in profile:
+            match = INSTANCE_PROFILE_ARN.match(profile["Arn"])
+            assert match, f"{name}: not an instance-profile ARN: {profile['Arn']}"
+            profile_name = match["name"]
+        else:
+            profile_name = profile["Name"]
+            assert IAM_NAME.match(profile_name), f"{name}: not an IAM name: {profile_name!r}"
+        assert f"role/{profile_name}" in text  # the set-up comment lets the head pass this role to workers
+        assert raw["available_node_types"][name]["node_config"]["IamInstanceProfile"] == profile
+    head = raw["available_node_types"][raw["head_node_type"]]["node_config"]
+    assert "IamInstanceProfile" not in head  # `ray up` creates and attaches the head's own role

@@ -26,6 +26,7 @@ from orchestrator.artifacts.fs import LockHeld, cache_root, directory_lock, is_u
 from orchestrator.artifacts.tables import RunInfo
 from orchestrator.errors import StorageFull, UserError
 from orchestrator.search.config import SearchConfig, SearchOutcome
+from orchestrator.search.preflight import check_storage_writable
 from orchestrator.search.prepare import JOURNAL_FILE, Prepared, prepare, run_directory
 from orchestrator.search.space import SearchSpace
 from orchestrator.search.stopping import out_of_space, ran_out_of_space
@@ -42,6 +43,7 @@ def run(config: SearchConfig) -> SearchOutcome:
         with directory_lock(run_directory(config)[2]):
             prepared = prepare(config)
             start_ray(config, log_file=_log_file(prepared))
+            check_storage_writable(prepared.run_dir, address_given=bool(config.address))
             grid = build_tuner(config, prepared).fit()
             return finish(config, prepared, grid)
     except LockHeld as exc:

@@ -9,6 +9,7 @@ A single-node run on a local path starts nothing.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import uuid
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from orchestrator.errors import UserError
 PREFLIGHT_DIR = ".preflight"
 TOKEN_FILE = "token"
 TIMEOUT_S = 60.0  # a node whose task has not run by then is reported on stderr, not failed
+DRIVER_HINT = "check the path, its permissions, and this machine's credentials for that storage"
 
 
 @dataclass(frozen=True)
@@ -31,9 +33,11 @@ class Node:
 
 
 def check_storage_writable(run_dir: str, *, address_given: bool) -> None:
-    """Raise UserError naming the first node that cannot write to `run_dir`. Runs when `run_dir` is
-    remote (s3://, gs://) or Ray has more than one alive node; call it after Ray is started. Without
-    `address_given`, a local path and no Ray running: nothing is checked (one machine)."""
+    """Raise UserError naming the first node that cannot write to `run_dir`; call it once Ray is started.
+
+    Every alive node is checked when `run_dir` is remote (s3://, gs://) or Ray has more than one node. A
+    local path on one node starts nothing (and, without `address_given` and no Ray running, asks nothing).
+    """
     remote = is_uri(run_dir)
     if not remote and not address_given and not _ray_running():
         return
@@ -41,10 +45,12 @@ def check_storage_writable(run_dir: str, *, address_given: bool) -> None:
     if not remote and len(nodes) <= 1:
         return
     if not nodes:  # a remote run directory and no Ray: this process is the only writer
-        failure = write_marker(run_dir, "driver", _write_token(run_dir))
-        _remove_preflight(run_dir)
+        try:
+            failure = write_marker(run_dir, "driver", _write_token(run_dir))
+        finally:
+            _remove_preflight(run_dir)
         if failure:
-            raise UserError(f"this machine cannot write to {run_dir}: {failure}; {setup_hint(run_dir)}")
+            raise UserError(f"this machine cannot write to {run_dir}: {failure}; {DRIVER_HINT}")
         return
     verify_nodes(run_dir, nodes)
 
@@ -67,9 +73,8 @@ def verify_nodes(run_dir: str, nodes: list[Node], *, simulate_failure_on: str | 
 
     `simulate_failure_on` (a node id) is for tests only: that node's check fails as a denied write would.
     """
-    token = _write_token(run_dir)
     try:
-        failures = _run_pinned(run_dir, nodes, token, simulate_failure_on)
+        failures = _run_pinned(run_dir, nodes, _write_token(run_dir), simulate_failure_on)
     finally:
         _remove_preflight(run_dir)
     for node in nodes:
@@ -105,7 +110,8 @@ def _run_pinned(run_dir: str, nodes: list[Node], token: str, simulate_failure_on
         if reason:
             failures[refs[ref].node_id] = reason
     for ref in pending:
-        ray.cancel(ref, force=True)
+        with contextlib.suppress(Exception):
+            ray.cancel(ref, force=True)
         node = refs[ref]
         print(f"warning: node {node.node_id} ({node.ip}) did not run the storage check in time", file=sys.stderr)
     return failures
@@ -150,7 +156,7 @@ def _write_token(run_dir: str) -> str:
         write_atomic(join(run_dir, PREFLIGHT_DIR), TOKEN_FILE, token.encode())
     except Exception as exc:  # noqa: BLE001 - the driver's own storage error, as one line
         raise UserError(
-            f"this machine cannot write to {run_dir}: {type(exc).__name__}: {_first_line(exc)}; {setup_hint(run_dir)}"
+            f"this machine cannot write to {run_dir}: {type(exc).__name__}: {_first_line(exc)}; {DRIVER_HINT}"
         ) from None
     return token
 
