@@ -14,7 +14,7 @@ from pathlib import Path
 
 from orchestrator.cli._dashboard import add_dashboard_arguments, run_dashboard
 from orchestrator.cli._format import format_measurements, format_result
-from orchestrator.cli._parser import EXIT_CODES, CliParser, SubcommandParser, version_text
+from orchestrator.cli._parser import EXIT_CODES, CliParser, SubcommandParser, add_workload_arguments, version_text
 from orchestrator.cli._search import add_search_arguments, config_from_args, print_outcome
 from orchestrator.errors import UserError
 
@@ -25,15 +25,7 @@ __all__ = ["build_parser", "main", "search_main"]
 
 
 def _add_workload_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--workload", default="digits", help="digits, cifar10, or package.module:function")
-    parser.add_argument(
-        "--data-dir", metavar="DIR", help="data directory (default: none; cifar10 needs the CIFAR-10 python batches)"
-    )
-    parser.add_argument(
-        "--weights",
-        metavar="FILE",
-        help="cifar10: baseline weights as a local safetensors file (default: none: trained and cached)",
-    )
+    add_workload_arguments(parser)
     parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, or cuda[:N]")
 
 

@@ -20,6 +20,19 @@ exit codes:
 _NEGATIVE_NUMBER = re.compile(r"^-\d+$|^-\d*\.\d+$")  # a value, not an option (argparse's own test)
 
 
+def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
+    """--workload, --data-dir, --weights: which workload, as every subcommand that builds one takes them."""
+    parser.add_argument("--workload", default="digits", help="digits, cifar10, or package.module:function")
+    parser.add_argument(
+        "--data-dir", metavar="DIR", help="data directory (default: none; cifar10 needs the CIFAR-10 python batches)"
+    )
+    parser.add_argument(
+        "--weights",
+        metavar="FILE",
+        help="cifar10: baseline weights as a local safetensors file (default: none: trained and cached)",
+    )
+
+
 def version_text() -> str:
     """`compression-orchestrator X.Y.Z`, from the installed distribution's metadata."""
     try:

@@ -8,6 +8,7 @@ import math
 import sys
 from pathlib import PurePosixPath as Path
 
+from orchestrator.cli._parser import add_workload_arguments
 from orchestrator.errors import UserError
 from orchestrator.search.config import DEFAULT_MAX_DROP, DEFAULT_TRIALS, SAMPLERS, SearchConfig, SearchOutcome
 from orchestrator.search.space import check_families, searchable
@@ -43,15 +44,7 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_what_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--workload", default="digits", help="digits, cifar10, or package.module:function")
-    parser.add_argument(
-        "--data-dir", metavar="DIR", help="data directory (default: none; cifar10 needs the CIFAR-10 python batches)"
-    )
-    parser.add_argument(
-        "--weights",
-        metavar="FILE",
-        help="cifar10: baseline weights as a local safetensors file (default: none: trained and cached)",
-    )
+    add_workload_arguments(parser)
     parser.add_argument(
         "--objectives",
         type=_csv,
