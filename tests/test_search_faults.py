@@ -134,8 +134,9 @@ def test_ctrl_c_leaves_partial_tables_and_a_moved_run_resumes(tmp_path, clean_ru
     storage = tmp_path / "first"
     process = launch(search_args(storage, "moved"))
     deadline = time.time() + 300
-    while len(final_results(storage / "moved")) < 3 and time.time() < deadline and process.poll() is None:
-        time.sleep(0.3)
+    records = storage / "moved" / "finished"  # each trial writes its record as it ends (Tune's files sync later)
+    while len(list(records.glob("*/final_result.json"))) < 3 and time.time() < deadline and process.poll() is None:
+        time.sleep(0.1)
     assert process.poll() is None, "the search ended before it could be interrupted"
     os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends
     _, stderr = process.communicate(timeout=300)
