@@ -56,14 +56,13 @@ def evaluate_checkpoint(
     work = resolve_workload(workload or recorded_workload(verified.manifest), data_dir=data_dir, weights=weights)
     checkpoint = store.load_verified(verified, work)
     model = checkpoint.model.to(torch_device)
-    reference = measure_reference(
-        work, work.load_baseline().to(torch_device), torch_device, latency_batch_size=latency_batch_size
-    )
+    baseline = work.load_baseline().to(torch_device)
+    reference = measure_reference(work, baseline, torch_device, latency_batch_size=latency_batch_size)
     return {
         "metric": work.metric_name,
         "validation": work.evaluate(model, "validation", torch_device),
         "test": work.evaluate(model, "test", torch_device),
         "recorded_validation": checkpoint.metrics.get("validation"),
-        **compressed_metrics(model, work, torch_device, reference, latency_batch_size),
+        **compressed_metrics(model, work, torch_device, reference, baseline, latency_batch_size),
         "techniques": checkpoint.policy.techniques(),
     }

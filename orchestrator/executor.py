@@ -49,10 +49,17 @@ def measure_reference(
     )
 
 
-def measure_on(model: nn.Module, workload: Workload, device: torch.device, latency_batch_size: int = 1) -> Measurements:
-    """The model measured as a workload's artifact (size against its base architecture), on `device`."""
+def measure_on(
+    model: nn.Module,
+    workload: Workload,
+    device: torch.device,
+    latency_batch_size: int = 1,
+    beside: nn.Module | None = None,
+) -> Measurements:
+    """The model measured as a workload's artifact (size against its base architecture), on `device`; timed
+    in paired rounds beside `beside` (the baseline) when given."""
     inputs = workload.example_inputs(latency_batch_size, device)
-    return measure(model, inputs, base=workload.build_model())
+    return measure(model, inputs, base=workload.build_model(), beside=beside)
 
 
 def make_context(
@@ -81,16 +88,16 @@ def compressed_metrics(
     workload: Workload,
     device: torch.device,
     reference: Reference,
+    baseline: nn.Module,
     latency_batch_size: int = 1,
 ) -> dict[str, Any]:
-    """The metrics record of a finalized model: its measurements with ratios to the baseline, the
-    baseline's own numbers, and which kernel each layer runs on."""
-    measured = measure_on(model, workload, device, latency_batch_size)
+    """The metrics record of a finalized model: its measurements with ratios to the baseline (the speedup
+    timed beside the `baseline` model, now), the baseline's own numbers, and which kernel each layer runs on."""
+    measured = measure_on(model, workload, device, latency_batch_size, beside=baseline)
     return {
-        **measured.metrics(reference.measurements),
         "baseline_validation": reference.metric,
         "baseline_size_bytes": reference.measurements.size_bytes,
-        "baseline_latency_ms": reference.measurements.latency.median_ms,
+        **measured.metrics(reference.measurements),
         "kernels": kernel_report(model),
     }
 
@@ -126,7 +133,8 @@ def apply(
     for index, step in enumerate(policy.steps, start=1):
         if on_epoch is not None and step.technique == "distillation":
             preview = finalized_copy(model).eval()
-            artifact = measure_on(preview, workload, device, latency_batch_size).metrics(reference.measurements)
+            measured = measure_on(preview, workload, device, latency_batch_size, beside=teacher)
+            artifact = measured.metrics(reference.measurements)
             ctx.on_epoch = lambda epoch, value, artifact=artifact: on_epoch(epoch, value, artifact)
         try:
             model = techniques.apply_spec(model, step, ctx)
@@ -137,7 +145,7 @@ def apply(
     metrics = {
         "metric": workload.metric_name,
         "validation": workload.evaluate(model, "validation", device),
-        **compressed_metrics(model, workload, device, reference, latency_batch_size),
+        **compressed_metrics(model, workload, device, reference, teacher, latency_batch_size),
         "techniques": policy.techniques(),
         "seed": seed,
     }

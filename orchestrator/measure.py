@@ -45,8 +45,24 @@ class Latency:
 
 
 @dataclass(frozen=True)
+class Speedup:
+    """How much faster a model runs than its baseline, timed beside it in the same process: the median of the
+    per-round ratios (baseline time / model time) and their 10th–90th percentile spread. A spread that
+    includes 1 is no measurable change."""
+
+    median: float
+    low: float
+    high: float
+    rounds: int
+
+    @property
+    def measurable(self) -> bool:
+        return not self.low <= 1.0 <= self.high
+
+
+@dataclass(frozen=True)
 class Measurements:
-    """Everything measured on one model as deployed."""
+    """Everything measured on one model as deployed (its speed beside the baseline, when timed so)."""
 
     size_bytes: int
     latency: Latency
@@ -54,11 +70,15 @@ class Measurements:
     nonzero_params: int
     flops: int
     environment: Environment
+    paired: tuple[Latency, Speedup] | None = None  # the baseline's latency in the same rounds, and the ratio
 
     def compression_ratio(self, reference: Measurements) -> float:
         return reference.size_bytes / self.size_bytes
 
     def speedup(self, reference: Measurements) -> float:
+        """The paired ratio when the model was timed beside its baseline, else the ratio of medians."""
+        if self.paired is not None:
+            return self.paired[1].median
         return reference.latency.median_ms / self.latency.median_ms
 
     def metrics(self, reference: Measurements | None = None) -> dict[str, Any]:
@@ -77,6 +97,10 @@ class Measurements:
         if reference is not None:
             flat["compression_ratio"] = self.compression_ratio(reference)
             flat["speedup"] = self.speedup(reference)
+        if self.paired is not None:
+            baseline, speedup = self.paired
+            flat |= {"speedup_low": speedup.low, "speedup_high": speedup.high, "speedup_rounds": speedup.rounds}
+            flat["baseline_latency_ms"] = baseline.median_ms
         return {**flat, **asdict(self.environment)}
 
 
@@ -137,16 +161,79 @@ def time_latency(model: nn.Module, example_inputs: torch.Tensor, *, warmup: int 
     )
 
 
+def _timed_block(model: nn.Module, inputs: torch.Tensor, runs: int, sync: Any) -> list[float]:
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        model(inputs)
+        sync()
+        times.append((time.perf_counter() - start) * 1000.0)
+    return times
+
+
+def _latency_of(times: list[float], warmup: int, batch_size: int) -> Latency:
+    ordered = sorted(times)
+    return Latency(
+        statistics.median(ordered),
+        _percentile(ordered, 0.1),
+        _percentile(ordered, 0.9),
+        len(ordered),
+        warmup,
+        batch_size,
+    )
+
+
+def time_paired(
+    model: nn.Module, baseline: nn.Module, inputs: torch.Tensor, *, rounds: int = 7, runs: int = 20, warmup: int = 5
+) -> tuple[Latency, Latency, Speedup]:
+    """Time `model` and `baseline` in alternating blocks of `runs` forwards (the order flips every round), so
+    both see the same moments of a busy machine; the speedup is the median of the per-round ratios."""
+    model.eval()
+    baseline.eval()
+    sync = torch.cuda.synchronize if inputs.device.type == "cuda" else (lambda: None)
+    ours: list[float] = []
+    theirs: list[float] = []
+    ratios = []
+    with torch.inference_mode():
+        _timed_block(model, inputs, warmup, sync), _timed_block(baseline, inputs, warmup, sync)
+        for index in range(rounds):
+            first, second = (model, baseline) if index % 2 == 0 else (baseline, model)
+            blocks = {id(first): _timed_block(first, inputs, runs, sync)}
+            blocks.setdefault(id(second), _timed_block(second, inputs, runs, sync))
+            mine, base = blocks[id(model)], blocks[id(baseline)]
+            ours += mine
+            theirs += base
+            ratios.append(statistics.median(base) / statistics.median(mine))
+    ratios.sort()
+    speedup = Speedup(statistics.median(ratios), _percentile(ratios, 0.1), _percentile(ratios, 0.9), rounds)
+    size = int(inputs.shape[0])
+    return _latency_of(ours, warmup, size), _latency_of(theirs, warmup, size), speedup
+
+
 def measure(
-    model: nn.Module, example_inputs: torch.Tensor, *, base: nn.Module | None = None, warmup: int = 10, runs: int = 50
+    model: nn.Module,
+    example_inputs: torch.Tensor,
+    *,
+    base: nn.Module | None = None,
+    beside: nn.Module | None = None,
+    warmup: int = 10,
+    runs: int = 50,
 ) -> Measurements:
-    """Size (the artifact written against the `base` architecture), latency, parameters and FLOPs of `model`."""
+    """Size (the artifact written against the `base` architecture), latency, parameters and FLOPs of `model`;
+    with `beside` (its baseline), the latency is timed in rounds paired with it and the speedup kept."""
     params, nonzero = count_weights(model)
+    paired = None
+    if beside is None:
+        latency = time_latency(model, example_inputs, warmup=warmup, runs=runs)
+    else:
+        latency, baseline, speedup = time_paired(model, beside, example_inputs)
+        paired = (baseline, speedup)
     return Measurements(
         size_bytes=measure_artifact(model, base),
-        latency=time_latency(model, example_inputs, warmup=warmup, runs=runs),
+        latency=latency,
         params=params,
         nonzero_params=nonzero,
         flops=count_flops(model, example_inputs[:1]),
         environment=Environment.current(example_inputs.device),
+        paired=paired,
     )

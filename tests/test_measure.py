@@ -52,3 +52,28 @@ def test_latency_and_environment_are_recorded():
     assert metrics["device"] == "cpu" and metrics["threads"] == torch.get_num_threads()
     assert metrics["torch_version"] == torch.__version__
     assert metrics["size_bytes"] == measure_artifact(model) and metrics["compression_ratio"] == 1.0
+
+
+def test_paired_timing_reports_the_ratio_with_its_spread():
+    from orchestrator.measure import time_paired
+
+    torch.manual_seed(0)
+    small = nn.Linear(64, 8)
+    big = nn.Sequential(*[nn.Linear(512, 512) for _ in range(8)], nn.Linear(512, 8))
+    x = torch.randn(16, 512)
+    fast, slow, speedup = time_paired(nn.Sequential(nn.Linear(512, 64), small), big, x, rounds=5, runs=5)
+    assert speedup.rounds == 5 and speedup.low <= speedup.median <= speedup.high
+    assert speedup.median > 2 and speedup.measurable  # eight 512-wide layers against two small ones
+    assert fast.median_ms < slow.median_ms and fast.runs == slow.runs == 25
+    _, _, itself = time_paired(big, big, x, rounds=3, runs=3)  # a model beside itself: exactly no change
+    assert (itself.median, itself.low, itself.high) == (1.0, 1.0, 1.0) and not itself.measurable
+
+
+def test_measurements_timed_beside_a_baseline_carry_the_paired_speedup():
+    torch.manual_seed(0)
+    model, baseline = nn.Linear(32, 8), nn.Sequential(*[nn.Linear(32, 32) for _ in range(6)], nn.Linear(32, 8))
+    measured = measure(model, torch.randn(4, 32), beside=baseline)
+    metrics = measured.metrics(reference=measure(baseline, torch.randn(4, 32)))
+    assert metrics["speedup"] == measured.paired[1].median
+    assert metrics["speedup_low"] <= metrics["speedup"] <= metrics["speedup_high"]
+    assert metrics["baseline_latency_ms"] == measured.paired[0].median_ms and metrics["speedup_rounds"] == 7

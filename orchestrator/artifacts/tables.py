@@ -51,7 +51,9 @@ class TrialRow:
     params: int | None = None
     nonzero_params: int | None = None
     compression_ratio: float | None = None
-    speedup: float | None = None
+    speedup: float | None = None  # median of per-round ratios, timed beside the baseline
+    speedup_low: float | None = None  # 10th and 90th percentiles of those ratios: a spread that includes
+    speedup_high: float | None = None  # 1.0 is no measurable change
     epochs_completed: int | None = None
     wall_s: float | None = None
     device: str | None = None

@@ -16,12 +16,24 @@ def format_result(metrics: dict[str, Any], where: str) -> str:
         lines.append(f"test {metrics['metric']:<15} {metrics['test']:.4f}")
     lines += [
         f"size on disk         {metrics['size_bytes']:,} bytes  ({metrics['compression_ratio']:.1f}x smaller)",
-        f"latency (median)     {metrics['latency_ms']:.3f} ms  ({metrics['speedup']:.2f}x the baseline's speed)",
+        f"latency (median)     {metrics['latency_ms']:.3f} ms  ({_speed(metrics)})",
         f"parameters           {metrics['params']:,}  ({metrics['nonzero_params']:,} non-zero)",
         f"FLOPs (per example)  {metrics['flops']:,}",
         f"measured on          {metrics['device']}, torch {metrics['torch_version']}, {metrics['threads']} threads",
     ]
     return "\n".join(lines)
+
+
+def _speed(metrics: dict[str, Any]) -> str:
+    """The speed against the baseline in words, with the spread of the paired rounds when they were timed."""
+    from orchestrator.report import fmt_speed
+
+    low, high = metrics.get("speedup_low"), metrics.get("speedup_high")
+    spread = (low, high) if low is not None and high is not None else None
+    words = fmt_speed(metrics["speedup"], spread)
+    if spread is None:
+        return words
+    return f"{words}: {metrics['speedup']:.2f}x, {low:.2f}–{high:.2f}x over {metrics['speedup_rounds']} paired rounds"
 
 
 def format_measurements(metrics: dict[str, Any]) -> str:

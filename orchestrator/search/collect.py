@@ -42,6 +42,8 @@ _REPORTED = (
     "nonzero_params",
     "compression_ratio",
     "speedup",
+    "speedup_low",
+    "speedup_high",
     "wall_s",
     "device",
     "node_id",
