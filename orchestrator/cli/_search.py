@@ -11,8 +11,7 @@ from pathlib import PurePosixPath as Path
 from orchestrator.cli._parser import add_workload_arguments
 from orchestrator.errors import UserError
 from orchestrator.search.config import DEFAULT_MAX_DROP, DEFAULT_TRIALS, SAMPLERS, SearchConfig, SearchOutcome
-from orchestrator.search.space import check_families, searchable
-from orchestrator.search.space_options import GROUPINGS, SpaceOptions, load_space_file
+from orchestrator.search.space_options import GROUPINGS, SpaceOptions, check_families, load_space_file, searchable
 
 SMOKE_TRIALS = 6
 _SETTINGS = ("workload", "data_dir", "weights", "objectives", "max_accuracy_drop", "num_trials", "sampler", "seed")
@@ -152,7 +151,7 @@ def space_options(args: argparse.Namespace) -> SpaceOptions:
     contradict the file."""
     options = load_space_file(args.space_file) if args.space_file else SpaceOptions()
     if args.families is not None:
-        families = check_families(args.families)
+        families = check_families(args.families, "--families")
         if options.families is not None and set(options.families) != set(families):
             raise UserError("--families contradicts the search-space file's families; give one of them")
         options = dataclasses.replace(options, families=families)

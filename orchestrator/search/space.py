@@ -24,9 +24,8 @@ from typing import Any
 from torch import nn
 
 import techniques
-from orchestrator.errors import UserError
 from orchestrator.policy import Policy
-from orchestrator.search.space_options import GROUPINGS, SpaceError, SpaceOptions
+from orchestrator.search.space_options import GROUPINGS, SpaceError, SpaceOptions, searchable
 
 COMBINATION = "families"  # the parameter naming the techniques a trial combines, joined by "+"
 NONE = "none"  # its value for the uncompressed baseline (never offered to the sampler)
@@ -39,11 +38,6 @@ REFERENCES: tuple[tuple[str, Mapping[str, Any]], ...] = (
 )
 
 __all__ = ["COMBINATION", "GROUPINGS", "NONE", "SearchSpace", "SpaceError", "SpaceOptions", "build_space"]
-
-
-def searchable() -> dict[str, techniques.Technique]:
-    """The registered techniques that offer settings to a search, in canonical order."""
-    return {name: t for name, t in techniques.registry().items() if t.search is not None}
 
 
 def _global_name(technique: techniques.Technique, setting: str) -> str:
@@ -256,12 +250,3 @@ def _check_groups_match(options: SpaceOptions, groups: Mapping[str, Mapping[str,
     empty = [name for name, _ in options.groups if name not in found]
     if empty:
         raise SpaceError(f"groups.{empty[0]}: matches no layer that a searched technique can compress")
-
-
-def check_families(families: Sequence[str]) -> tuple[str, ...]:
-    """The families named, each a searchable technique (a clear error otherwise)."""
-    known = searchable()
-    bad = [f for f in families if f not in known]
-    if bad or not families:
-        raise UserError(f"unknown technique famil(ies) {', '.join(bad) or '(none given)'}; known: {', '.join(known)}")
-    return tuple(families)

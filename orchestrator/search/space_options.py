@@ -43,7 +43,8 @@ class SpaceOptions:
     exclude: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # technique → layer regexes
 
 
-def _searchable() -> dict[str, techniques.Technique]:
+def searchable() -> dict[str, techniques.Technique]:
+    """The registered techniques that offer settings to a search, in canonical order."""
     return {name: t for name, t in techniques.registry().items() if t.search is not None}
 
 
@@ -75,12 +76,13 @@ def _pattern(value: Any, path: str) -> str:
     return value
 
 
-def _families(value: Any) -> tuple[str, ...]:
-    known = _searchable()
-    names = _list(value, "families")
+def check_families(value: Any, path: str = "families") -> tuple[str, ...]:
+    """The families named (from a file, or `--families`), each a searchable technique."""
+    known = searchable()
+    names = _list(list(value) if isinstance(value, tuple) else value, path)
     for index, name in enumerate(names):
         if not isinstance(name, str) or name not in known:
-            raise _fail(f"families[{index}]", f"unknown technique {name!r}; known: {', '.join(known)}")
+            raise _fail(f"{path}[{index}]", f"unknown technique {name!r}; known: {', '.join(known)}")
     return tuple(names)
 
 
@@ -107,7 +109,7 @@ def _check_value(technique: techniques.Technique, setting: str, value: Any, path
 
 
 def _choices(value: Any) -> dict[str, tuple[Any, ...]]:
-    owners = {t.search.per_layer.setting: t for t in _searchable().values() if t.search.per_layer is not None}
+    owners = {t.search.per_layer.setting: t for t in searchable().values() if t.search.per_layer is not None}
     parsed = {}
     for setting, values in _object(value, "choices").items():
         if setting not in owners:
@@ -121,7 +123,7 @@ def _choices(value: Any) -> dict[str, tuple[Any, ...]]:
 
 
 def _exclude(value: Any) -> dict[str, tuple[str, ...]]:
-    known = _searchable()
+    known = searchable()
     parsed = {}
     for name, patterns in _object(value, "exclude").items():
         if name not in known:
@@ -153,13 +155,13 @@ def _ranges(technique: techniques.Technique, value: Any) -> dict[str, tuple[Any,
 def options_from_json(doc: Any) -> SpaceOptions:
     """Parse a search-space document into SpaceOptions, checking every field."""
     doc = _object(doc, "search space")
-    with_globals = {name: t for name, t in _searchable().items() if t.search.globals}
+    with_globals = {name: t for name, t in searchable().items() if t.search.globals}
     unknown = [key for key in doc if key not in _FIXED_KEYS and key not in with_globals]
     if unknown:
         known = ", ".join([*_FIXED_KEYS, *with_globals])
         raise SpaceError(f"unknown search-space key(s) {', '.join(map(repr, unknown))}; known: {known}")
     return SpaceOptions(
-        families=_families(doc["families"]) if "families" in doc else None,
+        families=check_families(doc["families"]) if "families" in doc else None,
         grouping=_grouping(doc.get("grouping", "auto")),
         groups=_groups(doc.get("groups", {})),
         choices=_choices(doc.get("choices", {})),
