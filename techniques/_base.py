@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from techniques.inputs import Inputs, OutputFn, call_model, main_output, to_device
+
 LAYER_DEFAULT = "_default"
 REGEX_PREFIX = "re:"
 
@@ -187,18 +189,28 @@ class Context:
     Data come as callables so nothing is materialised unless a technique needs it:
     `calibration()` yields input batches; `train_batches(epoch)` yields (inputs, targets) batches in a
     deterministic order for that epoch; `evaluate(model)` returns the validation metric (higher is better).
+    Inputs are a tensor, tuple or dict of tensors (`techniques.inputs`); `run(model, inputs)` calls the model
+    on them and reduces its output with `output_fn`; `distill_loss(student_out, teacher_out, inputs)`, when
+    given, is the workload's own distillation loss.
     """
 
-    example_inputs: torch.Tensor
+    example_inputs: Inputs
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     seed: int = 0
-    calibration: Callable[[], Iterable[torch.Tensor]] | None = None
-    train_batches: Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor]]] | None = None
+    calibration: Callable[[], Iterable[Inputs]] | None = None
+    train_batches: Callable[[int], Iterable[tuple[Inputs, torch.Tensor]]] | None = None
     task_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    output_fn: OutputFn = main_output
+    distill_loss: Callable[[torch.Tensor, torch.Tensor, Inputs], torch.Tensor] | None = None
     evaluate: Callable[[nn.Module], float] | None = None
     teacher: nn.Module | None = None
     on_epoch: Callable[[int, float], None] | None = None
     notes: list[dict[str, Any]] = field(default_factory=list)
+
+    def run(self, model: nn.Module, inputs: Inputs) -> torch.Tensor:
+        """The model's output tensor on a batch (moved to the model's device), reduced by `output_fn`."""
+        device = next((p.device for p in model.parameters()), self.device)
+        return self.output_fn(call_model(model, to_device(inputs, device)))
 
     def note(self, technique: str, layer: str | None, message: str, **data: Any) -> None:
         """Record what a technique did or skipped (shown in metrics and reports)."""
