@@ -77,6 +77,8 @@ def make_context(
         calibration=lambda: (x for x, _ in workload.batches("calibration", device=device)),
         train_batches=lambda epoch: workload.batches("train", shuffle_seed=seed * 10_007 + epoch, device=device),
         task_loss=workload.loss_fn,
+        output_fn=workload.output_fn,
+        distill_loss=workload.distill_loss,
         evaluate=lambda model: workload.evaluate(model, "validation", device),
         teacher=teacher,
         on_epoch=on_epoch,

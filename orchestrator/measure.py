@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -17,6 +18,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from orchestrator.artifacts.store import measure_artifact
+from techniques.inputs import Inputs, batch_length, call_model, device_of, first_rows
 
 
 @dataclass(frozen=True)
@@ -121,13 +123,13 @@ def _int_mm_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
     return 2 * a_shape[0] * a_shape[1] * b_shape[1]
 
 
-def count_flops(model: nn.Module, example_inputs: torch.Tensor) -> int:
+def count_flops(model: nn.Module, example_inputs: Inputs) -> int:
     """Floating-point operations of one forward pass on `example_inputs` (a multiply-add counts as 2)."""
     model.eval()
     # Integer GEMMs (torch._int_mm) are multiply-adds too; the stock counter does not know them.
     custom = {torch.ops.aten._int_mm: _int_mm_flops}
     with torch.inference_mode(), FlopCounterMode(display=False, custom_mapping=custom) as counter:
-        model(example_inputs)
+        call_model(model, example_inputs)
     return int(counter.get_total_flops())
 
 
@@ -135,37 +137,25 @@ def _percentile(ordered: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-def time_latency(model: nn.Module, example_inputs: torch.Tensor, *, warmup: int = 10, runs: int = 50) -> Latency:
+def _synchronizer(inputs: Inputs) -> Callable[[], None]:
+    return torch.cuda.synchronize if device_of(inputs).type == "cuda" else (lambda: None)
+
+
+def time_latency(model: nn.Module, example_inputs: Inputs, *, warmup: int = 10, runs: int = 50) -> Latency:
     """Median wall time of `runs` forward passes after `warmup`, in inference mode, on the inputs' device."""
     model.eval()
-    device = example_inputs.device
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times = []
+    sync = _synchronizer(example_inputs)
     with torch.inference_mode():
-        for _ in range(warmup):
-            model(example_inputs)
-        sync()
-        for _ in range(runs):
-            start = time.perf_counter()
-            model(example_inputs)
-            sync()
-            times.append((time.perf_counter() - start) * 1000.0)
-    times.sort()
-    return Latency(
-        statistics.median(times),
-        _percentile(times, 0.1),
-        _percentile(times, 0.9),
-        runs,
-        warmup,
-        int(example_inputs.shape[0]),
-    )
+        _timed_block(model, example_inputs, warmup, sync)
+        times = _timed_block(model, example_inputs, runs, sync)
+    return _latency_of(times, warmup, batch_length(example_inputs))
 
 
-def _timed_block(model: nn.Module, inputs: torch.Tensor, runs: int, sync: Any) -> list[float]:
+def _timed_block(model: nn.Module, inputs: Inputs, runs: int, sync: Any) -> list[float]:
     times = []
     for _ in range(runs):
         start = time.perf_counter()
-        model(inputs)
+        call_model(model, inputs)
         sync()
         times.append((time.perf_counter() - start) * 1000.0)
     return times
@@ -184,13 +174,13 @@ def _latency_of(times: list[float], warmup: int, batch_size: int) -> Latency:
 
 
 def time_paired(
-    model: nn.Module, baseline: nn.Module, inputs: torch.Tensor, *, rounds: int = 7, runs: int = 20, warmup: int = 5
+    model: nn.Module, baseline: nn.Module, inputs: Inputs, *, rounds: int = 7, runs: int = 20, warmup: int = 5
 ) -> tuple[Latency, Latency, Speedup]:
     """Time `model` and `baseline` in alternating blocks of `runs` forwards (the order flips every round), so
     both see the same moments of a busy machine; the speedup is the median of the per-round ratios."""
     model.eval()
     baseline.eval()
-    sync = torch.cuda.synchronize if inputs.device.type == "cuda" else (lambda: None)
+    sync = _synchronizer(inputs)
     ours: list[float] = []
     theirs: list[float] = []
     ratios = []
@@ -206,13 +196,13 @@ def time_paired(
             ratios.append(statistics.median(base) / statistics.median(mine))
     ratios.sort()
     speedup = Speedup(statistics.median(ratios), _percentile(ratios, 0.1), _percentile(ratios, 0.9), rounds)
-    size = int(inputs.shape[0])
+    size = batch_length(inputs)
     return _latency_of(ours, warmup, size), _latency_of(theirs, warmup, size), speedup
 
 
 def measure(
     model: nn.Module,
-    example_inputs: torch.Tensor,
+    example_inputs: Inputs,
     *,
     base: nn.Module | None = None,
     beside: nn.Module | None = None,
@@ -233,7 +223,7 @@ def measure(
         latency=latency,
         params=params,
         nonzero_params=nonzero,
-        flops=count_flops(model, example_inputs[:1]),
-        environment=Environment.current(example_inputs.device),
+        flops=count_flops(model, first_rows(example_inputs, 1)),
+        environment=Environment.current(device_of(example_inputs)),
         paired=paired,
     )

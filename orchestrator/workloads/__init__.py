@@ -8,9 +8,9 @@ from pathlib import Path
 
 from orchestrator.errors import UserError
 from orchestrator.workloads._workload import SPLITS, Workload, accuracy
-from orchestrator.workloads.data import Split
+from orchestrator.workloads.data import LoaderSplit, Split, split_of
 
-__all__ = ["BUILTIN", "SPLITS", "Split", "Workload", "accuracy", "resolve_workload"]
+__all__ = ["BUILTIN", "SPLITS", "LoaderSplit", "Split", "Workload", "accuracy", "resolve_workload", "split_of"]
 
 BUILTIN = ("digits", "cifar10")
 

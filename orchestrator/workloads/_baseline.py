@@ -15,7 +15,8 @@ from torch import nn
 
 from orchestrator.artifacts.fs import cache_root
 from orchestrator.artifacts.weights import load_weights, save_weights
-from orchestrator.workloads.data import Split
+from orchestrator.workloads.data import DataSplit
+from techniques.inputs import Inputs, OutputFn, call_model, main_output
 
 
 def cache_dir() -> Path:
@@ -48,19 +49,21 @@ def progress(message: str) -> None:
 
 def train_classifier(
     model: nn.Module,
-    train: Split,
+    train: DataSplit,
     *,
     epochs: int,
     lr: float,
     batch_size: int,
     seed: int,
-    prepare: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    prepare: Callable[[Inputs], Inputs] | None = None,
+    output_fn: OutputFn = main_output,
     label: str = "baseline",
 ) -> nn.Module:
-    """Plain supervised training (AdamW, cosine schedule, cross-entropy), seeded, with per-epoch progress."""
+    """Plain supervised training (AdamW, one-cycle schedule, cross-entropy), seeded, with per-epoch progress;
+    batches may be tensors, tuples or dicts, outputs reduced by `output_fn`."""
     torch.manual_seed(seed)
     optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    steps = epochs * -(-len(train) // batch_size)
+    steps = epochs * train.batch_count(batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=lr, total_steps=steps)
     start = time.perf_counter()
     for epoch in range(epochs):
@@ -69,7 +72,7 @@ def train_classifier(
         for x, y in train.batches(batch_size, shuffle_seed=seed * 1000 + epoch):
             x = prepare(x) if prepare else x
             optimiser.zero_grad()
-            out = model(x)
+            out = output_fn(call_model(model, x))
             loss = nn.functional.cross_entropy(out, y)
             loss.backward()
             optimiser.step()

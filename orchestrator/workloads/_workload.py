@@ -9,7 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from orchestrator.workloads.data import Split
+from orchestrator.workloads.data import DataSplit
+from techniques.inputs import Inputs, OutputFn, call_model, main_output, to_device
 
 SPLITS = ("train", "calibration", "validation", "test")
 
@@ -26,9 +27,17 @@ class Workload:
     - `build_model()` returns the untrained architecture (checkpoints rebuild from it);
     - `load_baseline()` returns the trained baseline (trained on first use and cached, or loaded);
     - `splits` holds "train", "calibration", "validation" and "test" (the search only sees validation;
-      test is touched once, for the final models);
+      test is touched once, for the final models), each a `Split` of tensors or a `LoaderSplit` over the
+      user's own DataLoader; a batch's inputs are a tensor (`model(x)`), a tuple (`model(*x)`) or a dict
+      (`model(**x)`);
+    - `output_fn(outputs)` reduces what the model returns to the tensor metrics and losses read (default
+      `main_output`: the tensor itself, `logits` of a ModelOutput / dict, the first item of a tuple);
     - `metric_fn(outputs, targets)` is higher-is-better, named `metric_name`;
     - `loss_fn(outputs, targets)` is the fine-tuning task loss;
+    - `distill_loss(student_out, teacher_out, inputs)` optionally replaces distillation's built-in output
+      loss (e.g. cosine for embeddings);
+    - `search_ranges` optionally overrides the search's default ranges of global settings, as a search-space
+      file does (e.g. `{"distill.lr": (1e-5, 1e-4), "distill.steps": [100, 200]}`); a file still wins;
     - `fingerprint` identifies the recipe (architecture, data, training), so checkpoints from another
       workload are recognised;
     - `build_student(width)` optionally returns a lighter architecture for distillation;
@@ -38,14 +47,17 @@ class Workload:
     name: str
     build_model: Callable[[], nn.Module]
     load_baseline: Callable[[], nn.Module]
-    splits: Mapping[str, Split]
+    splits: Mapping[str, DataSplit]
     fingerprint: str
     metric_name: str = "accuracy"
     metric_fn: Callable[[torch.Tensor, torch.Tensor], float] = accuracy
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = nn.functional.cross_entropy
     batch_size: int = 128
     build_student: Callable[[float], nn.Module] | None = None
-    prepare_fn: Callable[[torch.Tensor], torch.Tensor] | None = None
+    prepare_fn: Callable[[Inputs], Inputs] | None = None
+    output_fn: OutputFn = main_output
+    distill_loss: Callable[[torch.Tensor, torch.Tensor, Inputs], torch.Tensor] | None = None
+    search_ranges: Mapping[str, Any] = field(default_factory=dict)
     info: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -53,13 +65,18 @@ class Workload:
         if missing:
             raise ValueError(f"workload {self.name!r} lacks split(s) {', '.join(missing)}")
 
-    def example_inputs(self, batch_size: int = 1, device: torch.device | str = "cpu") -> torch.Tensor:
-        """Real inputs (from the validation split) for tracing and latency, as float tensors."""
-        return self.prepare(self.splits["validation"].inputs[:batch_size]).to(device)
+    def example_inputs(self, batch_size: int = 1, device: torch.device | str = "cpu") -> Inputs:
+        """Real inputs (from the validation split) for tracing and latency, as the model takes them."""
+        return to_device(self.prepare(self.splits["validation"].first_inputs(batch_size)), device)
 
-    def prepare(self, inputs: torch.Tensor) -> torch.Tensor:
+    def prepare(self, inputs: Inputs) -> Inputs:
         """Stored inputs as the model takes them (stored uint8 images are scaled here)."""
         return self.prepare_fn(inputs) if self.prepare_fn else inputs
+
+    def forward(self, model: nn.Module, inputs: Inputs) -> torch.Tensor:
+        """The model's output tensor on prepared inputs (called as the batch's structure says, reduced by
+        `output_fn`)."""
+        return self.output_fn(call_model(model, inputs))
 
     def batches(self, split: str, *, shuffle_seed: int | None = None, device: torch.device | str = "cpu"):
         """(inputs, targets) batches of a split, ready for the model."""
@@ -76,6 +93,6 @@ class Workload:
         outputs, targets = [], []
         with torch.inference_mode():
             for x, y in self.batches(split, device=device):
-                outputs.append(model(x).float().cpu())
+                outputs.append(self.forward(model, x).float().cpu())
                 targets.append(y.cpu())
         return self.metric_fn(torch.cat(outputs), torch.cat(targets))

@@ -61,7 +61,7 @@ def load_splits(seed: int = 0) -> dict[str, Split]:
 def make_digits() -> Workload:
     """The default workload: every technique has convolutions and linear layers to act on."""
     splits = load_splits(RECIPE["seed"])
-    recipe = {**RECIPE, "data": tensor_digest(splits["train"].inputs, splits["train"].targets)}
+    recipe = {**RECIPE, "data": tensor_digest(*splits["train"].digest_tensors())}
     build = functools.partial(DigitsCNN, RECIPE["width"])
     train = functools.partial(
         train_classifier,
