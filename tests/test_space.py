@@ -9,10 +9,10 @@ import pytest
 
 import techniques
 from orchestrator.policy import Policy, validate_for_model
-from orchestrator.search.space import COMBINATION, NONE, SpaceError, build_space
+from orchestrator.search.space import COMBINATION, NONE, SpaceError, build_space, model_ranges
 from orchestrator.search.space_options import SpaceOptions, load_space_file, options_from_json
 from orchestrator.workloads.digits import DigitsCNN
-from tests.tiny_models import TinyResNet
+from tests.tiny_models import TinyCNN, TinyResNet, tiny_bert
 
 
 def sample(space, seed: int = 0) -> dict:
@@ -27,7 +27,8 @@ def test_per_layer_space_of_the_digits_model():
     assert list(space.groups["quantization"]) == ["conv1", "conv2", "conv3", "fc1", "fc2"]
     assert "fc2" not in space.groups["structured_pruning"]  # the output layer keeps its features
     assert "conv1" not in space.groups["lowrank"]  # one input channel: nothing to factor
-    assert len(space.parameter_names()) == space.describe()["dimensions"] == 1 + (4 + 4 + 5 + 5) + 4
+    fine_tuning = len(techniques.get("distillation").search.globals)  # temperature, alpha, epochs, lr, …
+    assert len(space.parameter_names()) == space.describe()["dimensions"] == 1 + (4 + 4 + 5 + 5) + fine_tuning
 
 
 def test_define_by_run_is_pure_and_every_sample_is_a_valid_policy():
@@ -167,3 +168,97 @@ def test_unreadable_space_files_are_one_line(tmp_path, content, message):
     path.write_bytes(content)
     with pytest.raises(SpaceError, match=message):
         load_space_file(path)
+
+
+# --------------------------------------------------------------------------- global ranges and their sources
+
+DISTILL = techniques.get("distillation")
+DECLARED = {g.setting: g.bounds if g.bounds is not None else g.choices for g in DISTILL.search.globals}
+STEPS_DECLARED = "steps" in DECLARED
+
+
+@pytest.fixture(scope="module")
+def bert():
+    return tiny_bert(num_hidden_layers=12, hidden_size=32)
+
+
+def test_a_transformer_gets_fine_tuning_defaults_and_a_cnn_keeps_the_declared_ones(bert):
+    assert model_ranges(TinyCNN()) == {} and model_ranges(DigitsCNN()) == {}
+    derived = model_ranges(bert)
+    assert derived["distill.lr"] == (1e-5, 1e-4)
+    if STEPS_DECLARED:  # a step budget, epochs 0 meaning "until it is spent"
+        assert derived["distill.steps"] == (100, 200, 400) and derived["distill.epochs"] == (0,)
+    else:  # the step bundle needs a declared `steps`; without it epochs 0 would be an empty budget
+        assert set(derived) == {"distill.lr"}
+    space = build_space(bert, SpaceOptions(families=("quantization", "distillation")))
+    assert {k: tuple(v) for k, v in space.ranges["distillation"].items()} == {**DECLARED, **{
+        key.partition(".")[2]: value for key, value in derived.items()
+    }}  # fmt: skip
+    assert space.describe()["sources"]["distillation"]["lr"] == "model"
+    cnn = build_space(TinyCNN())
+    assert {k: tuple(v) for k, v in cnn.ranges["distillation"].items()} == DECLARED
+    assert set(cnn.describe()["sources"]["distillation"].values()) == {"technique"}
+    assert cnn.max_epochs() == max(DECLARED["epochs"])
+
+
+def test_derived_ranges_make_valid_policies_and_a_step_budget_has_no_epoch_bound(bert):
+    space = build_space(bert, SpaceOptions(families=("quantization", "distillation")))
+    for seed in range(3):
+        policy = space.policy(sample(space, seed))
+        fine_tune = policy.steps[-1]
+        assert fine_tune.technique == "distillation" and 1e-5 <= fine_tune.lr <= 1e-4
+    if STEPS_DECLARED:
+        assert space.max_epochs() is None  # epochs 0: no epoch bound for ASHA
+        reference = dict((name, params) for name, _, params in space.fixed_points()[1:])["uniform int8"]
+        assert reference["distill.steps"] == 400 and reference["distill.epochs"] == 0
+
+
+def test_precedence_options_over_workload_over_model_over_technique(bert):
+    options = options_from_json({"families": ["quantization", "distillation"], "distillation": {"lr": [1e-4, 1e-3]}})
+    workload = {"distill.lr": (2e-5, 5e-5), "distill.temperature": [2.0, 4.0]}
+    space = build_space(bert, options, defaults=workload)
+    ranges, sources = space.ranges["distillation"], space.describe()["sources"]["distillation"]
+    assert ranges["lr"] == (1e-4, 1e-3) and sources["lr"] == "options"  # the file beats the workload
+    assert ranges["temperature"] == (2.0, 4.0) and sources["temperature"] == "workload"
+    assert ranges["alpha"] == DECLARED["alpha"] and sources["alpha"] == "technique"
+    if STEPS_DECLARED:
+        assert ranges["steps"] == (100, 200, 400) and sources["steps"] == "model"
+    without_file = build_space(bert, SpaceOptions(families=("quantization", "distillation")), defaults=workload)
+    assert without_file.ranges["distillation"]["lr"] == (2e-5, 5e-5)  # the workload beats the model
+    on_a_cnn = build_space(TinyCNN(), defaults={"distill.epochs": [1, 2]})
+    assert on_a_cnn.ranges["distillation"]["epochs"] == (1, 2) and on_a_cnn.max_epochs() == 2
+
+
+@pytest.mark.skipif(not STEPS_DECLARED, reason="distillation declares no `steps` to budget")
+def test_a_derived_bundle_is_dropped_whole_when_the_user_sets_part_of_it(bert):
+    space = build_space(bert, options_from_json({"distillation": {"epochs": [1, 2]}}))
+    ranges, sources = space.ranges["distillation"], space.describe()["sources"]["distillation"]
+    assert ranges["epochs"] == (1, 2) and ranges["steps"] == DECLARED["steps"] and sources["steps"] == "technique"
+    assert ranges["lr"] == (1e-5, 1e-4)  # the learning-rate bundle still applies
+    assert space.max_epochs() == 2
+    steps_only = build_space(bert, defaults={"distill.steps": [50]})
+    assert steps_only.ranges["distillation"]["steps"] == (50,)
+    assert steps_only.ranges["distillation"]["epochs"] == DECLARED["epochs"]  # no epochs 0 without the bundle
+
+
+@pytest.mark.parametrize(
+    "workload, message",
+    [
+        ({"distill.heat": [1.0, 2.0]}, r"search_ranges\.distill\.heat: unknown global setting"),
+        ({"bits.fc1": [8]}, r"search_ranges\.bits\.fc1: unknown global setting"),
+        ({"distill.lr": [0.0, 1e-3]}, r"search_ranges\.distill\.lr"),
+        ({"distill.temperature": (8.0, 1.0)}, r"search_ranges\.distill\.temperature: expected \[low, high\]"),
+        ({"distill.epochs": 3}, r"search_ranges\.distill\.epochs: expected a list"),
+    ],
+)
+def test_bad_workload_ranges_are_clear_errors(workload, message):
+    with pytest.raises(SpaceError, match=message):
+        build_space(TinyCNN(), defaults=workload)
+
+
+@pytest.mark.skipif(not STEPS_DECLARED, reason="distillation declares no `steps` to budget")
+def test_ranges_valid_alone_that_clash_together_are_refused_before_the_search():
+    with pytest.raises(SpaceError, match=r"distillation: the ranges searched \(epochs from options, steps from "):
+        build_space(TinyCNN(), options_from_json({"distillation": {"epochs": [0, 2], "steps": [100, 0]}}))
+    fine = build_space(TinyCNN(), options_from_json({"distillation": {"epochs": [0], "steps": [100]}}))
+    assert fine.max_epochs() is None

@@ -4,9 +4,15 @@ Built once from the baseline model (which layers each technique can act on, how 
 that, `define(trial)` — the define-by-run function Optuna calls — is pure and fast, and `policy(params)`
 turns a trial's parameters into a Policy. `families` picks which compressing techniques a trial combines
 (a non-empty combination such as `lowrank+quantization`, so the sampler never spends a trial on the
-uncompressed model); then `SETTING.GROUP` (e.g. `bits.fc1`) per layer group of each technique picked, and
-the global settings of the fine-tuning technique (`distill.temperature`, …). The baseline is the point
-`{"families": "none"}`, run by the driver outside the sampler.
+uncompressed model); then `SETTING.GROUP` (e.g. `bits.fc1`, `bits.query.early`) per layer group of each
+technique picked (groups: `grouping.py`), and the global settings of the fine-tuning technique
+(`distill.temperature`, …). The baseline is the point `{"families": "none"}`, run by the driver outside the
+sampler.
+
+Global settings' ranges, per setting, first found of: the user's options (search-space file, flags), the
+workload's `search_ranges` (`build_space(defaults=...)`), defaults that suit the model (`model_ranges`: a
+model with attention fine-tunes at lr 1e-5…1e-4 for 100/200/400 optimiser steps, `epochs` 0), and the
+technique's declaration. `describe()["sources"]` says which one each range came from.
 
 Decisions: a technique declares its settings (`techniques.SearchSettings`) and this module reads them, so
 a new technique appears here without touching this file; the options a user gives (flags and a
@@ -18,18 +24,33 @@ from __future__ import annotations
 import itertools
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
 
 import techniques
 from orchestrator.policy import Policy
-from orchestrator.search.space_options import GROUPINGS, SpaceError, SpaceOptions, searchable
+from orchestrator.search.grouping import AUTO_LAYER_LIMIT, group_layers, has_attention
+from orchestrator.search.space_options import (
+    GROUPINGS,
+    SpaceError,
+    SpaceOptions,
+    flat_ranges,
+    global_setting,
+    searchable,
+)
 
 COMBINATION = "families"  # the parameter naming the techniques a trial combines, joined by "+"
 NONE = "none"  # its value for the uncompressed baseline (never offered to the sampler)
-AUTO_LAYER_LIMIT = 12  # `auto` grouping: one parameter per layer up to this many layers, else per block
+# Fine-tuning defaults for a model with attention (flat keys, as `Workload.search_ranges`), in bundles that
+# apply whole: a transformer fine-tunes at a small learning rate for a budget of optimiser steps, not epochs
+# (`epochs` 0: until the step budget is spent).
+TRANSFORMER_RANGES: tuple[Mapping[str, tuple[Any, ...]], ...] = (
+    {"distill.lr": (1e-5, 1e-4)},
+    {"distill.steps": (100, 200, 400), "distill.epochs": (0,)},
+)
+MAX_CHECKED = 4096  # combinations of global settings checked for validity when the space is built
 # Reference policies evaluated before the sampler starts: per-layer setting → the value every layer gets.
 REFERENCES: tuple[tuple[str, Mapping[str, Any]], ...] = (
     ("uniform int8", {"bits": 8}),
@@ -37,7 +58,19 @@ REFERENCES: tuple[tuple[str, Mapping[str, Any]], ...] = (
     ("50% sparse + int8", {"sparsity": 0.5, "bits": 8}),
 )
 
-__all__ = ["COMBINATION", "GROUPINGS", "NONE", "SearchSpace", "SpaceError", "SpaceOptions", "build_space"]
+__all__ = [
+    "AUTO_LAYER_LIMIT",
+    "COMBINATION",
+    "GROUPINGS",
+    "NONE",
+    "TRANSFORMER_RANGES",
+    "SearchSpace",
+    "SpaceError",
+    "SpaceOptions",
+    "build_space",
+    "global_ranges",
+    "model_ranges",
+]
 
 
 def _global_name(technique: techniques.Technique, setting: str) -> str:
@@ -54,6 +87,7 @@ class SearchSpace:
     choices: Mapping[str, tuple[Any, ...]]  # per-layer setting → values
     ranges: Mapping[str, Mapping[str, tuple[Any, ...]]]  # technique → global setting → bounds or choices
     seed: int = 0
+    sources: Mapping[str, Mapping[str, str]] = field(default_factory=dict)  # … → options/workload/model/technique
 
     def _techniques(self) -> list[techniques.Technique]:
         return [t for name, t in searchable().items() if name in self.groups or name in self.ranges]
@@ -123,11 +157,12 @@ class SearchSpace:
         return names
 
     def max_epochs(self) -> int | None:
-        """The most fine-tuning epochs a trial may ask for (None when no fine-tuning is searched)."""
+        """The most fine-tuning epochs a trial may ask for (None when no fine-tuning is searched, or when a
+        trial may fine-tune for a step budget instead, `epochs` 0, so no epoch bound is known)."""
         for technique in self._techniques():
             epochs = self.ranges.get(technique.name, {}).get("epochs") if technique.fine_tunes else None
             if epochs:
-                return int(max(epochs))
+                return None if 0 in epochs else int(max(epochs))
         return None
 
     def searches(self, setting: str) -> bool:
@@ -168,6 +203,7 @@ class SearchSpace:
             "groups": {f: {g: list(layers) for g, layers in groups.items()} for f, groups in self.groups.items()},
             "choices": {k: list(v) for k, v in self.choices.items()},
             "ranges": {t: {k: list(v) for k, v in r.items()} for t, r in self.ranges.items()},
+            "sources": {t: dict(s) for t, s in self.sources.items()},
             "dimensions": len(self.parameter_names()),
         }
 
@@ -178,34 +214,15 @@ def _globals(technique: techniques.Technique, params: Mapping[str, Any]) -> dict
 
 
 def _reference_value(declared: techniques.GlobalSearch, values: tuple[Any, ...]) -> Any:
-    """The declared reference value, clipped into a float range or the nearest choice (ties: the larger)."""
+    """The declared reference value, clipped into a float range or the nearest choice (ties: the larger; the
+    first choice when the choices or the reference are not numbers and none equals it)."""
     if declared.bounds is not None:
         low, high = values
         return min(max(declared.reference, low), high)
+    numbers = all(isinstance(v, int | float) and not isinstance(v, bool) for v in (*values, declared.reference))
+    if not numbers:  # e.g. a choice of None, or no reference declared: the reference itself, else the first
+        return next((v for v in values if v == declared.reference), values[0])
     return min(values, key=lambda c: (abs(c - declared.reference), -c))
-
-
-def _group(layers: Sequence[str], model: nn.Module, grouping: str, regex_groups: Sequence[tuple[str, str]]) -> dict:
-    if regex_groups:
-        groups: dict[str, list[str]] = {}
-        for layer in layers:
-            for group, pattern in regex_groups:
-                if re.fullmatch(pattern.removeprefix("re:"), layer):
-                    groups.setdefault(group, []).append(layer)
-                    break
-        return {g: tuple(v) for g, v in groups.items()}
-    if grouping == "auto":
-        grouping = "layer" if len(layers) <= AUTO_LAYER_LIMIT else "block"
-    modules = dict(model.named_modules())
-    key = {
-        "layer": lambda name: name,
-        "block": lambda name: name.split(".")[0],
-        "type": lambda name: techniques.base_type(modules[name]).__name__,
-    }[grouping]
-    grouped: dict[str, list[str]] = {}
-    for layer in layers:
-        grouped.setdefault(key(layer), []).append(layer)
-    return {g: tuple(v) for g, v in grouped.items()}
 
 
 def _eligible(model: nn.Module, technique: techniques.Technique, excluded: Sequence[str]) -> list[str]:
@@ -219,29 +236,103 @@ def _eligible(model: nn.Module, technique: techniques.Technique, excluded: Seque
     ]
 
 
-def build_space(model: nn.Module, options: SpaceOptions | None = None, *, seed: int = 0) -> SearchSpace:
-    """The space for `model` under the user's `options` (all searchable techniques by default)."""
+def build_space(
+    model: nn.Module,
+    options: SpaceOptions | None = None,
+    *,
+    seed: int = 0,
+    defaults: Mapping[str, Any] | None = None,
+) -> SearchSpace:
+    """The space for `model` under the user's `options` (all searchable techniques by default).
+
+    `defaults` are the workload's ranges of global settings under flat keys (`Workload.search_ranges`:
+    `{"distill.lr": (1e-5, 1e-4), "distill.steps": [100, 200]}`); see `global_ranges` for the precedence.
+    """
     options = options or SpaceOptions()
     known = searchable()
     chosen = [known[name] for name in known if options.families is None or name in options.families]
-    groups, choices, ranges = {}, {}, {}
+    groups, choices = {}, {}
     for technique in chosen:
         per_layer = technique.search.per_layer
         if per_layer is not None:
             choices[per_layer.setting] = options.choices.get(per_layer.setting, per_layer.choices)
             layers = _eligible(model, technique, options.exclude.get(technique.name, ()))
             if layers:
-                groups[technique.name] = _group(layers, model, options.grouping, options.groups)
-        if technique.search.globals:
-            given = options.ranges.get(technique.name, {})
-            ranges[technique.name] = {
-                g.setting: given.get(g.setting, g.bounds if g.bounds is not None else g.choices)
-                for g in technique.search.globals
-            }
+                groups[technique.name] = dict(group_layers(model, layers, options.grouping, options.groups))
     if not any(groups.values()):
         raise SpaceError(f"no layer of the model can be compressed by {', '.join(t.name for t in chosen)}")
     _check_groups_match(options, groups)
-    return SearchSpace(groups, choices, ranges, seed)
+    ranges, sources = global_ranges(chosen, model, options, defaults or {})
+    return SearchSpace(groups, choices, ranges, seed, sources)
+
+
+def _model_bundles(model: nn.Module) -> list[Mapping[str, tuple[Any, ...]]]:
+    """The default bundles that suit `model` whose settings some technique declares (others are left out
+    whole: `epochs` 0 means nothing without a declared step budget)."""
+    bundles = TRANSFORMER_RANGES if has_attention(model) else ()
+    return [bundle for bundle in bundles if all(global_setting(key) is not None for key in bundle)]
+
+
+def model_ranges(model: nn.Module) -> dict[str, tuple[Any, ...]]:
+    """Default ranges of global settings that suit `model` (flat keys, as `Workload.search_ranges`):
+    transformer fine-tuning for a model with attention, none (the techniques' declarations) otherwise."""
+    return {key: values for bundle in _model_bundles(model) for key, values in bundle.items()}
+
+
+def global_ranges(
+    chosen: Sequence[techniques.Technique],
+    model: nn.Module,
+    options: SpaceOptions,
+    defaults: Mapping[str, Any],
+) -> tuple[dict[str, dict[str, tuple[Any, ...]]], dict[str, dict[str, str]]]:
+    """The range of every global setting of the `chosen` techniques, and where each came from.
+
+    Precedence, per setting: the user's options (search-space file, flags) > the workload's `defaults` >
+    `model_ranges(model)` > the technique's declaration. A model-derived bundle (e.g. a step budget with
+    `epochs` 0) is dropped whole when the user or the workload sets any of its settings.
+    """
+    workload = flat_ranges(defaults)
+    given = {(t, s) for source in (options.ranges, workload) for t, settings in source.items() for s in settings}
+    derived: dict[str, dict[str, tuple[Any, ...]]] = {}
+    for bundle in _model_bundles(model):
+        named = [global_setting(key) for key in bundle]
+        if not any(found is not None and (found[0].name, found[1]) in given for found in named):
+            for technique_name, settings in flat_ranges(bundle, "model defaults").items():
+                derived.setdefault(technique_name, {}).update(settings)
+    ranges: dict[str, dict[str, tuple[Any, ...]]] = {}
+    sources: dict[str, dict[str, str]] = {}
+    layers = (("options", options.ranges), ("workload", workload), ("model", derived))
+    for technique in chosen:
+        for declared in technique.search.globals:
+            value = declared.bounds if declared.bounds is not None else declared.choices
+            source = next((name for name, layer in layers if declared.setting in layer.get(technique.name, {})), None)
+            if source is not None:
+                value = dict(layers)[source][technique.name][declared.setting]
+            ranges.setdefault(technique.name, {})[declared.setting] = tuple(value)
+            sources.setdefault(technique.name, {})[declared.setting] = source or "technique"
+        if technique.name in ranges:
+            _check_combinations(technique, ranges[technique.name], sources[technique.name])
+    return ranges, sources
+
+
+def _check_combinations(
+    technique: techniques.Technique, ranges: Mapping[str, tuple[Any, ...]], sources: Mapping[str, str]
+) -> None:
+    """Every combination of the searched values (a float range at both ends) must make a valid spec: ranges
+    that are each fine may still clash (`epochs` 0 with no step budget), and a trial would fail late."""
+    declared = {g.setting: g for g in technique.search.globals}
+    axes = [(s, v if declared[s].bounds is None else (v[0], v[-1])) for s, v in ranges.items()]
+    names = [s for s, _ in axes]
+    for combination in itertools.islice(itertools.product(*(v for _, v in axes)), MAX_CHECKED):
+        try:
+            technique.spec_type(**dict(zip(names, combination, strict=True)))
+        except TypeError:  # the spec needs more than its global settings (a per-layer one): not checked here
+            return
+        except techniques.SpecError as exc:
+            where = ", ".join(f"{s} from {sources[s]}" for s in names if sources[s] != "technique") or "declared"
+            raise SpaceError(
+                f"{technique.name}: the ranges searched ({where}) allow an invalid setting: {exc}"
+            ) from None
 
 
 def _check_groups_match(options: SpaceOptions, groups: Mapping[str, Mapping[str, tuple[str, ...]]]) -> None:

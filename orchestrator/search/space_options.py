@@ -7,7 +7,8 @@ checked here, before any model is built, and an error names the path of the bad 
 
 File keys: `families`, `grouping`, `groups` (name → layer regex), `choices` (per-layer setting →
 values), `exclude` (technique → layer regexes), and, per technique with global settings (e.g.
-`distillation`), setting → `[low, high]` for a float range or the list of choices.
+`distillation`), setting → `[low, high]` for a float range or the list of choices. A workload gives the
+same ranges under flat keys (`{"distill.lr": [1e-5, 1e-4]}`, read by `flat_ranges`); the file wins.
 """
 
 from __future__ import annotations
@@ -96,13 +97,22 @@ def _groups(value: Any) -> tuple[tuple[str, str], ...]:
     return tuple((name, _pattern(pattern, f"groups.{name}")) for name, pattern in _object(value, "groups").items())
 
 
-def _check_value(technique: techniques.Technique, setting: str, value: Any, path: str) -> None:
-    """The technique's own spec decides whether it accepts `value` for `setting`."""
+def _check_value(
+    technique: techniques.Technique, setting: str, value: Any, path: str, context: Mapping[str, Any] | None = None
+) -> None:
+    """The technique's own spec decides whether it accepts `value` for `setting` — alone, or beside the
+    `context` of other settings given with it (`epochs` 0 is valid only beside a step budget)."""
     if isinstance(value, float) and not math.isfinite(value):
         raise _fail(path, f"not a finite number: {value!r}")
     try:
         technique.spec_type(**{setting: value})
     except techniques.SpecError as exc:
+        try:
+            if context:
+                technique.spec_type(**{**context, setting: value})
+                return
+        except (techniques.SpecError, TypeError):
+            pass
         raise _fail(path, str(exc)) from None
     except TypeError as exc:
         raise _fail(path, f"{technique.name} cannot take {value!r}: {exc}") from None
@@ -133,16 +143,18 @@ def _exclude(value: Any) -> dict[str, tuple[str, ...]]:
     return parsed
 
 
-def _ranges(technique: techniques.Technique, value: Any) -> dict[str, tuple[Any, ...]]:
+def _ranges(technique: techniques.Technique, value: Any, where: str = "") -> dict[str, tuple[Any, ...]]:
     declared = {g.setting: g for g in technique.search.globals}
     parsed = {}
-    for setting, values in _object(value, technique.name).items():
-        path = f"{technique.name}.{setting}"
+    given = _object(value, where or technique.name)
+    for setting, values in given.items():
+        path = f"{where or technique.name}.{setting}"
         if setting not in declared:
             raise _fail(path, f"unknown setting; known: {', '.join(declared)}")
         items = _list(values, path)
+        context = {s: v[0] for s, v in given.items() if s != setting and s in declared and isinstance(v, list) and v}
         for index, item in enumerate(items):
-            _check_value(technique, setting, item, f"{path}[{index}]")
+            _check_value(technique, setting, item, f"{path}[{index}]", context)
         if declared[setting].bounds is not None:
             if len(items) != 2 or not items[0] <= items[1]:
                 raise _fail(path, f"expected [low, high] with low <= high, got {items!r}")
@@ -150,6 +162,35 @@ def _ranges(technique: techniques.Technique, value: Any) -> dict[str, tuple[Any,
                 raise _fail(path, f"a log-scaled range must be positive, got {items!r}")
         parsed[setting] = tuple(items)
     return parsed
+
+
+def global_setting(key: str) -> tuple[techniques.Technique, str] | None:
+    """The technique and global setting a flat key names (`distill.lr`: prefix or technique name, then the
+    setting), or None when no searchable technique declares it."""
+    head, _, setting = key.partition(".")
+    for technique in searchable().values():
+        if head in (technique.search.prefix, technique.name):
+            declared = {g.setting for g in technique.search.globals}
+            return (technique, setting) if setting in declared else None
+    return None
+
+
+def flat_ranges(value: Mapping[str, Any], path: str = "search_ranges") -> dict[str, dict[str, tuple[Any, ...]]]:
+    """Ranges of global settings under flat keys (`{"distill.lr": (1e-5, 1e-4), "distill.steps": [100, 200]}`:
+    `[low, high]` or choices, as in a search-space file), checked like the file's, as technique → setting →
+    values; a workload declares its ranges so."""
+    by_technique: dict[str, tuple[techniques.Technique, str, dict[str, Any]]] = {}
+    for key, values in _object(value, path).items():
+        found = global_setting(key) if isinstance(key, str) else None
+        if found is None:
+            known = [
+                f"{t.search.prefix or t.name}.{g.setting}" for t in searchable().values() for g in t.search.globals
+            ]
+            raise _fail(f"{path}.{key}", f"unknown global setting; known: {', '.join(known)}")
+        technique, setting = found
+        entry = by_technique.setdefault(technique.name, (technique, key.partition(".")[0], {}))
+        entry[2][setting] = list(values) if isinstance(values, tuple) else values
+    return {name: _ranges(t, given, f"{path}.{head}") for name, (t, head, given) in by_technique.items()}
 
 
 def options_from_json(doc: Any) -> SpaceOptions:
