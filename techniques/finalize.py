@@ -6,6 +6,9 @@ Decisions:
   layer with sparse storage when the 1-bit mask saves bytes, else a plain layer with the mask baked in.
   Layers pruned with torch.nn.utils.prune (a `weight_mask` buffer and hook) are treated like WeightMask.
 - Any other parametrisation is baked in (`leave_parametrized=True`) and the layer stays plain.
+- An Embedding carrying a WeightFakeQuant becomes a PackedEmbedding (rows packed one by one, per-row
+  scales); masks on an embedding are baked in before quantisation (a pruned row quantises to zero codes),
+  and one carrying no fake-quant stays a plain Embedding with its parametrisations baked in.
 - Activation fake-quant hooks and `input_quant` submodules are removed; their static scale moves into the
   packed layer, so a reloaded model behaves identically.
 """
@@ -20,8 +23,14 @@ from torch import nn
 from torch.nn.utils import parametrize, prune
 
 from techniques._base import WeightMask, base_type, bias_of, parametrizations_of, set_module, weight_of
-from techniques.packed import INT_KERNEL, PackedConv2d, PackedLayer, PackedLinear
-from techniques.quantization import LAYER_TYPES, ActivationFakeQuant, WeightFakeQuant, quantize_input_hook
+from techniques.packed import INT_KERNEL, PackedConv2d, PackedEmbedding, PackedLayer, PackedLinear
+from techniques.quantization import (
+    LAYER_TYPES,
+    ActivationFakeQuant,
+    WeightFakeQuant,
+    is_embedding,
+    quantize_input_hook,
+)
 
 PLAIN_KERNEL = "fp32"
 _Chain = tuple[torch.Tensor, torch.Tensor | None, WeightFakeQuant | None]
@@ -62,8 +71,22 @@ def _weight_chain(module: nn.Module, name: str) -> _Chain:
     return weight, mask, quant
 
 
+def _bake_embedding(module: nn.Embedding, name: str) -> nn.Module:
+    """The PackedEmbedding replacing a quantised Embedding (the embedding itself, baked, when not quantised)."""
+    weight, _, quant = _weight_chain(module, name)  # any mask is already applied to `weight`
+    if parametrize.is_parametrized(module, "weight"):
+        parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+    if quant is None:
+        return module
+    return PackedEmbedding.from_weight(
+        weight, bits=quant.bits, group_size=quant.group_size, padding_idx=module.padding_idx
+    )
+
+
 def _bake(module: nn.Module, name: str) -> nn.Module:
-    """The packed (or plain, baked) replacement for one Linear/Conv2d."""
+    """The packed (or plain, baked) replacement for one Linear/Conv2d/Embedding."""
+    if is_embedding(module):
+        return _bake_embedding(cast(nn.Embedding, module), name)
     act_scale = _remove_input_quant(module)
     weight, mask, quant = _weight_chain(module, name)
     if parametrize.is_parametrized(module, "weight"):
@@ -74,7 +97,7 @@ def _bake(module: nn.Module, name: str) -> nn.Module:
     cls: type[PackedLayer]
     if isinstance(module, nn.Linear):
         cls, layer = PackedLinear, {"in_features": module.in_features, "out_features": module.out_features}
-    else:  # LAYER_TYPES holds Linear and Conv2d only
+    else:  # embeddings were handled above: a Conv2d
         cls, layer = PackedConv2d, PackedConv2d.like(cast(nn.Conv2d, module))
     packed = cls.from_weight(
         weight,
@@ -92,7 +115,7 @@ def _bake(module: nn.Module, name: str) -> nn.Module:
 
 
 def finalize(model: nn.Module) -> nn.Module:
-    """Replace every pruned or quantised Linear/Conv2d by its packed form (in place); return the model."""
+    """Replace every pruned or quantised Linear/Conv2d/Embedding by its packed form (in place); return the model."""
     layers = [(name, module) for name, module in model.named_modules() if base_type(module) in LAYER_TYPES]
     for name, module in layers:
         new = _bake(module, name or "<model>")
@@ -105,10 +128,11 @@ def finalize(model: nn.Module) -> nn.Module:
 
 
 def kernel_report(model: nn.Module) -> dict[str, str]:
-    """Layer name -> kernel its forward runs: INT_KERNEL, "dequantized-fp32", or "fp32" for plain layers."""
+    """Layer name -> kernel its forward runs: INT_KERNEL, "dequantized-fp32" (decoded once), GATHER_KERNEL (a
+    packed embedding decoding the rows each lookup gathers), or "fp32" for plain Linear/Conv2d/Embedding."""
     report: dict[str, str] = {}
     for name, module in model.named_modules():
-        if isinstance(module, PackedLayer):
+        if isinstance(module, PackedLayer | PackedEmbedding):
             report[name] = module.kernel
         elif base_type(module) in LAYER_TYPES:
             report[name] = PLAIN_KERNEL

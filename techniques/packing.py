@@ -4,6 +4,8 @@ Layout: elements are laid out one after another, each as `bits` bits least-signi
 resulting bit stream fills bytes least-significant bit first. n elements of b bits take exactly
 ceil(n*b/8) bytes. Signed codes are stored in two's complement (b bits hold [-(2^(b-1)-1), 2^(b-1)-1]).
 Work is done in chunks of whole bytes so the temporary bit matrix stays bounded on large layers.
+`pack_rows` lays out each row of a matrix this way on its own, starting on a byte boundary, so one row can
+be read without its neighbours (an embedding lookup decodes only the rows it gathers, `unpack_rows`).
 """
 
 from __future__ import annotations
@@ -65,25 +67,93 @@ def _unpack_unsigned(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     return torch.cat(out)
 
 
-def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack signed integer codes in [-(2^(bits-1)-1), 2^(bits-1)-1] into ceil(n*bits/8) uint8 bytes."""
+def _fields(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Signed codes checked against the `bits`-bit range, as their two's-complement bit fields (int32)."""
     _check_bits(bits, 2)
     if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
         raise ValueError(f"codes must be an integer tensor, got {codes.dtype}")
-    flat = codes.reshape(-1).to(torch.int32)
+    values = codes.to(torch.int32)
     limit = code_range(bits)
-    low, high = (int(flat.min()), int(flat.max())) if flat.numel() else (0, 0)
+    low, high = (int(values.min()), int(values.max())) if values.numel() else (0, 0)
     if low < -limit or high > limit:
         raise ValueError(f"{bits}-bit codes must lie in [{-limit}, {limit}], got [{low}, {high}]")
-    return _pack_unsigned(flat & ((1 << bits) - 1), bits)
+    return values & ((1 << bits) - 1)
+
+
+def _signed(fields: torch.Tensor, bits: int) -> torch.Tensor:
+    """Two's-complement `bits`-bit fields (int32) as signed codes: int8 for bits <= 8, int16 above."""
+    signed = fields - ((fields >> (bits - 1)) << bits)
+    return signed.to(torch.int8 if bits <= 8 else torch.int16)
+
+
+def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack signed integer codes in [-(2^(bits-1)-1), 2^(bits-1)-1] into ceil(n*bits/8) uint8 bytes."""
+    return _pack_unsigned(_fields(codes, bits).reshape(-1), bits)
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """The `n` signed codes `pack_bits` stored: int8 for bits <= 8, int16 above."""
     _check_bits(bits, 2)
-    fields = _unpack_unsigned(packed, bits, n)
-    signed = fields - ((fields >> (bits - 1)) << bits)
-    return signed.to(torch.int8 if bits <= 8 else torch.int16)
+    return _signed(_unpack_unsigned(packed, bits, n), bits)
+
+
+def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack a (rows, cols) matrix of signed codes row by row: a (rows, ceil(cols*bits/8)) uint8 matrix whose
+    row i holds `pack_bits(codes[i], bits)`, so every row starts on a byte boundary."""
+    fields = _fields(codes, bits)
+    if fields.dim() != 2:
+        raise ValueError(f"codes must be a matrix, got shape {tuple(codes.shape)}")
+    rows, cols = fields.shape
+    width = packed_nbytes(cols, bits)
+    shifts = torch.arange(bits, dtype=torch.int32, device=codes.device)
+    weights = torch.tensor([1 << i for i in range(8)], dtype=torch.int32, device=codes.device)
+    out = [torch.zeros(0, width, dtype=torch.uint8, device=codes.device)]
+    step = max(1, _CHUNK // max(1, cols * bits))  # rows per chunk: a bounded bit matrix
+    for start in range(0, rows, step):
+        chunk = fields[start : start + step]
+        stream = ((chunk.unsqueeze(2) >> shifts) & 1).reshape(chunk.shape[0], cols * bits)
+        stream = torch.nn.functional.pad(stream, (0, width * 8 - cols * bits))
+        out.append((stream.view(-1, width, 8) * weights).sum(dim=2).to(torch.uint8))
+    return torch.cat(out)
+
+
+def _byte_codes(bits: int, device: torch.device) -> torch.Tensor:
+    """(256, 8 // bits) int8: the signed codes each byte value holds, for widths that divide 8."""
+    fields = (
+        torch.arange(256, dtype=torch.int32, device=device).unsqueeze(1) >> torch.arange(0, 8, bits, device=device)
+    ) & ((1 << bits) - 1)
+    return _signed(fields, bits)
+
+
+def unpack_rows(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
+    """The (rows, cols) signed codes `pack_rows` stored, from any subset of its rows: a contiguous int8 matrix
+    (int16 above 8 bits).
+
+    The work and memory are those of the output: 8-bit rows are reinterpreted, 2- and 4-bit rows look each byte
+    up in a 256-entry table, other widths read each code from the bytes it spans (columns gathered as rows of
+    the transposed matrix, which copies contiguous runs).
+    """
+    _check_bits(bits, 2)
+    width = packed_nbytes(cols, bits)
+    if packed.dtype != torch.uint8 or packed.dim() != 2 or packed.shape[1] != width:
+        shape = tuple(packed.shape)
+        raise ValueError(f"rows of {cols} {bits}-bit codes need a (rows, {width}) uint8 matrix, got {shape}")
+    if bits == 8:
+        return packed.view(torch.int8).clone()
+    if 8 % bits == 0:
+        codes = _byte_codes(bits, packed.device).index_select(0, packed.reshape(-1).to(torch.int32))
+        return codes.view(len(packed), width * 8 // bits)[:, :cols].contiguous()
+    start = torch.arange(cols, device=packed.device) * bits
+    first, offset = start // 8, (start % 8).unsqueeze(1)
+    span = (7 + bits + 7) // 8  # bytes one code can touch
+    dtype = torch.int16 if bits <= 8 else torch.int32
+    columns = torch.nn.functional.pad(packed, (0, span - 1)).t().to(dtype)  # (bytes, rows)
+    word = columns.index_select(0, first)
+    for k in range(1, span):
+        word = word | (columns.index_select(0, first + k) << (8 * k))
+    high = 16 if dtype == torch.int16 else 32
+    signed = ((word >> offset.to(dtype)) << (high - bits)) >> (high - bits)  # arithmetic shift: sign extension
+    return signed.to(torch.int8 if bits <= 8 else torch.int16).t().contiguous()
 
 
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,7 @@
 """Quantization: per-layer weight bit-widths as fake-quant parametrisations, optional 8-bit activations.
 
+Handles nn.Linear, nn.Conv2d and nn.Embedding (a token table is often half a language model's weights).
+
 Decisions:
 - `apply` registers a `WeightFakeQuant` parametrisation on each addressed layer's weight (after any
   WeightMask, so pruned weights stay zero). Its scales are recomputed from the current weight on every
@@ -8,17 +10,24 @@ Decisions:
 - Arithmetic (symmetric per-channel or per-group scales) lives in techniques.packed and is shared with the
   packed deployment layers, so `finalize` reproduces the fake-quant weights bitwise.
 - activation_bits=8 attaches an `ActivationFakeQuant` submodule (`input_quant`) and a forward pre-hook to
-  each quantised layer. Its static per-tensor scale is max|x| / 127 over the inputs seen while running the
+  each quantised Linear/Conv2d. Its static per-tensor scale is max|x| / 127 over the inputs seen while running the
   model (weights already fake-quantised, eval mode) over `ctx.calibration()` (or `ctx.example_inputs` when
   the context has no calibration data). Max rather than a percentile: deterministic, no sort over large
   tensors, and a calibration set is small enough that outliers are real inputs.
 - A layer whose bits resolve to None (e.g. `{"fc2": None, "_default": 4}`) is left in float.
-- The group size must divide every quantised layer's row length (in_features, or in/groups*kh*kw).
+- The group size must divide every quantised layer's row length (in_features, in/groups*kh*kw, or an
+  embedding's embedding_dim).
+- An embedding's weight is (num_embeddings, embedding_dim), so "per output channel" is one scale per row:
+  the same arithmetic as a Linear, no special case. Activation quantisation skips embeddings (their input is
+  integer ids). An embedding with `max_norm` is refused (its forward renormalises the stored rows in place,
+  which neither fake-quant nor a packed table can reproduce) and is not offered to the search;
+  `padding_idx`, `sparse` and `scale_grad_by_freq` shape only gradients, which the straight-through
+  estimator passes on unchanged.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -34,12 +43,14 @@ from techniques._base import (
     SpecError,
     Technique,
     TechniqueSpec,
+    base_type,
     is_integer,
     parametrizations_of,
     register,
     resolve_layers,
     weight_of,
 )
+from techniques.inputs import call_model, to_device
 from techniques.packed import ACT_QMAX, dequantize, quantize_activation, weight_codes
 
 BITS = (2, 3, 4, 5, 6, 8, 16)
@@ -47,7 +58,7 @@ FLOAT_BITS = 32  # the search's value for "leave the layer in float32"
 KERNELS = ("auto", "dequantize")
 ACTIVATION_BITS = (8,)  # besides null (float activations)
 MAX_GROUP_SIZE = 1 << 20  # elements per weight group; a row this long is per-channel quantisation anyway
-LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
+LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d, nn.Embedding)
 
 
 @dataclass(frozen=True)
@@ -57,7 +68,8 @@ class QuantizationSpec(TechniqueSpec):
     Valid values: each layer's bits an int in BITS = {2, 3, 4, 5, 6, 8, 16} or None (leave the layer in
     float); `group_size` null or an int in [1, MAX_GROUP_SIZE] = [1, 2**20] (it must also divide the row
     length of every quantised layer, checked against the model); `activation_bits` null or 8; `kernel` one of
-    KERNELS. Integers are ints: floats such as 8.0 and bools are rejected.
+    KERNELS. Integers are ints: floats such as 8.0 and bools are rejected. `activation_bits` and `kernel` concern
+    Linear/Conv2d layers only; embeddings take integer ids and have no GEMM.
     """
 
     technique = "quantization"
@@ -153,14 +165,29 @@ def quantize_input_hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, 
     return (cast(ActivationFakeQuant, module.input_quant)(args[0]), *args[1:])
 
 
+def is_embedding(module: nn.Module) -> bool:
+    """Whether a (possibly parametrised) layer is an nn.Embedding: its input is ids, its rows are its channels."""
+    return base_type(module) is nn.Embedding
+
+
+def searchable_layers(layers: Sequence[tuple[str, nn.Module]]) -> list[str]:
+    """The layers the search offers bit-widths for: all but embeddings with `max_norm` (which are refused)."""
+    return [name for name, module in layers if not (is_embedding(module) and module.max_norm is not None)]
+
+
 def quantizable_layers(model: nn.Module, spec: QuantizationSpec) -> list[tuple[str, nn.Module, int]]:
-    """(name, layer, bits) of each Linear/Conv2d the spec quantises; raises SpecError for a bad address."""
+    """(name, layer, bits) of each Linear/Conv2d/Embedding the spec quantises; SpecError for a bad address."""
     layers = resolve_layers(model, spec.bits, LAYER_TYPES, "quantization")
     for name, module, _ in layers:
+        if is_embedding(module) and module.max_norm is not None:
+            raise SpecError(
+                f"quantization: embedding {name!r} has max_norm={module.max_norm}, which renormalises its stored "
+                f"rows on every lookup and cannot be quantised; give it bits null"
+            )
         row = weight_of(module)[0].numel()
         if spec.group_size is not None and row % spec.group_size:
-            size = spec.group_size
-            raise SpecError(f"quantization: group_size {size} does not divide row length {row} of layer {name!r}")
+            size, what = spec.group_size, "embedding_dim" if is_embedding(module) else "row length"
+            raise SpecError(f"quantization: group_size {size} does not divide {what} {row} of layer {name!r}")
         if parametrize.is_parametrized(module, "weight") and any(
             isinstance(p, WeightFakeQuant) for p in parametrizations_of(module, "weight")
         ):
@@ -183,7 +210,7 @@ def _calibrate(model: nn.Module, observers: list[ActivationFakeQuant], ctx: Cont
     try:
         with torch.no_grad():
             for batch in batches:
-                model(batch.to(device))
+                call_model(model, to_device(batch, device))
     finally:
         model.train(was_training)
         for observer in observers:
@@ -197,9 +224,10 @@ def apply(model: nn.Module, spec: QuantizationSpec, ctx: Context) -> nn.Module:
         fake_quant = WeightFakeQuant(bits, spec.group_size, spec.kernel)
         parametrize.register_parametrization(module, "weight", fake_quant)
         ctx.note("quantization", name, f"{bits}-bit weights", bits=bits, group_size=spec.group_size)
-    if spec.activation_bits is not None and layers:
+    with_inputs = [module for _, module, _ in layers if not is_embedding(module)]  # embeddings take integer ids
+    if spec.activation_bits is not None and with_inputs:
         observers = []
-        for _, module, _ in layers:
+        for module in with_inputs:
             observer = ActivationFakeQuant().to(weight_of(module).device)
             module.input_quant = observer
             module.register_forward_pre_hook(quantize_input_hook)
@@ -221,6 +249,7 @@ register(
                 choices=(2, 3, 4, 5, 6, 8, FLOAT_BITS),  # weight bit-width; 32 keeps float32
                 off=FLOAT_BITS,
                 title="quantization bits",
+                eligible=searchable_layers,
             )
         ),
     )

@@ -7,7 +7,16 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from techniques.packing import code_range, pack_bits, pack_mask, packed_nbytes, unpack_bits, unpack_mask
+from techniques.packing import (
+    code_range,
+    pack_bits,
+    pack_mask,
+    pack_rows,
+    packed_nbytes,
+    unpack_bits,
+    unpack_mask,
+    unpack_rows,
+)
 
 WIDTHS = [2, 3, 4, 5, 6, 7, 8, 12, 16]
 
@@ -28,7 +37,7 @@ def test_codes_round_trip_in_exact_bytes(case: tuple[torch.Tensor, int]) -> None
     assert packed.dtype == torch.uint8
     assert packed.numel() == packed_nbytes(codes.numel(), bits) == -(-codes.numel() * bits // 8)
     out = unpack_bits(packed, bits, codes.numel())
-    assert out.dtype == (torch.int8 if bits <= 8 else torch.int16)
+    assert out.dtype == (torch.int8 if bits <= 8 else torch.int16) and out.is_contiguous()
     assert torch.equal(out.to(torch.int32), codes)
 
 
@@ -54,6 +63,49 @@ def test_large_tensor_crosses_chunk_boundaries() -> None:
     assert torch.equal(unpack_bits(pack_bits(codes, 3), 3, codes.numel()).long(), codes)
     mask = codes > 0
     assert torch.equal(unpack_mask(pack_mask(mask), mask.numel()), mask)
+
+
+@st.composite
+def matrix_of_width(draw: st.DrawFn) -> tuple[torch.Tensor, int]:
+    bits = draw(st.sampled_from(WIDTHS))
+    rows, cols = draw(st.integers(0, 9)), draw(st.integers(1, 40))
+    limit = code_range(bits)
+    values = draw(st.lists(st.integers(-limit, limit), min_size=rows * cols, max_size=rows * cols))
+    return torch.tensor(values, dtype=torch.int32).view(rows, cols), bits
+
+
+@settings(max_examples=150, deadline=None)
+@given(matrix_of_width(), st.data())
+def test_rows_pack_like_pack_bits_one_by_one_and_unpack_from_any_subset(
+    case: tuple[torch.Tensor, int], data: st.DataObject
+) -> None:
+    codes, bits = case
+    rows, cols = codes.shape
+    packed = pack_rows(codes, bits)
+    assert packed.dtype == torch.uint8 and packed.shape == (rows, packed_nbytes(cols, bits))
+    for row in range(rows):
+        assert torch.equal(packed[row], pack_bits(codes[row], bits))
+    assert torch.equal(unpack_rows(packed, bits, cols).to(torch.int32), codes)
+    picks = data.draw(st.lists(st.integers(0, rows - 1), max_size=12)) if rows else []
+    index = torch.tensor(picks, dtype=torch.long)
+    out = unpack_rows(packed[index], bits, cols)
+    assert out.dtype == (torch.int8 if bits <= 8 else torch.int16) and out.is_contiguous()
+    assert torch.equal(out.to(torch.int32), codes[index])
+
+
+def test_large_row_matrix_packs_in_chunks() -> None:
+    gen = torch.Generator().manual_seed(0)
+    codes = torch.randint(-15, 16, (5000, 300), generator=gen)
+    assert torch.equal(unpack_rows(pack_rows(codes, 5), 5, 300).long(), codes)
+
+
+def test_row_packing_rejects_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="matrix"):
+        pack_rows(torch.tensor([1, 2]), 4)
+    with pytest.raises(ValueError, match="must lie in"):
+        pack_rows(torch.tensor([[8]]), 4)
+    with pytest.raises(ValueError, match=r"\(rows, 2\) uint8"):
+        unpack_rows(torch.zeros(3, 3, dtype=torch.uint8), 4, 4)
 
 
 def test_known_layout_is_lsb_first() -> None:

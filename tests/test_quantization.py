@@ -11,7 +11,7 @@ import techniques
 from techniques.finalize import finalize
 from techniques.quantization import MAX_GROUP_SIZE, ActivationFakeQuant, QuantizationSpec, WeightFakeQuant
 from tests.technique_contract import TechniqueContract, make_context
-from tests.tiny_models import TinyCNN, seeded
+from tests.tiny_models import DictInputNet, TinyCNN, dict_data, seeded
 
 
 class TestQuantizationContract(TechniqueContract):
@@ -125,6 +125,15 @@ def test_activation_scale_is_calibrated_max_over_calibration_data() -> None:
         quantized = observer(x)
     assert len((quantized / observer.scale).round().unique()) <= 255
     assert torch.allclose(quantized, x, atol=observer.scale.item() / 2 + 1e-7)
+
+
+def test_calibration_runs_the_model_on_dict_batches() -> None:
+    inputs, _ = dict_data(32)
+    batches = [{key: value[i : i + 8] for key, value in inputs.items()} for i in range(0, 32, 8)]
+    ctx = techniques.Context(example_inputs=batches[0], calibration=lambda: iter(batches))
+    model = techniques.apply_spec(seeded(DictInputNet), QuantizationSpec(bits=8, activation_bits=8), ctx)
+    assert model.conv.input_quant.scale.item() == pytest.approx(float(inputs["image"].abs().max()) / 127)
+    assert model.extra.input_quant.scale.item() == pytest.approx(float(inputs["extra"].abs().max()) / 127)
 
 
 def test_integral_float_bits_and_large_group_size_are_spec_errors() -> None:
