@@ -406,7 +406,7 @@ def _load_builtin() -> None:
     # Importing the technique modules registers them; done lazily so `import techniques` stays light.
     import importlib
 
-    for module in ("lowrank", "channel_pruning", "pruning", "quantization", "distillation"):
+    for module in ("lowrank", "head_pruning", "channel_pruning", "pruning", "quantization", "distillation"):
         importlib.import_module(f"techniques.{module}")
 
 

@@ -1,6 +1,15 @@
 """Structured channel pruning with Torch-Pruning's dependency graph: whole output channels are removed, and
 every coupled layer (BatchNorm, the next layer's inputs, both sides of a residual add) shrinks with them,
-so the model is physically smaller and cheaper, not just sparser."""
+so the model is physically smaller and cheaper, not just sparser.
+
+Decisions (transformers):
+- The query, key, value and output projections of an attention module are never cut here: their channels are
+  heads, which `head_pruning` removes whole; a plain channel cut breaks `view(..., heads, head_dim)`. A group
+  holding one of them is kept, with a note, whatever the policy says; the search never offers them.
+- A group coupled to an embedding is the hidden size (the residual stream every block, LayerNorm and embedding
+  shares); it is kept, with a note. What a search offers in a transformer is the feed-forward intermediate
+  width (`intermediate.dense`: its output channels and `output.dense`'s inputs).
+"""
 
 from __future__ import annotations
 
@@ -27,6 +36,7 @@ from techniques._base import (
     register,
     resolve_layers,
 )
+from techniques.head_pruning import Traced, attention_layer_names, check_outputs, projection_layers, trace
 
 NAME = "structured_pruning"
 LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear)
@@ -85,17 +95,6 @@ def kept_channels(channels: int, ratio: float, round_to: int | None) -> int:
     return keep
 
 
-def _output_tensors(out: Any) -> list[torch.Tensor]:
-    """The tensors among a model's outputs (a tensor, or tuples, lists and dicts of them)."""
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        out = list(out.values())
-    if isinstance(out, tuple | list):
-        return [t for item in out for t in _output_tensors(item)]
-    return []
-
-
 def _producers(graph: Any, group: Any) -> list[nn.Module]:
     """Conv/Linear layers whose output channels the group removes."""
     return [
@@ -105,45 +104,69 @@ def _producers(graph: Any, group: Any) -> list[nn.Module]:
     ]
 
 
-def _unprunable(graph: Any, group: Any, output_fns: set[Any]) -> str | None:
+def _out_of_range(graph: Any, group: Any) -> bool:
+    """Whether the graph maps the group's channels past a layer's width (Torch-Pruning 1.6.1 does, e.g., for a
+    concatenation of flattened convolution features with a Linear's features): pruning it would fail or cut
+    the wrong channels."""
+    for dep, idxs in group:
+        module = dep.target.module
+        if not isinstance(module, nn.Module) or next(module.parameters(recurse=False), None) is None or not idxs:
+            continue
+        out = graph.is_out_channel_pruning_fn(dep.handler)
+        channels = graph.get_out_channels(dep.target) if out else graph.get_in_channels(dep.target)
+        if channels is not None and max(idxs) >= channels:
+            return True
+    return False
+
+
+def _unprunable(graph: Any, group: Any, output_fns: set[Any], attention: dict[nn.Module, str]) -> str | None:
     """Why the group's channels must stay: they are a model output (a cut node yields an output tensor or
-    has no consumer), or they pass through a grouped (not depthwise) convolution, whose channels move in
-    blocks."""
+    has no consumer), attention heads (head pruning's), the hidden size (coupled to an embedding or feeding an
+    attention's projections), they pass through a grouped (not depthwise) convolution, whose channels move in
+    blocks, or the graph maps them inconsistently."""
     for dep, _ in group:
         node = dep.target
         if graph.is_out_channel_pruning_fn(dep.handler) and (not node.outputs or node.grad_fn in output_fns):
             return "they are the model's output"
-    for dep, _ in group:
-        module = dep.target.module
+    modules = [(dep.target.module, graph.is_out_channel_pruning_fn(dep.handler)) for dep, _ in group]
+    heads = sorted({attention[m] for m, out in modules if out and m in attention})
+    if heads:
+        return f"they are the attention heads of {', '.join(heads)}; head_pruning removes whole heads"
+    if any(isinstance(m, nn.Embedding) for m, _ in modules):
+        return "they are the hidden size, coupled to an embedding and every residual connection"
+    feeds = sorted({attention[m] for m, _ in modules if m in attention})
+    if feeds:
+        return f"they are the hidden size, read by the query, key and value of {', '.join(feeds)}"
+    for module, _ in modules:
         if isinstance(module, nn.Conv2d) and 1 < module.groups < module.out_channels:
             return "they pass through a grouped convolution"
+    if _out_of_range(graph, group):
+        return "the dependency graph maps them past a layer's width (e.g. through a concatenation)"
     return None
 
 
 def _plan(
-    model: nn.Module,
-    graph: Any,
-    output_fns: set[Any],
-    spec: StructuredPruningSpec,
-    ratios: dict[nn.Module, float],
-    ctx: Context,
+    model: nn.Module, traced: Traced, spec: StructuredPruningSpec, ratios: dict[nn.Module, float], ctx: Context
 ) -> list[_Cut]:
     """Decide every group's channels to drop before pruning any, so importance sees the original weights."""
     import torch_pruning as tp
 
+    graph, attention = traced.graph, projection_layers(model)
     names = {module: name for name, module in model.named_modules()}
     scorer = tp.importance.MagnitudeImportance(p=IMPORTANCES[spec.importance], group_reduction="mean", normalizer=None)
     cuts = []
     for group in graph.get_all_groups(root_module_types=LAYER_TYPES):
         producers = _producers(graph, group)
-        ratio = min((ratios.get(m, 0.0) for m in producers), default=0.0)
-        if ratio <= 0:
+        addressed = [names[m] for m in producers if ratios.get(m, 0.0) > 0]
+        if not addressed:
             continue
-        addressed = [names[m] for m in producers if m in ratios]
-        reason = _unprunable(graph, group, output_fns)
+        reason = _unprunable(graph, group, traced.output_fns, attention)
         if reason:
             for name in addressed:
                 ctx.note(NAME, name, f"kept all output channels: {reason}")
+            continue
+        ratio = min(ratios.get(m, 0.0) for m in producers)  # a coupled layer no key addresses counts as 0
+        if ratio <= 0:
             continue
         if len(producers) > 1:
             coupled = ", ".join(names[m] for m in producers)
@@ -171,27 +194,11 @@ def _shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
 
 def _prune(model: nn.Module, spec: StructuredPruningSpec, ratios: dict[nn.Module, float], ctx: Context) -> None:
     """Trace the dependency graph on the example inputs, prune every planned group and check the output."""
-    import torch_pruning as tp
-
-    parameter = next(model.parameters(), None)
-    example = ctx.example_inputs.to(parameter.device if parameter is not None else ctx.device)
-    outputs: list[torch.Tensor] = []
-
-    def forward(module: nn.Module, x: torch.Tensor) -> Any:
-        out = module(x)
-        outputs.extend(_output_tensors(out))
-        return out
-
     before = _shapes(model)
-    with torch.enable_grad():
-        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example, forward_fn=forward)
-    output_fns = {t.grad_fn for t in outputs if t.grad_fn is not None}
-    for cut in _plan(model, graph, output_fns, spec, ratios, ctx):
-        graph.get_pruning_group(cut.root, cut.handler, idxs=cut.drop).prune()
-    with torch.no_grad():
-        shapes = [t.shape for t in _output_tensors(model(example))]
-    if shapes != [t.shape for t in outputs]:
-        raise RuntimeError(f"{NAME}: pruning changed the model's output shapes; this graph is not supported")
+    traced = trace(model, ctx)
+    for cut in _plan(model, traced, spec, ratios, ctx):
+        traced.graph.get_pruning_group(cut.root, cut.handler, idxs=cut.drop).prune()
+    check_outputs(model, traced, NAME)
     for name, shape in _shapes(model).items():
         if shape != before[name]:
             ctx.note(NAME, name, f"weight {list(before[name])} -> {list(shape)}", shape=list(shape))
@@ -214,8 +221,15 @@ def apply(model: nn.Module, spec: StructuredPruningSpec, ctx: Context) -> nn.Mod
 
 
 def all_but_output(layers: Sequence[tuple[str, nn.Module]]) -> list[str]:
-    """The layers a search prunes: all but the last, whose features are the model's output."""
-    return [name for name, _ in layers[:-1]]
+    """The layers a search prunes: all but the last, whose features are the model's output; in a transformer
+    also none of an attention's projections (head pruning's) and none writing the hidden size (the residual
+    stream), which leaves the feed-forward intermediate layers."""
+    attention, hidden = attention_layer_names(layers)
+    return [
+        name
+        for name, module in layers[:-1]
+        if name not in attention and (hidden is None or getattr(module, "out_features", None) != hidden)
+    ]
 
 
 register(

@@ -13,7 +13,7 @@ from techniques.channel_pruning import MAX_RATIO, MAX_ROUND_TO, StructuredPrunin
 from techniques.pruning import UnstructuredPruningSpec
 from techniques.pruning import apply as apply_unstructured
 from tests.technique_contract import TechniqueContract, make_context
-from tests.tiny_models import TinyCNN, TinyResNet, seeded, tiny_data
+from tests.tiny_models import DictInputNet, TinyCNN, TinyResNet, dict_data, seeded, tiny_data
 
 PLAIN_TYPES = {nn.Conv2d, nn.BatchNorm2d, nn.Linear, nn.MaxPool2d, nn.Sequential}
 
@@ -213,3 +213,42 @@ def test_boundary_values_apply_with_finite_outputs(settings: dict) -> None:
     model = techniques.apply_spec(seeded(TinyCNN), StructuredPruningSpec(**settings), ctx)
     with torch.no_grad():
         assert torch.isfinite(model.eval()(ctx.example_inputs)).all()
+
+
+class _TwoInputs(nn.Module):
+    """Two named inputs summed after their own layers; returns a dict with `logits`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.left, self.right = nn.Linear(6, 16), nn.Linear(4, 16)
+        self.fc, self.head = nn.Linear(16, 8), nn.Linear(8, 3)
+
+    def forward(self, left: torch.Tensor, right: torch.Tensor) -> dict[str, torch.Tensor]:
+        hidden = torch.relu(self.left(left) + self.right(right))
+        return {"logits": self.head(torch.relu(self.fc(hidden)))}
+
+
+@pytest.mark.parametrize("structure", ["dict", "tuple"])
+def test_traces_models_that_take_a_dict_or_a_tuple(structure: str) -> None:
+    gen = torch.Generator().manual_seed(0)
+    batch = {"left": torch.randn(4, 6, generator=gen), "right": torch.randn(4, 4, generator=gen)}
+    inputs = batch if structure == "dict" else (batch["left"], batch["right"])
+    torch.manual_seed(0)
+    model = apply(_TwoInputs().eval(), StructuredPruningSpec(ratio=0.5), techniques.Context(example_inputs=inputs))
+    assert (model.left.out_features, model.right.out_features, model.fc.in_features) == (8, 8, 8)
+    assert (model.fc.out_features, model.head.in_features, model.head.out_features) == (4, 4, 3)
+    with torch.no_grad():
+        assert model(**batch)["logits"].shape == (4, 3)
+
+
+def test_channels_the_graph_maps_past_a_layer_are_kept_with_a_note() -> None:
+    # Torch-Pruning 1.6.1 maps the channels of a concatenation of flattened conv features and a Linear's
+    # features past the Linear's width; pruning them would raise an IndexError.
+    inputs = dict_data(4)[0]
+    torch.manual_seed(0)
+    ctx = techniques.Context(example_inputs=inputs)
+    model = apply(DictInputNet().eval(), StructuredPruningSpec(ratio=0.5), ctx)
+    assert (model.conv.out_channels, model.extra.out_features) == (8, 8)
+    assert any(n["layer"] == "extra" and "past a layer's width" in n["message"] for n in ctx.notes)
+    with torch.no_grad():
+        assert model(**inputs)["logits"].shape == (4, 10)

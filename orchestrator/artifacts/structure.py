@@ -3,6 +3,12 @@
 `describe(model, base)` lists, in module order, every module whose type or shape differs from the
 base architecture (new modules included) as `{"name", "type", "config"}`; `rebuild(base, record)`
 constructs those modules from an allow-list of types and puts them in place.
+
+A module kept from the base may also have changed integer attributes its forward reads (head pruning lowers an
+attention's `num_attention_heads` and `all_head_size`): those are recorded as `{"name", "type": "attributes",
+"config": {attribute: value}}`, for an allow-list of attribute names (`ATTRIBUTES`) and only where the value
+differs from the base's same-named module. Rebuilding sets them after checking each is allow-listed, a positive
+int, and an int attribute the module already has.
 """
 
 from __future__ import annotations
@@ -67,6 +73,23 @@ _BUILTIN: dict[str, tuple[type[nn.Module], Callable[[Any], dict[str, Any]], Call
 }
 
 
+ATTRIBUTES_TYPE = "attributes"  # the `type` of a record entry that sets integer attributes of a kept module
+# Integer attributes a technique may change on a module it keeps (attention head counts and sizes).
+ATTRIBUTES = frozenset(
+    {
+        "num_attention_heads",
+        "attention_head_size",
+        "all_head_size",
+        "num_heads",
+        "n_heads",
+        "head_dim",
+        "head_size",
+        "num_key_value_heads",
+        "num_key_value_groups",
+    }
+)
+
+
 class StructureError(ValueError):
     """A structure record names an unknown module type or a bad configuration."""
 
@@ -82,6 +105,21 @@ def module_entry(module: nn.Module) -> tuple[str, dict[str, Any]] | None:
     return None
 
 
+def _int_attributes(module: nn.Module) -> dict[str, int]:
+    """The allow-listed integer attributes the module holds itself (not bools, not properties)."""
+    return {
+        key: value
+        for key, value in vars(module).items()
+        if key in ATTRIBUTES and isinstance(value, int) and not isinstance(value, bool)
+    }
+
+
+def changed_attributes(module: nn.Module, original: nn.Module) -> dict[str, int]:
+    """The allow-listed integer attributes of `module` whose values differ from `original`'s."""
+    before = _int_attributes(original)
+    return {key: value for key, value in _int_attributes(module).items() if key in before and before[key] != value}
+
+
 def describe(model: nn.Module, base: nn.Module) -> list[dict[str, Any]]:
     """Every module of `model` that is new or differs from the same-named module of `base`."""
     base_modules = dict(base.named_modules())
@@ -93,6 +131,9 @@ def describe(model: nn.Module, base: nn.Module) -> list[dict[str, Any]]:
         if entry is None:
             if name not in base_modules or type(base_modules[name]) is not techniques.base_type(module):
                 raise StructureError(f"cannot record module {name!r} of type {type(module).__name__}")
+            attributes = changed_attributes(module, base_modules[name])
+            if attributes:
+                record.append({"name": name, "type": ATTRIBUTES_TYPE, "config": attributes})
             continue
         original = base_modules.get(name)
         if original is None or module_entry(original) != entry:
@@ -148,11 +189,36 @@ def _check_place(model: nn.Module, name: str) -> None:
     raise StructureError(f"structure record names module {name!r}, which the model does not have")
 
 
+def set_attributes(model: nn.Module, name: str, config: dict[str, Any]) -> None:
+    """Set recorded integer attributes of the kept module `name`, each checked against the allow-list."""
+    try:
+        if not isinstance(name, str) or not name:
+            raise AttributeError(name)
+        module = model.get_submodule(name)
+    except AttributeError:
+        raise StructureError(f"structure record names module {name!r}, which the model does not have") from None
+    if not isinstance(config, dict) or not config:
+        raise StructureError("an attributes entry needs a non-empty object of attribute → value")
+    held = _int_attributes(module)
+    for key, value in config.items():
+        if key not in ATTRIBUTES:
+            raise StructureError(f"attribute {key!r} is not one a structure record may set")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise StructureError(f"attribute {key!r} must be a positive integer, got {value!r}")
+        if key not in held:
+            raise StructureError(f"{type(module).__name__} has no integer attribute {key!r}")
+    for key, value in config.items():
+        setattr(module, key, value)
+
+
 def rebuild(base: nn.Module, record: list[dict[str, Any]]) -> nn.Module:
     """Apply a structure record to a freshly built base architecture (in place; returns it)."""
     for entry in record:
         name = entry.get("name") if isinstance(entry, dict) else None
         try:
+            if entry["type"] == ATTRIBUTES_TYPE:
+                set_attributes(base, entry["name"], entry["config"])
+                continue
             _check_place(base, entry["name"])
             module = build_module(entry["type"], entry["config"])
             techniques.set_module(base, entry["name"], module)
