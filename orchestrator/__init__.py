@@ -3,9 +3,9 @@
 The names in `__all__` are the Python API; everything else is internal and may move. They load lazily,
 so `import orchestrator` (which every submodule import runs first) stays light:
 
-    from orchestrator import Policy, apply, resolve_workload
-    workload = resolve_workload("digits")
-    compressed = apply(Policy.load("policy.json"), workload)
+    import orchestrator
+    outcome = orchestrator.compress(model=model, train=train_loader, validation=val_loader, num_trials=16)
+    compressed = orchestrator.apply("policy.json", model=model, train=train_loader, validation=val_loader)
 """
 
 from __future__ import annotations
@@ -20,7 +20,10 @@ _EXPORTS = {
     "resolve_workload": "orchestrator.workloads",
     "Policy": "orchestrator.policy",
     "PolicyError": "orchestrator.policy",
-    "apply": "orchestrator.executor",
+    "apply": "orchestrator.api",
+    "compress": "orchestrator.api",
+    "workload_from": "orchestrator.api",
+    "LoaderSplit": "orchestrator.workloads",
     "CompressedModel": "orchestrator.executor",
     "SearchConfig": "orchestrator.search",
     "SearchOutcome": "orchestrator.search",

@@ -157,3 +157,66 @@ def test_python_api_example_runs_and_prints_the_compression(digits_baseline):
     accuracy = re.search(r"validation accuracy (\d\.\d+) \(baseline (\d\.\d+)\)", ran.stdout)
     assert ratio and float(ratio[1]) > 5, ran.stdout
     assert accuracy and float(accuracy[1]) > float(accuracy[2]) - 0.05, ran.stdout
+
+
+def _code_after_docstring(path: Path) -> str:
+    source = path.read_text()
+    tree = ast.parse(source)
+    return "\n".join(source.splitlines()[tree.body[1].lineno - 1 :]).strip()
+
+
+def test_notebook_example_is_under_15_lines_uses_public_names_and_is_the_readme_s():
+    source = (EXAMPLES / "notebook.py").read_text()
+    tree = ast.parse(source)
+    assert code_lines(tree, source) < 15
+    used = {
+        n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute) and getattr(n.value, "id", "") == "orchestrator"
+    }
+    assert used and used <= set(orchestrator.__all__)
+    assert _code_after_docstring(EXAMPLES / "notebook.py") in (REPO / "README.md").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_notebook_example_runs_a_search_on_a_dataloader(tmp_path):
+    ran = subprocess.run(
+        [sys.executable, str(EXAMPLES / "notebook.py")], cwd=tmp_path, capture_output=True, text=True, timeout=600
+    )
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    found = re.search(r"(\d+) models on the front: \[(.*)\]", ran.stdout)
+    assert found and int(found[1]) >= 1, ran.stdout
+    for path in re.findall(r"'([^']+)'", found[2]):
+        assert (Path(path) / "metrics.json").exists()
+    rows, _ = read_table(str(next((tmp_path / "runs").iterdir())), TRIALS_FILE)
+    assert len(rows) == 6
+
+
+@pytest.mark.slow
+def test_sentence_encoder_example_applies_from_the_command_line_and_its_checkpoint_evaluates(tmp_path):
+    policy = tmp_path / "policy.json"
+    policy.write_text(json.dumps({"_type": "policy", "_version": 1, "seed": 0, "steps": [
+        {"_type": "quantization", "_version": 1, "_data": {"bits": {"_default": 4}}},
+        {"_type": "distillation", "_version": 1, "_data": {"epochs": 1, "lr": 0.001}},
+    ]}))  # fmt: skip
+    spec = "examples.sentence_encoder:make_workload"
+    applied = run_from_repo(
+        "-m", "orchestrator", "apply", "--policy", str(policy), "--out", str(tmp_path / "ckpt"), "--workload", spec,
+        "--json",
+    )  # fmt: skip
+    assert applied.returncode == 0, applied.stderr[-3000:]
+    metrics = json.loads(applied.stdout)
+    assert metrics["compression_ratio"] > 3 and metrics["validation"] > 0.9  # mean cosine to the original
+    evaluated = run_from_repo("-m", "orchestrator", "evaluate", str(tmp_path / "ckpt"), "--workload", spec, "--json")
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert json.loads(evaluated.stdout)["validation"] == pytest.approx(metrics["validation"], abs=1e-9)
+
+
+def test_sentence_encoder_example_uses_its_hooks():
+    from examples.sentence_encoder import cosine_loss, make_workload, mean_pooled
+
+    workload = make_workload()
+    assert workload.output_fn is mean_pooled and workload.distill_loss is cosine_loss
+    inputs = workload.example_inputs(2)
+    assert set(inputs) == {"input_ids", "attention_mask"}
+    assert workload.forward(workload.load_baseline(), inputs).shape == (2, 64)
+    assert workload.evaluate(workload.load_baseline()) == pytest.approx(1.0, abs=1e-5)

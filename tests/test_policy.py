@@ -74,7 +74,7 @@ def test_malformed_policies_raise_one_line_policy_errors(text, message):
     "doc, message",
     [
         (policy_doc(step("unstructured_pruning", sparsity={"fc9": 0.5})), "no layer 'fc9'"),
-        (policy_doc(step("quantization", bits={"re:attention.*": 4})), "matches no Linear/Conv2d layer"),
+        (policy_doc(step("quantization", bits={"re:attention.*": 4})), "matches no Linear/Conv2d/Embedding layer"),
         (policy_doc(step("structured_pruning", ratio={"bn1": 0.5})), "'bn1' is a BatchNorm2d"),
     ],
 )

@@ -5,9 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from orchestrator.artifacts.fs import join
 from orchestrator.artifacts.tables import RunInfo, TrialRow
 from orchestrator.errors import UserError
 from orchestrator.search.space_options import SpaceOptions
+from orchestrator.workloads import Workload
 
 # Objective as the user names it → the metric key every trial reports, and whether it is maximised.
 OBJECTIVE_KEYS = {"accuracy": "validation", "size": "size_bytes", "latency": "latency_ms", "flops": "flops"}
@@ -21,7 +23,7 @@ DEFAULT_MAX_DROP = 0.05  # the accuracy guard: by default a model 5 points below
 class SearchConfig:
     """Everything a search run is told (the CLI's flags; the search space as one typed record)."""
 
-    workload: str = "digits"
+    workload: str | Workload = "digits"  # a built-in name, "pkg.module:function", or a Workload object
     data_dir: str | None = None
     weights: str | None = None
     objectives: tuple[str, ...] = ("accuracy", "size")
@@ -84,6 +86,11 @@ class SearchOutcome:
     pareto: list[TrialRow]
     run_info: RunInfo
     report: str | None = None
+
+    @property
+    def checkpoints(self) -> list[str]:
+        """The Pareto checkpoints' directories, in front order (load one with `load_checkpoint(path, workload)`)."""
+        return [join(self.run_dir, row.checkpoint) for row in self.pareto if row.checkpoint]
 
     @property
     def finished(self) -> int:

@@ -274,8 +274,10 @@ def trial_dirname(trial: Any) -> str:
 def _scheduler(config: SearchConfig, space: SearchSpace) -> Any:
     """ASHA on the fine-tuning epochs (optional): stops weak fine-tunes at 1, 2, 4… epochs."""
     epochs = space.max_epochs()
-    if not config.asha or epochs is None:
+    if not config.asha:
         return None
+    if epochs is None:
+        raise UserError("--asha stops fine-tunes by epoch, but this space fine-tunes by optimiser steps (epochs 0)")
     from ray.tune.schedulers import ASHAScheduler
 
     return ASHAScheduler(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +50,8 @@ class Prepared:
 def run_directory(config: SearchConfig) -> tuple[str, str, str]:
     """(storage path, experiment name, run directory); local paths are made absolute before trials start."""
     storage = absolute(config.storage_path)
-    name = config.name or f"{config.workload.replace(':', '-').replace('.', '-')}-{dt.datetime.now():%Y%m%d-%H%M%S}"
+    label = config.workload if isinstance(config.workload, str) else config.workload.name
+    name = config.name or f"{re.sub(r'[^A-Za-z0-9_-]+', '-', label)}-{dt.datetime.now():%Y%m%d-%H%M%S}"
     return storage, name, join(storage, name)
 
 
@@ -63,13 +65,17 @@ def prepare(config: SearchConfig) -> Prepared:
         raise UserError(f"nothing to resume at {run_dir}")
     if not config.resume and _experiment_exists(run_dir):
         raise UserError(f"{run_dir} already holds a search; pass --resume to continue it, or a new --name")
-    workload = resolve_workload(config.workload, data_dir=config.data_dir, weights=config.weights)
+    workload = (
+        resolve_workload(config.workload, data_dir=config.data_dir, weights=config.weights)
+        if isinstance(config.workload, str)
+        else config.workload
+    )
     baseline = workload.load_baseline()
     device = resolve_device("auto")
     reference = executor.measure_reference(
         workload, baseline.to(device), device, latency_batch_size=config.latency_batch_size
     )
-    space = build_space(baseline, config.space, seed=config.seed)
+    space = build_space(baseline, config.space, seed=config.seed, defaults=workload.search_ranges)
     record = _run_record(run_dir, config)
     return Prepared(storage, name, run_dir, workload, baseline, reference, space, device, started, **record)
 
