@@ -6,6 +6,7 @@ Inputs are a tensor, a tuple of tensors or a dict of tensors (`techniques.inputs
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -70,9 +71,11 @@ class LoaderSplit:
     The loader's own batch size is kept. For a shuffling DataLoader without its own `generator`, the order is
     fixed by the shuffle seed (torch's random state is seeded while the iterator starts, then restored), so the
     same seed gives the same batches; a loader with its own generator or fixed order keeps its order.
+    `max_examples` stops after that many examples (a calibration set taken from a training loader).
     """
 
     loader: Iterable[Any]
+    max_examples: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.loader, Iterator):
@@ -80,7 +83,7 @@ class LoaderSplit:
 
     def __len__(self) -> int:
         dataset = getattr(self.loader, "dataset", None)
-        if dataset is not None and hasattr(dataset, "__len__"):
+        if dataset is not None and hasattr(dataset, "__len__") and self.max_examples is None:
             return len(dataset)
         return sum(len(targets) for _, targets in self._pairs(None))
 
@@ -93,7 +96,7 @@ class LoaderSplit:
 
     def batch_count(self, batch_size: int) -> int:
         """How many batches the loader yields (`batch_size` is the loader's own)."""
-        if hasattr(self.loader, "__len__"):
+        if hasattr(self.loader, "__len__") and self.max_examples is None:
             return len(self.loader)  # type: ignore[arg-type]
         return sum(1 for _ in self._pairs(None))
 
@@ -111,9 +114,15 @@ class LoaderSplit:
             first = next(iterator, None)
         if first is None:
             return
-        yield as_batch(first)
-        for batch in iterator:
-            yield as_batch(batch)
+        left = self.max_examples
+        for batch in itertools.chain([first], iterator):
+            inputs, targets = as_batch(batch)
+            if left is not None:
+                inputs, targets = first_rows(inputs, left), targets[:left]
+                left -= len(targets)
+            yield inputs, targets
+            if left is not None and left <= 0:
+                return
 
 
 def as_batch(batch: Any) -> Batch:
