@@ -33,7 +33,9 @@ def _policy(*steps: tuple[str, dict]) -> Policy:
 DISTIL = ("distillation", {"epochs": 1, "lr": 1e-3, "temperature": 2.0, "alpha": 0.9})
 CASES = {
     "bert_workload": _policy(
-        ("lowrank", {"rank": {"re:.*intermediate\\.dense": 0.5}}),
+        ("lowrank", {"rank": {"re:.*attention\\.output\\.dense": 0.5}}),
+        ("head_pruning", {"head_ratio": {"_default": 0.5}}),
+        ("structured_pruning", {"ratio": {"re:.*intermediate\\.dense": 0.25}}),
         ("unstructured_pruning", {"sparsity": {"re:.*output\\.dense": 0.5}}),
         ("quantization", {"bits": {"_default": 4, "classifier": 8}}),
         DISTIL,
@@ -70,6 +72,11 @@ def test_apply_save_reload_in_a_fresh_process_then_evaluate(factory: str, tmp_pa
     workload = resolve_workload(spec)
     result = apply(CASES[factory], workload)
     assert result.metrics["compression_ratio"] > 1.5
+    if factory == "bert_workload":  # half the heads gone in every block, the embedding tables packed
+        heads = [m.num_attention_heads for m in result.model.modules() if hasattr(m, "num_attention_heads")]
+        assert heads == [2, 2]
+        packed = [type(m).__name__ for m in result.model.bert.embeddings.children() if "Embedding" in type(m).__name__]
+        assert packed and all(name == "PackedEmbedding" for name in packed)
     saved = save_checkpoint(result.model, result.policy, result.metrics, workload, str(tmp_path / "ckpt"))
     with torch.inference_mode():
         expected = workload.output_fn(call_model(result.model.eval(), workload.example_inputs(4)))
