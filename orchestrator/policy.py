@@ -57,9 +57,13 @@ class Policy:
     def techniques(self) -> list[str]:
         return [step.technique for step in self.steps]
 
-    def fine_tune_epochs(self) -> int:
-        """Fine-tuning epochs the policy asks for (0 without a fine-tuning step)."""
-        return next((step.epochs for step in self.steps if techniques.get(step.technique).fine_tunes), 0)
+    def fine_tune_epochs(self) -> int | None:
+        """Fine-tuning epochs the policy will run (0 without a fine-tuning step); None when a budget of optimiser
+        steps may end the fine-tune sooner, so the count is known only afterwards."""
+        step = next((step for step in self.steps if techniques.get(step.technique).fine_tunes), None)
+        if step is None:
+            return 0
+        return None if getattr(step, "steps", None) else step.epochs
 
     @classmethod
     def from_json(cls, doc: Any) -> Policy:

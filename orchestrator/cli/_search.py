@@ -85,7 +85,7 @@ def _add_what_arguments(parser: argparse.ArgumentParser) -> None:
         "--grouping",
         choices=GROUPINGS,
         help="one search parameter per layer, per block, or per layer type "
-        "(default: the search-space file's, else auto: per layer up to 12 layers)",
+        "(default: the search-space file's, else auto: per layer up to 12 layers, else by layer role and depth)",
     )
     parser.add_argument(
         "--search-space",

@@ -14,6 +14,12 @@ workload's `search_ranges` (`build_space(defaults=...)`), defaults that suit the
 model with attention fine-tunes at lr 1e-5…1e-4 for 100/200/400 optimiser steps, `epochs` 0), and the
 technique's declaration. `describe()["sources"]` says which one each range came from.
 
+A family is a technique with a per-layer setting, or one with only global settings that does not fine-tune
+(`student`: a lighter architecture, one `student.width` parameter). The student family is offered only when
+the workload can build students (`build_space(build_student=...)`); the space builds each searched width's
+student once and keeps its layer names, so per-layer settings of a policy with a student address only layers
+the student has (a shallower student drops the teacher's deeper layers).
+
 Decisions: a technique declares its settings (`techniques.SearchSettings`) and this module reads them, so
 a new technique appears here without touching this file; the options a user gives (flags and a
 search-space file) arrive as one typed `SpaceOptions` (see `space_options.py`).
@@ -23,10 +29,11 @@ from __future__ import annotations
 
 import itertools
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 import techniques
@@ -40,6 +47,7 @@ from orchestrator.search.space_options import (
     global_setting,
     searchable,
 )
+from techniques.student import NAME as STUDENT
 
 COMBINATION = "families"  # the parameter naming the techniques a trial combines, joined by "+"
 NONE = "none"  # its value for the uncompressed baseline (never offered to the sampler)
@@ -73,9 +81,19 @@ __all__ = [
 ]
 
 
+STUDENT_WIDTH = f"{STUDENT}.width"  # the parameter holding a student's width
+
+
 def _global_name(technique: techniques.Technique, setting: str) -> str:
     assert technique.search is not None
     return f"{technique.search.prefix or technique.name}.{setting}"
+
+
+def _compresses(technique: techniques.Technique) -> bool:
+    """Whether a technique is a family trials combine: it has a per-layer setting, or it does not fine-tune (a
+    whole-model change searched by its global settings, such as a student); distillation joins every policy."""
+    assert technique.search is not None
+    return technique.search.per_layer is not None or not technique.fine_tunes
 
 
 @dataclass(frozen=True)
@@ -88,13 +106,20 @@ class SearchSpace:
     ranges: Mapping[str, Mapping[str, tuple[Any, ...]]]  # technique → global setting → bounds or choices
     seed: int = 0
     sources: Mapping[str, Mapping[str, str]] = field(default_factory=dict)  # … → options/workload/model/technique
+    student_layers: Mapping[float, frozenset[str]] = field(default_factory=dict)  # width → the student's modules
 
     def _techniques(self) -> list[techniques.Technique]:
         return [t for name, t in searchable().items() if name in self.groups or name in self.ranges]
 
+    def _offered(self, technique: techniques.Technique) -> bool:
+        """Whether a family has something to search: layers for a per-layer setting, or global settings."""
+        if technique.search.per_layer is not None:
+            return bool(self.groups.get(technique.name))
+        return _compresses(technique) and technique.name in self.ranges
+
     def combinations(self) -> list[str]:
         """Every non-empty combination of the compressing techniques searched, as `COMBINATION` values."""
-        searched = [t.name for t in self._techniques() if self.groups.get(t.name)]
+        searched = [t.name for t in self._techniques() if self._offered(t)]
         subsets = itertools.chain.from_iterable(
             itertools.combinations(searched, k) for k in range(1, len(searched) + 1)
         )
@@ -105,10 +130,10 @@ class SearchSpace:
         group of each technique picked, then its global settings; a fine-tuning technique's always."""
         used = set(trial.suggest_categorical(COMBINATION, self.combinations()).split("+"))
         for technique in self._techniques():
+            if _compresses(technique) and technique.name not in used:
+                continue
             per_layer = technique.search.per_layer
             if per_layer is not None:
-                if technique.name not in used:
-                    continue
                 for group in self.groups.get(technique.name, {}):
                     trial.suggest_categorical(f"{per_layer.setting}.{group}", list(self.choices[per_layer.setting]))
             for declared in technique.search.globals:
@@ -124,21 +149,26 @@ class SearchSpace:
 
     def policy(self, params: Mapping[str, Any]) -> Policy:
         """The policy a trial's parameters describe (steps whose layers are all "off" are left out; a
-        fine-tuning technique joins only a policy that compresses)."""
+        fine-tuning technique joins only a policy that compresses; with a student, per-layer settings only
+        for the layers the student has)."""
         used = set(str(params.get(COMBINATION, NONE)).split("+"))
+        kept = self.student_layers.get(params[STUDENT_WIDTH]) if STUDENT in used else None
         steps, fine_tune = [], []
         for technique in self._techniques():
             per_layer = technique.search.per_layer
-            if per_layer is None:
+            if not _compresses(technique):
                 fine_tune.append(technique)
                 continue
             if technique.name not in used:
+                continue
+            if per_layer is None:
+                steps.append(technique.spec_type(**_globals(technique, params)))
                 continue
             values = {
                 layer: params[f"{per_layer.setting}.{group}"]
                 for group, layers in self.groups.get(technique.name, {}).items()
                 for layer in layers
-                if params[f"{per_layer.setting}.{group}"] != per_layer.off
+                if params[f"{per_layer.setting}.{group}"] != per_layer.off and (kept is None or layer in kept)
             }
             if values:
                 steps.append(technique.spec_type(**{per_layer.setting: values}, **_globals(technique, params)))
@@ -191,7 +221,7 @@ class SearchSpace:
             setting = technique.search.per_layer.setting
             point.update({f"{setting}.{group}": settings[setting] for group in self.groups[technique.name]})
         for technique in self._techniques():
-            if technique.search.per_layer is None or technique in used:
+            if not _compresses(technique) or technique in used:
                 for declared in technique.search.globals:
                     values = self.ranges[technique.name][declared.setting]
                     point[_global_name(technique, declared.setting)] = _reference_value(declared, values)
@@ -209,8 +239,10 @@ class SearchSpace:
 
 
 def _globals(technique: techniques.Technique, params: Mapping[str, Any]) -> dict[str, Any]:
-    """A technique's global settings as a trial's parameters give them."""
-    return {g.setting: params[_global_name(technique, g.setting)] for g in technique.search.globals}
+    """A technique's global settings as a trial's parameters give them (a setting the parameters lack, e.g. in a
+    run recorded before it was declared, keeps the spec's default)."""
+    names = {g.setting: _global_name(technique, g.setting) for g in technique.search.globals}
+    return {setting: params[name] for setting, name in names.items() if name in params}
 
 
 def _reference_value(declared: techniques.GlobalSearch, values: tuple[Any, ...]) -> Any:
@@ -242,15 +274,16 @@ def build_space(
     *,
     seed: int = 0,
     defaults: Mapping[str, Any] | None = None,
+    build_student: Callable[[float], nn.Module] | None = None,
 ) -> SearchSpace:
     """The space for `model` under the user's `options` (all searchable techniques by default).
 
     `defaults` are the workload's ranges of global settings under flat keys (`Workload.search_ranges`:
     `{"distill.lr": (1e-5, 1e-4), "distill.steps": [100, 200]}`); see `global_ranges` for the precedence.
+    `build_student` is the workload's (`Workload.build_student`): without it the student family is not offered.
     """
     options = options or SpaceOptions()
-    known = searchable()
-    chosen = [known[name] for name in known if options.families is None or name in options.families]
+    chosen = _chosen(options, build_student is not None)
     groups, choices = {}, {}
     for technique in chosen:
         per_layer = technique.search.per_layer
@@ -259,11 +292,43 @@ def build_space(
             layers = _eligible(model, technique, options.exclude.get(technique.name, ()))
             if layers:
                 groups[technique.name] = dict(group_layers(model, layers, options.grouping, options.groups))
-    if not any(groups.values()):
+    if not any(groups.values()) and not any(t.search.per_layer is None and _compresses(t) for t in chosen):
         raise SpaceError(f"no layer of the model can be compressed by {', '.join(t.name for t in chosen)}")
     _check_groups_match(options, groups)
     ranges, sources = global_ranges(chosen, model, options, defaults or {})
-    return SearchSpace(groups, choices, ranges, seed, sources)
+    widths = ranges.get(STUDENT, {}).get("width", ())
+    students = _student_layers(build_student, widths) if build_student is not None else {}
+    return SearchSpace(groups, choices, ranges, seed, sources, students)
+
+
+def _student_layers(
+    build_student: Callable[[float], nn.Module], widths: Sequence[float]
+) -> dict[float, frozenset[str]]:
+    """The module names of the student at each width (each built once, its random init drawn from a forked RNG)."""
+    layers = {}
+    with torch.random.fork_rng(devices=[]):
+        for width in widths:
+            layers[width] = frozenset(name for name, _ in build_student(width).named_modules())
+    return layers
+
+
+def _chosen(options: SpaceOptions, can_build_student: bool) -> list[techniques.Technique]:
+    """The searchable techniques the options pick; the student only when the workload builds students (an error
+    when the user asked for it), and only beside the fine-tuning that trains it."""
+    known = searchable()
+    chosen = [known[name] for name in known if options.families is None or name in options.families]
+    if STUDENT not in (t.name for t in chosen):
+        return chosen
+    if not can_build_student:
+        if options.families is not None:
+            raise SpaceError(
+                f"families: {STUDENT} needs a workload with build_student (a lighter architecture to distil into); "
+                "this workload has none"
+            )
+        return [t for t in chosen if t.name != STUDENT]
+    if not any(t.fine_tunes for t in chosen):
+        raise SpaceError(f"families: {STUDENT} builds an untrained model; add the fine-tuning family (distillation)")
+    return chosen
 
 
 def _model_bundles(model: nn.Module) -> list[Mapping[str, tuple[Any, ...]]]:

@@ -144,9 +144,11 @@ def _compress(policy: Policy, setup: TrialSetup, device: torch.device) -> tuple[
         "policy_json": policy.dumps(),
         "techniques": ",".join(policy.techniques()),
     }
-    epochs = policy.fine_tune_epochs()
+    epochs = policy.fine_tune_epochs()  # None: a step budget decides, and the count is known at the end
+    ran: list[int] = []
 
     def on_epoch(epoch: int, value: float, artifact: dict[str, Any]) -> None:
+        ran.append(epoch + 1)
         if epoch + 1 == epochs:  # the final report follows: a scheduler must not stop the finished trial here
             return
         result = {**common, **artifact, "validation": value, "epoch": epoch + 1, "final": False}
@@ -167,7 +169,7 @@ def _compress(policy: Policy, setup: TrialSetup, device: torch.device) -> tuple[
         **common,
         **{k: v for k, v in metrics.items() if k not in ("kernels", "techniques")},
         "kernels_json": json.dumps(metrics["kernels"], sort_keys=True),
-        "epoch": epochs,
+        "epoch": epochs if epochs is not None else len(ran),
         "final": True,
     }
     return result, outcome
