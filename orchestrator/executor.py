@@ -1,6 +1,10 @@
 """The policy executor: one deterministic path from (policy, workload, seed) to a measured compressed model.
 
 Search trials, `python -m orchestrator apply`, and re-materialising a Pareto point all call `apply`.
+
+Decisions: a policy's base architecture is the workload's `build_model()`, or its `build_student(width)` when
+the policy starts with a student step (`store.base_architecture`); the policy is validated against it, and
+the model's size is its artifact written against it, as its checkpoint will be.
 """
 
 from __future__ import annotations
@@ -14,10 +18,12 @@ import torch
 from torch import nn
 
 import techniques
+from orchestrator.artifacts.store import base_architecture
 from orchestrator.measure import Measurements, measure
 from orchestrator.policy import Policy, PolicyError, validate_for_model
 from orchestrator.workloads import Workload
 from techniques.finalize import finalize, finalized_copy, kernel_report
+from techniques.student import require_fine_tune
 
 TRACE_BATCH = 2
 
@@ -55,11 +61,15 @@ def measure_on(
     device: torch.device,
     latency_batch_size: int = 1,
     beside: nn.Module | None = None,
+    *,
+    policy: Policy | None = None,
 ) -> Measurements:
-    """The model measured as a workload's artifact (size against its base architecture), on `device`; timed
-    in paired rounds beside `beside` (the baseline) when given."""
+    """The model measured as a workload's artifact (size against the base architecture of the `policy` that
+    made it: the workload's model, or its student), on `device`; timed in paired rounds beside `beside` (the
+    baseline) when given."""
     inputs = workload.example_inputs(latency_batch_size, device)
-    return measure(model, inputs, base=workload.build_model(), beside=beside)
+    base = workload.build_model() if policy is None else base_architecture(policy, workload)
+    return measure(model, inputs, base=base, beside=beside)
 
 
 def make_context(
@@ -82,6 +92,7 @@ def make_context(
         evaluate=lambda model: workload.evaluate(model, "validation", device),
         teacher=teacher,
         on_epoch=on_epoch,
+        build_student=workload.build_student,
     )
 
 
@@ -92,16 +103,29 @@ def compressed_metrics(
     reference: Reference,
     baseline: nn.Module,
     latency_batch_size: int = 1,
+    *,
+    policy: Policy | None = None,
 ) -> dict[str, Any]:
     """The metrics record of a finalized model: its measurements with ratios to the baseline (the speedup
-    timed beside the `baseline` model, now), the baseline's own numbers, and which kernel each layer runs on."""
-    measured = measure_on(model, workload, device, latency_batch_size, beside=baseline)
+    timed beside the `baseline` model, now), the baseline's own numbers, and which kernel each layer runs on.
+    `policy` (the one that made the model) picks the base architecture its size is written against."""
+    measured = measure_on(model, workload, device, latency_batch_size, beside=baseline, policy=policy)
     return {
         "baseline_validation": reference.metric,
         "baseline_size_bytes": reference.measurements.size_bytes,
         **measured.metrics(reference.measurements),
         "kernels": kernel_report(model),
     }
+
+
+def _checked_base(policy: Policy, workload: Workload) -> nn.Module:
+    """The policy's base architecture, once the policy is known to fit the workload (a student needs the
+    workload's `build_student` and a fine-tuning step after it)."""
+    try:
+        require_fine_tune(policy.steps)
+        return base_architecture(policy, workload)
+    except techniques.SpecError as exc:
+        raise PolicyError(str(exc)) from None
 
 
 def apply(
@@ -124,7 +148,7 @@ def apply(
     """
     device = torch.device(device)
     seed = policy.seed if seed is None else seed
-    validate_for_model(policy, workload.build_model())  # before any training or loading
+    validate_for_model(policy, _checked_base(policy, workload))  # before any training or loading
     teacher = (baseline if baseline is not None else workload.load_baseline()).to(device).eval()
     if reference is None:
         reference = measure_reference(workload, teacher, device, latency_batch_size=latency_batch_size)
@@ -135,7 +159,7 @@ def apply(
     for index, step in enumerate(policy.steps, start=1):
         if on_epoch is not None and step.technique == "distillation":
             preview = finalized_copy(model).eval()
-            measured = measure_on(preview, workload, device, latency_batch_size, beside=teacher)
+            measured = measure_on(preview, workload, device, latency_batch_size, beside=teacher, policy=policy)
             artifact = measured.metrics(reference.measurements)
             ctx.on_epoch = lambda epoch, value, artifact=artifact: on_epoch(epoch, value, artifact)
         try:
@@ -147,7 +171,7 @@ def apply(
     metrics = {
         "metric": workload.metric_name,
         "validation": workload.evaluate(model, "validation", device),
-        **compressed_metrics(model, workload, device, reference, teacher, latency_batch_size),
+        **compressed_metrics(model, workload, device, reference, teacher, latency_batch_size, policy=policy),
         "techniques": policy.techniques(),
         "seed": seed,
     }

@@ -191,7 +191,8 @@ class Context:
     deterministic order for that epoch; `evaluate(model)` returns the validation metric (higher is better).
     Inputs are a tensor, tuple or dict of tensors (`techniques.inputs`); `run(model, inputs)` calls the model
     on them and reduces its output with `output_fn`; `distill_loss(student_out, teacher_out, inputs)`, when
-    given, is the workload's own distillation loss.
+    given, is the workload's own distillation loss; `build_student(width)`, when given, builds the workload's
+    lighter student architecture (untrained) for the student technique.
     """
 
     example_inputs: Inputs
@@ -205,6 +206,7 @@ class Context:
     evaluate: Callable[[nn.Module], float] | None = None
     teacher: nn.Module | None = None
     on_epoch: Callable[[int, float], None] | None = None
+    build_student: Callable[[float], nn.Module] | None = None
     notes: list[dict[str, Any]] = field(default_factory=list)
 
     def run(self, model: nn.Module, inputs: Inputs) -> torch.Tensor:
@@ -256,8 +258,9 @@ class SearchSettings:
     """What a technique offers the search space.
 
     A technique with a `per_layer` setting compresses, and the search picks which of those to combine; one
-    with only `globals` (distillation) fine-tunes, and joins every policy that compresses. Global parameters
-    are named `{prefix}.{setting}` in the search space.
+    with only `globals` that fine-tunes (distillation, `Technique.fine_tunes`) joins every policy that
+    compresses; one with only `globals` that does not fine-tune (student) is a family of its own, combined like
+    the per-layer ones. Global parameters are named `{prefix}.{setting}` in the search space.
     """
 
     per_layer: LayerSearch | None = None
@@ -269,7 +272,7 @@ class SearchSettings:
 class Technique:
     """A registered technique: its spec type, apply function and what it offers to a search space.
 
-    `stage` fixes the canonical order (low-rank 10 → structured pruning 20 → unstructured pruning 30 →
+    `stage` fixes the canonical order (student 5 → low-rank 10 → structured pruning 20 → unstructured pruning 30 →
     quantization 40 → distillation 50); a policy whose steps go backwards in stage is rejected.
     `fine_tunes` marks the technique that owns the training loop (the executor reports its epochs).
     """
@@ -406,7 +409,7 @@ def _load_builtin() -> None:
     # Importing the technique modules registers them; done lazily so `import techniques` stays light.
     import importlib
 
-    for module in ("lowrank", "head_pruning", "channel_pruning", "pruning", "quantization", "distillation"):
+    for module in ("student", "lowrank", "head_pruning", "channel_pruning", "pruning", "quantization", "distillation"):
         importlib.import_module(f"techniques.{module}")
 
 

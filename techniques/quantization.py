@@ -15,6 +15,14 @@ Decisions:
   the context has no calibration data). Max rather than a percentile: deterministic, no sort over large
   tensors, and a calibration set is small enough that outliers are real inputs.
 - A layer whose bits resolve to None (e.g. `{"fc2": None, "_default": 4}`) is left in float.
+- bits "w8a8" (W8A8) on a layer means 8-bit weights *and* 8-bit activations on that layer (calibrated as for
+  activation_bits=8, whatever the spec's global `activation_bits`): the one setting that reaches the integer
+  kernel, a Linear running `torch._int_mm` once finalized (techniques.packed: static per-tensor activation
+  scale, per-channel weight scales, `kernel="auto"`, no group size). A string beside the integer bit-widths
+  rather than a second per-layer setting, because the search offers one setting per technique and "which
+  kernel" is a choice about the same layer's numbers. Where the kernel cannot run (a Conv2d, a group size,
+  `kernel="dequantize"`, CUDA shapes that are not multiples of 8) the layer runs decoded float32 and
+  `techniques.finalize.kernel_report` says so; an embedding takes ids, so "w8a8" there is 8-bit rows.
 - The group size must divide every quantised layer's row length (in_features, in/groups*kh*kw, or an
   embedding's embedding_dim).
 - An embedding's weight is (num_embeddings, embedding_dim), so "per output channel" is one scale per row:
@@ -54,6 +62,7 @@ from techniques.inputs import call_model, to_device
 from techniques.packed import ACT_QMAX, dequantize, quantize_activation, weight_codes
 
 BITS = (2, 3, 4, 5, 6, 8, 16)
+W8A8 = "w8a8"  # per-layer bits value: 8-bit weights and 8-bit activations, for the integer kernel
 FLOAT_BITS = 32  # the search's value for "leave the layer in float32"
 KERNELS = ("auto", "dequantize")
 ACTIVATION_BITS = (8,)  # besides null (float activations)
@@ -65,9 +74,10 @@ LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d, nn.Embedding)
 class QuantizationSpec(TechniqueSpec):
     """Weight bits per layer, optional weight group size, optional 8-bit activations, kernel preference.
 
-    Valid values: each layer's bits an int in BITS = {2, 3, 4, 5, 6, 8, 16} or None (leave the layer in
-    float); `group_size` null or an int in [1, MAX_GROUP_SIZE] = [1, 2**20] (it must also divide the row
-    length of every quantised layer, checked against the model); `activation_bits` null or 8; `kernel` one of
+    Valid values: each layer's bits an int in BITS = {2, 3, 4, 5, 6, 8, 16}, the string W8A8 = "w8a8" (8-bit
+    weights and calibrated 8-bit activations: the integer kernel), or None (leave the layer in float);
+    `group_size` null or an int in [1, MAX_GROUP_SIZE] = [1, 2**20] (it must also divide the row length of
+    every quantised layer, checked against the model); `activation_bits` null or 8; `kernel` one of
     KERNELS. Integers are ints: floats such as 8.0 and bools are rejected. `activation_bits` and `kernel` concern
     Linear/Conv2d layers only; embeddings take integer ids and have no GEMM.
     """
@@ -81,8 +91,8 @@ class QuantizationSpec(TechniqueSpec):
 
     def validate(self) -> None:
         for key, value in self.bits.entries:
-            if value is not None and not (is_integer(value) and value in BITS):
-                choices = ", ".join(map(str, BITS))
+            if value is not None and value != W8A8 and not (is_integer(value) and value in BITS):
+                choices = ", ".join(map(str, (*BITS, W8A8)))
                 raise SpecError(f"quantization: bits for layer {key!r} must be in {{{choices}}}, got {value!r}")
         size = self.group_size
         if size is not None and not (is_integer(size) and 1 <= size <= MAX_GROUP_SIZE):
@@ -175,7 +185,12 @@ def searchable_layers(layers: Sequence[tuple[str, nn.Module]]) -> list[str]:
     return [name for name, module in layers if not (is_embedding(module) and module.max_norm is not None)]
 
 
-def quantizable_layers(model: nn.Module, spec: QuantizationSpec) -> list[tuple[str, nn.Module, int]]:
+def weight_bits(bits: int | str) -> int:
+    """The weight bit-width a layer's `bits` value means (W8A8: 8)."""
+    return 8 if bits == W8A8 else int(bits)
+
+
+def quantizable_layers(model: nn.Module, spec: QuantizationSpec) -> list[tuple[str, nn.Module, int | str]]:
     """(name, layer, bits) of each Linear/Conv2d/Embedding the spec quantises; SpecError for a bad address."""
     layers = resolve_layers(model, spec.bits, LAYER_TYPES, "quantization")
     for name, module, _ in layers:
@@ -217,15 +232,27 @@ def _calibrate(model: nn.Module, observers: list[ActivationFakeQuant], ctx: Cont
             observer.freeze()
 
 
+def _describe(bits: int | str, module: nn.Module) -> str:
+    if bits != W8A8:
+        return f"{bits}-bit weights"
+    if is_embedding(module):
+        return "8-bit rows (w8a8: an embedding's inputs are ids, not activations)"
+    return "8-bit weights and activations (w8a8: the integer kernel where the layer allows it)"
+
+
 def apply(model: nn.Module, spec: QuantizationSpec, ctx: Context) -> nn.Module:
     """Register weight fake-quant (and calibrated activation fake-quant) on the addressed layers."""
     layers = quantizable_layers(model, spec)
     for name, module, bits in layers:
-        fake_quant = WeightFakeQuant(bits, spec.group_size, spec.kernel)
+        fake_quant = WeightFakeQuant(weight_bits(bits), spec.group_size, spec.kernel)
         parametrize.register_parametrization(module, "weight", fake_quant)
-        ctx.note("quantization", name, f"{bits}-bit weights", bits=bits, group_size=spec.group_size)
-    with_inputs = [module for _, module, _ in layers if not is_embedding(module)]  # embeddings take integer ids
-    if spec.activation_bits is not None and with_inputs:
+        ctx.note("quantization", name, _describe(bits, module), bits=bits, group_size=spec.group_size)
+    with_inputs = [  # embeddings take integer ids: their inputs are never quantised
+        module
+        for _, module, bits in layers
+        if not is_embedding(module) and (spec.activation_bits is not None or bits == W8A8)
+    ]
+    if with_inputs:
         observers = []
         for module in with_inputs:
             observer = ActivationFakeQuant().to(weight_of(module).device)
@@ -246,7 +273,7 @@ register(
         search=SearchSettings(
             per_layer=LayerSearch(
                 setting="bits",
-                choices=(2, 3, 4, 5, 6, 8, FLOAT_BITS),  # weight bit-width; 32 keeps float32
+                choices=(2, 3, 4, 5, 6, 8, W8A8, FLOAT_BITS),  # weight bit-width (w8a8: + activations); 32: float32
                 off=FLOAT_BITS,
                 title="quantization bits",
                 eligible=searchable_layers,

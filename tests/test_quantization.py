@@ -163,3 +163,45 @@ def test_boundary_values_apply_with_finite_outputs(settings: dict) -> None:
     with torch.no_grad():
         assert torch.isfinite(model.eval()(ctx.example_inputs)).all()
         assert torch.isfinite(finalize(model).eval()(ctx.example_inputs)).all()
+
+
+# --------------------------------------------------------------------------- the integer kernel in the search
+
+
+def test_the_search_offers_the_integer_kernel_as_a_per_layer_bits_choice(tmp_path) -> None:
+    from orchestrator.artifacts.store import STRUCTURE, WEIGHTS, read_artifact, write_artifact
+    from orchestrator.search.space import build_space
+    from orchestrator.search.space_options import options_from_json
+    from techniques.finalize import kernel_report
+    from techniques.packed import DEQUANT_KERNEL, INT_KERNEL
+    from techniques.quantization import W8A8
+
+    assert W8A8 in techniques.get("quantization").search.per_layer.choices
+    space = build_space(TinyCNN())
+    assert W8A8 in space.choices["bits"]
+    assert space.policy({"families": "quantization", **{f"bits.{g}": W8A8 for g in space.groups["quantization"]}})
+    assert options_from_json({"choices": {"bits": [4, W8A8, 32]}}).choices["bits"] == (4, W8A8, 32)
+    with pytest.raises(techniques.SpecError, match="w8a8"):
+        QuantizationSpec(bits={"fc1": "w8a4"})
+
+    ctx = make_context()
+    model = techniques.apply_spec(seeded(TinyCNN), QuantizationSpec(bits={"re:.*": W8A8, "fc2": 4}), ctx)
+    assert hasattr(model.fc1, "input_quant") and not hasattr(model.fc2, "input_quant")  # per layer, not global
+    with torch.no_grad():
+        fake = model.eval()(ctx.example_inputs)
+    final = finalize(model).eval()
+    kernels = kernel_report(final)
+    assert kernels["fc1"] == INT_KERNEL  # a true int8 x int8 GEMM
+    assert kernels["conv1"] == kernels["fc2"] == DEQUANT_KERNEL  # no integer kernel there: decoded float32
+    assert "Linear layers only" in final.conv1.kernel_reason and "bits=4" in final.fc2.kernel_reason
+    with torch.no_grad():
+        assert torch.allclose(final(ctx.example_inputs), fake, atol=1e-4)
+    write_artifact(final, TinyCNN(), tmp_path)
+    reloaded = read_artifact((tmp_path / STRUCTURE).read_bytes(), (tmp_path / WEIGHTS).read_bytes(), TinyCNN())
+    assert kernel_report(reloaded) == kernels
+    with torch.no_grad():
+        assert torch.equal(reloaded(ctx.example_inputs), final(ctx.example_inputs))
+
+    dequantized = techniques.apply_spec(seeded(TinyCNN), QuantizationSpec(bits=W8A8, kernel="dequantize"), ctx)
+    fallback = finalize(dequantized)
+    assert kernel_report(fallback)["fc1"] == DEQUANT_KERNEL and "requested" in fallback.fc1.kernel_reason

@@ -11,6 +11,10 @@ never leaves a half checkpoint. Remote ones (s3://, gs://, any pyarrow filesyste
 manifest last; a directory without a manifest is not a checkpoint. A failed write (a full disk) is one
 CheckpointError and leaves no temporaries behind.
 
+The base architecture is the workload's `build_model()`, or its `build_student(width)` for a policy with a
+student step (`base_architecture`, read from the policy on save and from the verified `policy.json` on load),
+so a student's structure record only holds what later steps changed, and it rebuilds exactly.
+
 Reading trusts nothing: the manifest, structure record, policy and metrics are schema-checked, every
 file is checked against its recorded bytes and sha256, and nothing is ever unpickled or imported.
 """
@@ -38,6 +42,8 @@ from orchestrator.artifacts.weights import save_weights
 from orchestrator.errors import UserError
 from orchestrator.policy import Policy
 from orchestrator.workloads import Workload
+from techniques import SpecError
+from techniques.student import base_architecture as policy_base
 
 FORMAT_VERSION = 1
 WEIGHTS, STRUCTURE, POLICY, METRICS, MANIFEST = (
@@ -114,6 +120,13 @@ def measure_artifact(model: nn.Module, base: nn.Module | None = None) -> int:
         return write_artifact(model, model if base is None else base, Path(tmp))
 
 
+def base_architecture(policy: Policy, workload: Workload) -> nn.Module:
+    """The untrained architecture a model made by `policy` is saved and rebuilt against: the workload's
+    `build_student(width)` when the policy has a student step, else its `build_model()` (SpecError when the
+    policy needs a student the workload cannot build)."""
+    return policy_base(policy.steps, workload.build_model, workload.build_student)
+
+
 def package_versions() -> dict[str, str]:
     versions = {}
     for package in _PACKAGES:
@@ -133,7 +146,10 @@ def save(model: nn.Module, policy: Policy, metrics: dict[str, Any], workload: Wo
     An existing checkpoint is refused (CheckpointExistsError); a failed write (a full disk) is one
     CheckpointError line, leaves no temporaries and changes nothing that was there before.
     """
-    base = workload.build_model()
+    try:
+        base = base_architecture(policy, workload)
+    except SpecError as exc:
+        raise CheckpointError(f"cannot write checkpoint {destination}: {exc}") from None
     staging: Path | None = None
     try:
         _refuse_existing(destination)
@@ -383,7 +399,11 @@ def load_verified(verified: Verified, workload: Workload) -> Checkpoint:
             f"checkpoint belongs to workload {manifest['workload']!r} "
             f"({manifest['workload_fingerprint']!r}), not {workload.name!r} ({workload.fingerprint!r})"
         )
-    model = read_artifact(verified.files[STRUCTURE], verified.files[WEIGHTS], workload.build_model())
+    try:
+        base = base_architecture(verified.policy, workload)
+    except SpecError as exc:
+        raise CheckpointError(f"checkpoint does not rebuild: {exc}") from None
+    model = read_artifact(verified.files[STRUCTURE], verified.files[WEIGHTS], base)
     return Checkpoint(model, verified.policy, verified.metrics, manifest)
 
 

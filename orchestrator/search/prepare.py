@@ -75,7 +75,13 @@ def prepare(config: SearchConfig) -> Prepared:
     reference = executor.measure_reference(
         workload, baseline.to(device), device, latency_batch_size=config.latency_batch_size
     )
-    space = build_space(baseline, config.space, seed=config.seed, defaults=workload.search_ranges)
+    space = build_space(
+        baseline,
+        config.space,
+        seed=config.seed,
+        defaults=workload.search_ranges,
+        build_student=workload.build_student,
+    )
     record = _run_record(run_dir, config)
     return Prepared(storage, name, run_dir, workload, baseline, reference, space, device, started, **record)
 

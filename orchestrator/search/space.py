@@ -152,7 +152,7 @@ class SearchSpace:
         fine-tuning technique joins only a policy that compresses; with a student, per-layer settings only
         for the layers the student has)."""
         used = set(str(params.get(COMBINATION, NONE)).split("+"))
-        kept = self.student_layers.get(params[STUDENT_WIDTH]) if STUDENT in used else None
+        kept = self.student_layers.get(params.get(STUDENT_WIDTH, 0.0)) if STUDENT in used else None
         steps, fine_tune = [], []
         for technique in self._techniques():
             per_layer = technique.search.per_layer
