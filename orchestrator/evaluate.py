@@ -63,6 +63,8 @@ def evaluate_checkpoint(
         "validation": work.evaluate(model, "validation", torch_device),
         "test": work.evaluate(model, "test", torch_device),
         "recorded_validation": checkpoint.metrics.get("validation"),
-        **compressed_metrics(model, work, torch_device, reference, baseline, latency_batch_size),
+        **compressed_metrics(
+            model, work, torch_device, reference, baseline, latency_batch_size, policy=checkpoint.policy
+        ),
         "techniques": checkpoint.policy.techniques(),
     }

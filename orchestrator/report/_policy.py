@@ -69,11 +69,13 @@ def display(value: Any) -> str:
 
 
 def numeric(value: Any) -> float | None:
-    """The number a setting can be coloured by (`energy:0.9` → 0.9), or None."""
+    """The number a setting can be coloured by (`energy:0.9` → 0.9, `w8a8` → 8), or None."""
     if isinstance(value, bool):
         return None
     if isinstance(value, int | float):
         return float(value)
+    if isinstance(value, str) and value.startswith("w8a"):
+        return 8.0
     match = _ENERGY.match(str(value))
     try:
         return float(match.group(1) if match else value)
