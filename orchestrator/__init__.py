@@ -33,6 +33,7 @@ _EXPORTS = {
     "load_checkpoint": "orchestrator.artifacts.store",
     "save_checkpoint": "orchestrator.artifacts.store",
     "evaluate_checkpoint": "orchestrator.evaluate",
+    "export_checkpoint": "orchestrator.export",
     "write_report": "orchestrator.report",
     "UserError": "orchestrator.errors",
 }

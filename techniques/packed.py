@@ -23,6 +23,9 @@ Decisions:
   float32 copy would undo the saving in memory). `padding_idx` is kept (its row decodes to what was stored,
   zero for an untouched padding row); `max_norm` is refused by quantization, and `sparse`/`scale_grad_by_freq`
   only shape gradients, which a packed table has none of.
+- Export hooks (`decode_codes`, `decode_weight`, `export_forward`) redo the forward arithmetic from the packed
+  buffers on every call with tensor operations only, so a torch.export program keeps the packed form and
+  decodes inside its graph; `forward` keeps its caches. Exports swap `forward` for `export_forward` on a copy.
 """
 
 from __future__ import annotations
@@ -234,6 +237,40 @@ class PackedLayer(nn.Module):
             flat = dequantize(codes, self.scale.unsqueeze(2), self.weight_shape)
         return flat.reshape(self.weight_shape)
 
+    def drop_caches(self) -> None:
+        """Forget the decoded weights and the kernel plan; the next forward decodes again (an export copies the
+        packed form alone)."""
+        self._dense = self._wt_int8 = self._plan = None
+
+    def decode_codes(self) -> torch.Tensor:
+        """The integer weight codes (an integer tensor, zero at masked positions) in `weight_shape`, decoded on
+        every call.
+
+        An export hook, like `decode_weight` and `export_forward`: tensor operations on the packed buffers only
+        (no cache, no mode switch), so a torch.export program keeps the packed form and decodes in its graph.
+        """
+        numel = math.prod(self.weight_shape)
+        count = self.nnz if self.sparse else numel
+        if 8 % self.bits == 0:
+            codes = _split_bytes(self.values, self.bits)[:count]
+        else:
+            codes = unpack_rows(self.values.view(1, -1), self.bits, count).view(-1)
+        if self.sparse:
+            codes = codes.new_zeros(numel).masked_scatter(unpack_mask(self.mask, numel), codes)
+        return codes.view(self.weight_shape)
+
+    def decode_weight(self) -> torch.Tensor:
+        """The float32 weight `dense_weight()` caches, decoded from the packed buffers on every call (an export
+        hook: see `decode_codes`)."""
+        if self.bits in FLOAT_BITS:
+            numel = math.prod(self.weight_shape)
+            values = self.values.float()
+            if self.sparse:
+                values = values.new_zeros(numel).masked_scatter(unpack_mask(self.mask, numel), values)
+            return values.view(self.weight_shape)
+        codes = self.decode_codes().float().view(self.weight_shape[0], self.scale.shape[1], -1)
+        return dequantize(codes, self.scale.unsqueeze(2), self.weight_shape)
+
     def _quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.act_bits is None:
             return x
@@ -297,6 +334,18 @@ class PackedLinear(PackedLayer):
         if self._plan[1]:
             return self._int_forward(x)
         return F.linear(self._quantize_input(x), self.dense_weight(), self.bias)
+
+    def export_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """`forward` for torch.export: the same arithmetic (int8 kernel included), decoding the packed buffers in
+        the graph on every call instead of caching float32 weights that the exported program would then hold.
+        Traced on the CPU: the CUDA row padding of `_int_forward` is left out."""
+        if self.kernel_reason is not None:
+            return F.linear(self._quantize_input(x), self.decode_weight(), self.bias)
+        codes = quantize_activation(x.reshape(-1, self.in_features), self.act_scale).to(torch.int8)
+        acc = torch._int_mm(codes, self.decode_codes().t())
+        rescale = self.act_scale * self.scale[:, 0]
+        out = acc * rescale if self.bias is None else torch.addcmul(self.bias, acc, rescale)
+        return out.reshape(*x.shape[:-1], self.out_features)
 
 
 @rebuildable
@@ -369,6 +418,25 @@ class PackedConv2d(PackedLayer):
             x = F.pad(x, self._pad_twice, mode=self.padding_mode)
             padding = (0, 0)
         return F.conv2d(x, self.dense_weight(), self.bias, self.stride, padding, self.dilation, self.groups)
+
+    def export_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """`forward` for torch.export, decoding the packed weight in the graph on every call (see PackedLinear)."""
+        x = self._quantize_input(x)
+        padding = self.padding
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self._pad_twice, mode=self.padding_mode)
+            padding = (0, 0)
+        return F.conv2d(x, self.decode_weight(), self.bias, self.stride, padding, self.dilation, self.groups)
+
+
+def _split_bytes(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """The signed codes of uint8 bytes each holding 8 // bits whole codes (low bits first), flattened along the
+    last dim; shifts and masks only, so the work is the output's and no Python int comes from the shape."""
+    if bits == 8:
+        return packed.view(torch.int8)
+    shifts = torch.arange(0, 8, bits, dtype=torch.int32, device=packed.device)
+    fields = ((packed.to(torch.int32).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).flatten(-2)
+    return fields - ((fields >> (bits - 1)) << bits)
 
 
 def _check_count(what: str, value: Any, low: int) -> None:
@@ -468,6 +536,22 @@ class PackedEmbedding(nn.Module):
         if ids.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"embedding ids must be an int32 or int64 tensor, got {ids.dtype}")
         return self.decode_rows(ids.reshape(-1)).view(*ids.shape, self.embedding_dim)
+
+    def export_forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """`forward` for torch.export: the same rows, decoded without Python ints taken from the ids' shape (which
+        would fix an exported program's batch size); bytes holding whole codes (2, 4, 8 bits) split with shifts."""
+        flat = ids.reshape(-1)
+        rows = self.values.index_select(0, flat)
+        if self.bits == 16:
+            return rows.float().reshape(*ids.shape, self.embedding_dim)
+        if 8 % self.bits == 0:
+            codes = _split_bytes(rows, self.bits)[:, : self.embedding_dim]
+        else:
+            codes = unpack_rows(rows, self.bits, self.embedding_dim)
+        groups = self.scale.shape[1]
+        scale = self.scale.index_select(0, flat).unsqueeze(2)
+        decoded = codes.float().view(-1, groups, self.embedding_dim // groups) * scale
+        return decoded.reshape(*ids.shape, self.embedding_dim)
 
     @property
     def kernel_reason(self) -> str:

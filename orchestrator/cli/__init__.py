@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from orchestrator.cli._dashboard import add_dashboard_arguments, run_dashboard
+from orchestrator.cli._export import add_export_arguments, run_export
 from orchestrator.cli._format import format_measurements, format_result
 from orchestrator.cli._parser import EXIT_CODES, CliParser, SubcommandParser, add_workload_arguments, version_text
 from orchestrator.cli._search import add_search_arguments, config_from_args, print_outcome
@@ -102,6 +103,12 @@ def build_parser(*, search_prog: str | None = None) -> argparse.ArgumentParser:
     search.add_argument("--version", action="version", version=version_text())
     add_search_arguments(search)
     search.set_defaults(handler=_search)
+
+    export = commands.add_parser(
+        "export", help="export a checkpoint to ONNX or torch.export, checked against PyTorch", epilog=EXIT_CODES
+    )
+    add_export_arguments(export)
+    export.set_defaults(handler=run_export)
 
     report = commands.add_parser(
         "report", help="(re)write report.html and summary.md of a search run", epilog=EXIT_CODES

@@ -1,0 +1,213 @@
+"""`export_checkpoint` / `export_model`: write the artifact and its report after checking it against PyTorch.
+
+Decisions:
+- The artifact is traced on TRACE_BATCH validation examples with a dynamic batch axis, then run in its own
+  runtime at batch sizes CHECK_BATCH and 1 and compared with the PyTorch model (every output tensor); only then
+  are the artifact and the JSON report written, each atomically (temporary name, then a move), to a local path
+  or a pyarrow URI. A check that fails still writes both (the report says `passed: false`), for inspection.
+- An existing `out` or report is refused before any work; so is an unknown format.
+- The report lists every Linear/Conv2d/Embedding in model order with its weight shape (pruned and factored
+  layers show their smaller shapes), the operator and kernel that runs it, the bits it is stored in, its
+  fraction of zero weights, and notes (widened codes, no low-bit kernel, sparse layers run dense).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from orchestrator.artifacts import store
+from orchestrator.artifacts.fs import exists, is_uri, write_atomic
+from orchestrator.errors import UserError
+from orchestrator.evaluate import recorded_workload
+from orchestrator.export import FORMATS
+from orchestrator.export._check import (
+    INT8_ACTIVATION_TOLERANCE,
+    TOLERANCE,
+    compare,
+    onnx_outputs,
+    program_outputs,
+    reference_outputs,
+)
+from orchestrator.export._onnx import export_onnx
+from orchestrator.export._onnx_layers import SPARSITY_NOTE
+from orchestrator.export._program import export_program
+from orchestrator.export._trace import Written
+from orchestrator.workloads import Workload, resolve_workload
+from techniques.inputs import batch_length
+from techniques.packed import PackedEmbedding, PackedLayer
+
+TRACE_BATCH = 2
+CHECK_BATCH = 8
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What an export wrote: the artifact's path and bytes, and the report (also written as JSON at
+    `report_path`)."""
+
+    path: str
+    bytes: int
+    report: dict[str, Any]
+    report_path: str
+
+    @property
+    def passed(self) -> bool:
+        """Whether the artifact's outputs matched the PyTorch model's within the recorded tolerance."""
+        return bool(self.report["check"]["passed"])
+
+
+def export_checkpoint(
+    checkpoint: str | Path,
+    *,
+    out: str | Path,
+    format: str = "onnx",
+    workload: Workload | str | None = None,
+    report: str | Path | None = None,
+    int8_activations: bool = False,
+    data_dir: str | None = None,
+    weights: str | None = None,
+) -> ExportResult:
+    """Export a checkpoint to `out` as ONNX ("onnx") or a torch.export program ("torch-export"), checked
+    against the PyTorch model; the report goes to `report` (default: `OUT.json`).
+
+    `workload` defaults to the built-in one the checkpoint names (pass yours, or `package.module:function`);
+    `int8_activations` lets ONNX Runtime's MatMulNBits quantise activations to int8 (faster; the check's
+    tolerance is then INT8_ACTIVATION_TOLERANCE). Bad input (unknown format, existing `out`, missing or
+    damaged checkpoint) raises UserError.
+    """
+    paths = _destination(format, str(out), report, int8_activations)
+    verified = store.read_verified(str(checkpoint))
+    if not isinstance(workload, Workload):
+        name = workload or recorded_workload(verified.manifest)
+        workload = resolve_workload(name, data_dir=data_dir, weights=weights)
+    loaded = store.load_verified(verified, workload)
+    manifest = verified.manifest
+    source = {
+        "checkpoint": str(checkpoint),
+        "checkpoint_bytes": sum(manifest["files"][name]["bytes"] for name in manifest["artifact_files"]),
+        "techniques": loaded.policy.techniques(),
+    }
+    return _export(loaded.model, workload, format, paths, int8_activations, source)
+
+
+def export_model(
+    model: nn.Module,
+    workload: Workload,
+    *,
+    out: str | Path,
+    format: str = "onnx",
+    report: str | Path | None = None,
+    int8_activations: bool = False,
+) -> ExportResult:
+    """Export a model in memory (a finalized compressed model, or an uncompressed baseline) of `workload`, as
+    `export_checkpoint` does."""
+    paths = _destination(format, str(out), report, int8_activations)
+    return _export(model, workload, format, paths, int8_activations, {"model": type(model).__name__})
+
+
+def _destination(format: str, out: str, report: str | Path | None, int8_activations: bool) -> tuple[str, str]:
+    if format not in FORMATS:
+        raise UserError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
+    if int8_activations and format != "onnx":
+        raise UserError("int8 activations (--int8-activations) are an ONNX Runtime option; use --format onnx")
+    report_path = str(report) if report is not None else f"{out}.json"
+    for path in (out, report_path):
+        if _exists(path):
+            raise UserError(f"{path} already exists; choose a new --out (or --report) path")
+    return out, report_path
+
+
+def _split(path: str) -> tuple[str, str]:
+    if is_uri(path):
+        parent, _, name = path.rstrip("/").rpartition("/")
+        return parent, name
+    local = Path(path)
+    return str(local.parent), local.name
+
+
+def _exists(path: str) -> bool:
+    return exists(*_split(path)) if is_uri(path) else Path(path).exists()
+
+
+def _export(
+    model: nn.Module,
+    workload: Workload,
+    format: str,
+    paths: tuple[str, str],
+    int8_activations: bool,
+    source: dict[str, Any],
+) -> ExportResult:
+    model = copy.deepcopy(model).cpu().eval()
+    inputs = workload.example_inputs(TRACE_BATCH)
+    if format == "onnx":
+        written = export_onnx(model, inputs, int8_activations=int8_activations)
+    else:
+        written = export_program(model, inputs)
+    check = _check(model, workload, written, format, int8_activations)
+    out, report_path = paths
+    write_atomic(*_split(out), written.data)
+    report = {
+        "format": format,
+        "path": out,
+        "bytes": len(written.data),
+        "source": source,
+        "workload": workload.name,
+        "runtime": written.runtime,
+        "inputs": written.inputs,
+        "outputs": written.outputs,
+        "dynamic_axes": "dim 0 (batch) of every input",
+        **({"int8_activations": int8_activations} if format == "onnx" else {}),
+        **_layer_tables(model, written.layers),
+        "check": check,
+    }
+    write_atomic(*_split(report_path), (json.dumps(report, indent=2) + "\n").encode())
+    return ExportResult(path=out, bytes=len(written.data), report=report, report_path=report_path)
+
+
+def _check(model: nn.Module, workload: Workload, written: Written, format: str, int8: bool) -> dict[str, Any]:
+    """Run the artifact at batch sizes CHECK_BATCH and 1 and compare it with the PyTorch model."""
+    batches = [workload.example_inputs(CHECK_BATCH), workload.example_inputs(1)]
+    run = onnx_outputs if format == "onnx" else program_outputs
+    tolerance = INT8_ACTIVATION_TOLERANCE if int8 and format == "onnx" else TOLERANCE
+    references = [reference_outputs(model, batch) for batch in batches]
+    result = compare(references, [run(written.data, batch) for batch in batches], tolerance)
+    count = batch_length(batches[0])
+    return {"inputs": f"the workload's first {count} validation examples, at batch sizes {count} and 1", **result}
+
+
+def _layer_tables(model: nn.Module, written: list[dict[str, Any]]) -> dict[str, Any]:
+    """Every weight layer in model order (the writer's entry for packed ones), and the two lists a deployer
+    reads first: quantised layers without a low-bit kernel, layers whose zeros run dense."""
+    entries = {entry["name"]: entry for entry in written}
+    layers = []
+    for name, module in model.named_modules():
+        if isinstance(module, PackedLayer | PackedEmbedding):
+            layers.append({**entries[name or "model"], "weight_shape": _weight_shape(module)})
+        elif isinstance(module, nn.Linear | nn.Conv2d | nn.Embedding):
+            layers.append(_plain_layer(name, module))
+    return {
+        "layers": layers,
+        "no_low_bit_kernel": [e["name"] for e in layers if e["bits"] < 16 and not e["low_bit_kernel"]],
+        "sparse_run_dense": {e["name"]: e["sparsity"] for e in layers if e["sparsity"] >= SPARSITY_NOTE},
+    }
+
+
+def _weight_shape(module: PackedLayer | PackedEmbedding) -> list[int]:
+    if isinstance(module, PackedLayer):
+        return list(module.weight_shape)
+    return [module.num_embeddings, module.embedding_dim]
+
+
+def _plain_layer(name: str, module: nn.Linear | nn.Conv2d | nn.Embedding) -> dict[str, Any]:
+    weight = module.weight.detach()
+    sparsity = round(float((weight == 0).float().mean()), 4)
+    notes = [f"{sparsity:.0%} zero weights, stored and run dense"] if sparsity >= SPARSITY_NOTE else []
+    return {"name": name, "type": type(module).__name__, "bits": 32, "op": "as exported by torch",
+            "stored_bits": 32, "kernel": "fp32", "low_bit_kernel": False, "sparsity": sparsity, "notes": notes,
+            "weight_shape": list(weight.shape)}  # fmt: skip
