@@ -1,9 +1,13 @@
 """The check of an exported artifact: run it in its own runtime on real inputs and compare with PyTorch.
 
 Decisions: every output tensor is compared (flattened in order, as torch.export flattens a ModelOutput or a
-dict); the tolerance is relative to the largest reference output, TOLERANCE x max(1, max |reference|), which
-covers float32 reassociation in another runtime's kernels. The ONNX file runs in an ONNX Runtime CPU session
-built from the bytes that will be written; the torch.export program is loaded back with `torch.export.load`.
+dict); the tolerance is relative to the largest reference output: TOLERANCE x max(1, max |reference|) covers
+float32 reassociation in another runtime's kernels. Where activations are quantised (8-bit static activations
+in the checkpoint, or MatMulNBits quantising them on the fly), a float32 difference upstream can move a value
+across a rounding boundary, one quantisation step, so the ONNX check is held to QUANTIZED_ACTIVATIONS_TOLERANCE
+(measured: a 4-layer BERT with int8 GEMMs differs by 1e-3, its single layers by one float32 ulp). The ONNX file
+runs in an ONNX Runtime CPU session built from the bytes that will be written; the torch.export program is
+loaded back with `torch.export.load`.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from orchestrator.errors import UserError
 from techniques.inputs import Inputs, call_model, output_tensors, tensors
 
 TOLERANCE = 1e-4  # of max(1, largest |reference output|), for exports computing in float32
-INT8_ACTIVATION_TOLERANCE = 5e-2  # MatMulNBits quantising activations to int8 on the fly (accuracy_level 4)
+QUANTIZED_ACTIVATIONS_TOLERANCE = 1e-2  # the same, where an exported graph quantises activations
 
 
 class CheckError(UserError):
@@ -61,8 +65,11 @@ def program_outputs(data: bytes, inputs: Inputs) -> list[np.ndarray]:
         return [t.detach().float().numpy() for t in output_tensors(call_model(program.module(), inputs))]
 
 
-def compare(references: list[list[np.ndarray]], exported: list[list[np.ndarray]], tolerance: float) -> dict[str, Any]:
-    """Max and mean absolute difference over every output of every run, the tolerance it is held to, pass/fail."""
+def compare(
+    references: list[list[np.ndarray]], exported: list[list[np.ndarray]], tolerance: float, why: str = ""
+) -> dict[str, Any]:
+    """Max and mean absolute difference over every output of every run, the tolerance (`why` it is what it is)
+    it is held to, pass/fail."""
     diffs, largest = [], 1.0
     for reference, outputs in zip(references, exported, strict=True):
         if len(reference) != len(outputs):
@@ -80,6 +87,6 @@ def compare(references: list[list[np.ndarray]], exported: list[list[np.ndarray]]
         "mean_abs_diff": float(every.mean()),
         "max_abs_reference": largest,
         "tolerance": bound,
-        "tolerance_rule": f"{tolerance:g} x max(1, max |reference output|)",
+        "tolerance_rule": f"{tolerance:g} x max(1, max |reference output|){why}",
         "passed": bool(np.isfinite(worst) and worst <= bound),
     }

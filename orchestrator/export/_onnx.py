@@ -14,7 +14,10 @@ Decisions:
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import warnings
+from collections.abc import Iterator
 from importlib import metadata
 from typing import Any
 
@@ -47,7 +50,7 @@ def export_onnx(model: nn.Module, inputs: Inputs, *, int8_activations: bool = Fa
     marked, packed = marked_copy(model)
     args, kwargs = call_arguments(inputs)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _quiet("onnxscript"):
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
                 marked,
@@ -79,6 +82,18 @@ def export_onnx(model: nn.Module, inputs: Inputs, *, int8_activations: bool = Fa
         outputs=[value.name for value in proto.graph.output],
         runtime=f"onnxruntime {metadata.version('onnxruntime')} (CPUExecutionProvider); opsets {opsets}",
     )
+
+
+@contextlib.contextmanager
+def _quiet(name: str) -> Iterator[None]:
+    """Hold logger `name` to errors for the block (the exporter's optimizer logs each constant it cannot fold)."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _build(node: onnx.NodeProto, name: str, module: PackedModule, int8_activations: bool) -> layers_onnx.Built:

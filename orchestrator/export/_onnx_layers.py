@@ -8,9 +8,10 @@ Decisions (the speeds are ONNX Runtime 1.31 on x86 CPUs, measured here):
 - With `int8_activations` (ORT's accuracy_level 4) MatMulNBits quantises activations to int8 on the fly, 1.4-7x
   faster than fp32; 5-8-bit Linear layers then run 8-bit MatMulNBits too. Outputs move away from PyTorch's by
   that rounding, so it is a choice, off by default.
-- The int8 kernel (8-bit weights, 8-bit static activations) becomes Clip (to +-127 steps, as PyTorch clamps)
-  + `QuantizeLinear` to uint8 with zero point 128 + `MatMulInteger` (u8 x s8 -> int32, 1.3-3.4x faster than
-  fp32; int8 activations take a slow path, 10-25x slower) + rescale + bias: the same integers as `torch._int_mm`.
+- The int8 kernel (8-bit weights, 8-bit static activations) becomes Div, Round, Clip to +-127 (PyTorch's
+  arithmetic, so the codes are the same; `QuantizeLinear` rounds a few boundary values the other way), +128 and
+  a Cast to uint8, then `MatMulInteger` (u8 x s8 -> int32 with zero point 128: 1.3-3.4x faster than fp32; int8
+  activations take a slow path, 10-25x slower) + rescale + bias: the same integers as `torch._int_mm`.
 - Layers with no fast low-bit kernel (5-8-bit float-activation Linear layers, every Conv, groups MatMulNBits
   blocks cannot take) store int4/int8 codes and scales, decoded by Cast + Mul + Reshape, which ORT
   constant-folds to float32 at load. Not `DequantizeLinear`: ORT keeps that unfolded and dequantizes on every
@@ -30,7 +31,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from techniques.packed import FLOAT_BITS, INT_KERNEL, PackedConv2d, PackedEmbedding, PackedLayer, PackedLinear
+from techniques.packed import ACT_QMAX, FLOAT_BITS, INT_KERNEL, PackedConv2d, PackedEmbedding, PackedLayer, PackedLinear
 from techniques.packing import unpack_rows
 
 MSFT = "com.microsoft"
@@ -192,13 +193,14 @@ def _nbits_linear(module: PackedLinear, built: Built, x: str, y: str, layout: tu
 
 
 def _int8_linear(module: PackedLinear, built: Built, x: str, y: str) -> Built:
-    """The int8 kernel: x clamped to +-127 activation steps, quantised to uint8 around 128, u8 x s8 GEMM,
-    rescaled by act_scale * weight scale, bias added."""
+    """The int8 kernel: x quantised as PyTorch does (divide, round half to even, clamp to +-127) and shifted to
+    uint8 around 128, u8 x s8 GEMM, rescaled by act_scale * weight scale, bias added."""
     scale = module.act_scale.reshape(()).numpy().astype(np.float32)
-    limit = built.add("act_limit", np.float32(127) * scale)
-    clipped = built.node("Clip", [x, built.node("Neg", [limit]), limit])
+    steps = built.node("Round", [built.node("Div", [x, built.add("act_scale", scale)])])
+    limits = [built.add("act_min", np.float32(-ACT_QMAX)), built.add("act_max", np.float32(ACT_QMAX))]
+    shifted = built.node("Add", [built.node("Clip", [steps, *limits]), built.add("act_offset", np.float32(128))])
+    codes = built.node("Cast", [shifted], to=TensorProto.UINT8)
     zero = built.add("act_zero_point", np.array(128, np.uint8))
-    codes = built.node("QuantizeLinear", [clipped, built.add("act_scale", scale), zero])
     weight = built.add("qweight_t", _row_codes(module).T.astype(np.int8))
     acc = built.node("Cast", [built.node("MatMulInteger", [codes, weight, zero])], to=TensorProto.FLOAT)
     rescale = (module.act_scale * module.scale[:, 0]).numpy()
