@@ -12,11 +12,11 @@ from orchestrator.workloads.data import LoaderSplit, Split, split_of
 
 __all__ = ["BUILTIN", "SPLITS", "LoaderSplit", "Split", "Workload", "accuracy", "resolve_workload", "split_of"]
 
-BUILTIN = ("digits", "cifar10")
+BUILTIN = ("digits", "cifar10", "text")
 
 
 def resolve_workload(spec: str, *, data_dir: str | Path | None = None, weights: str | Path | None = None) -> Workload:
-    """The workload named `spec`: "digits", "cifar10" (needs `data_dir`), or "pkg.module:function".
+    """The workload named `spec`: "digits", "cifar10" (needs `data_dir`), "text", or "pkg.module:function".
 
     A user's function is called with no arguments, or with `data_dir=` when one is given, and must
     return a Workload.
@@ -25,6 +25,10 @@ def resolve_workload(spec: str, *, data_dir: str | Path | None = None, weights: 
         from orchestrator.workloads.digits import make_digits
 
         return make_digits()
+    if spec == "text":
+        from orchestrator.workloads.text import make_text
+
+        return make_text()
     if spec == "cifar10":
         from orchestrator.workloads.cifar10 import make_cifar10
 
