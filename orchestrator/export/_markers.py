@@ -82,7 +82,7 @@ def _marker_node(op_type: str, inputs: list[str]) -> Callable[..., Any]:
     return translate
 
 
-TRANSLATIONS = {
+TRANSLATIONS: dict[Callable[..., Any], Callable[..., Any]] = {
     torch.ops.orchestrator_export.linear.default: _marker_node("Linear", ["tensor(float)"]),
     torch.ops.orchestrator_export.weight.default: _marker_node(
         "Weight", ["tensor(uint8)", "tensor(float16)", "tensor(float)"]

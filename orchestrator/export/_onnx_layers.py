@@ -50,7 +50,7 @@ class Built:
     initializers: list[onnx.TensorProto] = field(default_factory=list)
     record: dict[str, Any] = field(default_factory=dict)
 
-    def add(self, suffix: str, array: np.ndarray | onnx.TensorProto) -> str:
+    def add(self, suffix: str, array: np.ndarray | np.generic | onnx.TensorProto) -> str:
         """Add an initializer named `LAYER.suffix`; return its name."""
         tensor = array if isinstance(array, onnx.TensorProto) else numpy_helper.from_array(np.ascontiguousarray(array))
         tensor.name = f"{self.name}.{suffix}"
@@ -93,7 +93,10 @@ def pack_lsb(values: np.ndarray, bits: int) -> np.ndarray:
     """Unsigned `bits`-bit values (last axis a multiple of 8 // bits) packed into uint8, low bits first."""
     per = 8 // bits
     grouped = values.astype(np.int32).reshape(*values.shape[:-1], -1, per)
-    return sum((grouped[..., i] << (i * bits)) for i in range(per)).astype(np.uint8)
+    packed = np.zeros(grouped.shape[:-1], np.int32)
+    for i in range(per):
+        packed |= grouped[..., i] << (i * bits)
+    return packed.astype(np.uint8)
 
 
 def int_tensor(codes: np.ndarray, bits: int) -> onnx.TensorProto:
@@ -214,8 +217,8 @@ def conv_weight(module: PackedConv2d, name: str, y: str) -> Built:
     """Nodes producing the float32 weight `y` of a packed Conv2d from its low-bit (or float16) storage."""
     built = Built(name)
     if module.bits in FLOAT_BITS:
-        weight = module.decode_weight().numpy()
-        weight = built.add("weight", weight.astype(np.float16) if module.bits == 16 else weight)
+        decoded = module.decode_weight().numpy()
+        weight = built.add("weight", decoded.astype(np.float16) if module.bits == 16 else decoded)
         if module.bits == 16:
             built.node("Cast", [weight], y, to=TensorProto.FLOAT)
         else:

@@ -55,7 +55,7 @@ def export_program(model: nn.Module, inputs: Inputs) -> Written:
         if isinstance(module, PackedLayer | PackedEmbedding):
             if isinstance(module, PackedLayer):
                 module.drop_caches()
-            module.forward = module.export_forward  # type: ignore[method-assign]
+            module.forward = module.export_forward  # type: ignore[method-assign,assignment]
             records.append({"name": name or "model", "type": type(module).__name__, **_record(module)})
     args, kwargs = call_arguments(inputs)
     try:
