@@ -16,12 +16,13 @@ Decisions:
   train is shuffled across languages (seeded) and calibration is its first 256 lines.
 - Tokens are characters: the vocabulary is every character seen at least twice in the training split, in
   code-point order after [PAD]=0, [UNK]=1, [CLS]=2. Sequences are [CLS] + up to 47 characters, padded to 48.
-  The CJK languages bring thousands of characters, so the word-embedding table is a large share of the model.
+  The CJK languages bring thousands of characters, so the word-embedding table is a real share of the model.
 - Model: hidden 192 in 4 heads of 48, 4 layers, feed-forward 768, 2.26 M parameters of which 0.44 M are
   embeddings (the 2,253-character word table: 19%). Five epochs (AdamW, one-cycle, peak lr 1e-3, batch 64)
-  take about 5 CPU-minutes; 2e-3 diverged. Wider-shallower or smaller models trained longer plateau at the
-  same validation accuracy (86–89%); a character n-gram logistic regression reaches 95%, so data, not the
-  architecture, is what limits it.
+  take about 3 minutes on 2 idle CPU cores (~37 s an epoch); 2e-3 diverged. It reaches 0.870 validation and
+  0.876 test accuracy: scripts are learnt perfectly, the Latin-script languages less (French, the smallest,
+  not at all). Wider-shallower or smaller models trained longer plateau at the same validation accuracy
+  (86-89%); a character n-gram logistic regression reaches 95%.
 - `build_student(width)` keeps the depth and the head size (48) and scales the number of heads (hence the
   hidden size) and the feed-forward size by `width`: width 0.5 is 2 heads, hidden 96, feed-forward 384.
 """
