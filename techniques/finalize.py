@@ -10,7 +10,11 @@ Decisions:
   scales); masks on an embedding are baked in before quantisation (a pruned row quantises to zero codes),
   and one carrying no fake-quant stays a plain Embedding with its parametrisations baked in.
 - Activation fake-quant hooks and `input_quant` submodules are removed; their static scale moves into the
-  packed layer, so a reloaded model behaves identically.
+  packed layer, so a reloaded model behaves identically. A dynamic (per-row) one leaves no scale, only
+  `act_dynamic` on the PackedLinear, which then quantises each input row at run time as fine-tuning did.
+- Which kernel a layer runs is one name (INT_KERNEL for both static and dynamic activations: the same
+  `torch._int_mm` GEMM); a layer's `kernel_reason` says why one falls back, its `act_dynamic` how its
+  activations are scaled.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from techniques.packed import INT_KERNEL, PackedConv2d, PackedEmbedding, PackedL
 from techniques.quantization import (
     LAYER_TYPES,
     ActivationFakeQuant,
+    DynamicActivationFakeQuant,
     WeightFakeQuant,
     is_embedding,
     quantize_input_hook,
@@ -36,13 +41,16 @@ PLAIN_KERNEL = "fp32"
 _Chain = tuple[torch.Tensor, torch.Tensor | None, WeightFakeQuant | None]
 
 
-def _remove_input_quant(module: nn.Module) -> torch.Tensor | None:
-    """Remove the activation fake-quant hook and submodule; return its static scale (None if absent)."""
+def _remove_input_quant(module: nn.Module) -> tuple[torch.Tensor | None, bool]:
+    """Remove the activation fake-quant hook and submodule; return (its static scale or None, whether it
+    quantised dynamically per row)."""
     for key, hook in list(module._forward_pre_hooks.items()):
         if hook is quantize_input_hook:
             del module._forward_pre_hooks[key]
     observer = module._modules.pop("input_quant", None)
-    return None if observer is None else cast(ActivationFakeQuant, observer).scale.detach().clone()
+    if isinstance(observer, DynamicActivationFakeQuant):
+        return None, True
+    return (None if observer is None else cast(ActivationFakeQuant, observer).scale.detach().clone()), False
 
 
 def _weight_chain(module: nn.Module, name: str) -> _Chain:
@@ -87,12 +95,13 @@ def _bake(module: nn.Module, name: str) -> nn.Module:
     """The packed (or plain, baked) replacement for one Linear/Conv2d/Embedding."""
     if is_embedding(module):
         return _bake_embedding(cast(nn.Embedding, module), name)
-    act_scale = _remove_input_quant(module)
+    act_scale, act_dynamic = _remove_input_quant(module)
     weight, mask, quant = _weight_chain(module, name)
     if parametrize.is_parametrized(module, "weight"):
         parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
     bits = quant.bits if quant is not None else 32
-    if quant is None and mask is None and act_scale is None:
+    activations = act_scale is not None or act_dynamic
+    if quant is None and mask is None and not activations:
         return module
     cls: type[PackedLayer]
     if isinstance(module, nn.Linear):
@@ -106,10 +115,11 @@ def _bake(module: nn.Module, name: str) -> nn.Module:
         mask=mask,
         bias=bias_of(module),
         act_scale=act_scale,
+        act_dynamic=act_dynamic,
         kernel=quant.kernel if quant is not None else "auto",
         **layer,
     )
-    if quant is None and not packed.sparse and act_scale is None:
+    if quant is None and not packed.sparse and not activations:
         return module  # only pruned, and dense storage is smaller: the baked plain layer is the artifact
     return packed
 
@@ -128,7 +138,8 @@ def finalize(model: nn.Module) -> nn.Module:
 
 
 def kernel_report(model: nn.Module) -> dict[str, str]:
-    """Layer name -> kernel its forward runs: INT_KERNEL, "dequantized-fp32" (decoded once), GATHER_KERNEL (a
+    """Layer name -> kernel its forward runs: INT_KERNEL (`torch._int_mm`, static or dynamic per-row
+    activations), "dequantized-fp32" (decoded once; the layer's `kernel_reason` says why), GATHER_KERNEL (a
     packed embedding decoding the rows each lookup gathers), or "fp32" for plain Linear/Conv2d/Embedding."""
     report: dict[str, str] = {}
     for name, module in model.named_modules():

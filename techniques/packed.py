@@ -10,12 +10,16 @@ Decisions:
   values (bits=32: pruned, not quantised). With `sparse`, a 1-bit `mask` is stored and `values` only
   holds the kept positions. `scale` is float32 (out, groups); `bias` and `act_scale` are float32.
   Decoded weights are cached in non-persistent buffers, so the artifact holds only the packed form.
-- Activations (act_bits=8) are quantised per tensor with a static scale: round(x / s) clamped to +-127.
+- Activations (act_bits=8) are quantised per tensor with a static scale: round(x / s) clamped to +-127; with
+  `act_dynamic` (a Linear only) per row instead, at run time: every row of the input's last dimension (a token
+  of a transformer) gets s = max|row| / 127 (1.0 for an all-zero row), so one outlier token costs only its own
+  row's precision and no calibration is needed. Fake-quant calls the same `quantize_rows`.
 - Kernel: a PackedLinear with 8-bit per-channel weights, 8-bit activations and kernel="auto" runs
-  `torch._int_mm` (int8 x int8 -> int32) and rescales by act_scale * w_scale; everything else decodes once
-  and runs float32. On CUDA, `_int_mm` needs K and N to be multiples of 8 and more than 16 rows (rows are
-  padded; untested here for want of a GPU); layers that cannot fall back to float32 and `kernel_reason`
-  says why. Packed layers are for inference: the integer path carries no autograd graph.
+  `torch._int_mm` (int8 x int8 -> int32) and rescales by act_scale * w_scale (dynamic: by the row scales, then
+  the channel scales); everything else decodes once and runs float32. On CUDA, `_int_mm` needs K and N to be
+  multiples of 8 and more than 16 rows (rows are padded with zero rows, for dynamic scales too; untested here
+  for want of a GPU); layers that cannot fall back to float32 and `kernel_reason` says why. Packed layers are
+  for inference: the integer path carries no autograd graph.
 - PackedEmbedding stores an embedding table as b-bit codes (2-8 bits; float16 at bits=16) with the same
   symmetric scales, one per row (or per group of a row): an embedding row is quantised as a Linear's output
   row is. Rows are packed separately (`pack_rows`), so a lookup gathers the packed bytes and scales of the ids
@@ -80,15 +84,33 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, shape: torch.Size | tup
 
 
 def quantize_activation(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Integer codes (as float) of 8-bit static per-tensor activation quantisation."""
+    """Integer codes (as float) of 8-bit activation quantisation with `scale` (per tensor, or broadcast per row)."""
     return torch.div(x, scale).round_().clamp_(-ACT_QMAX, ACT_QMAX)
+
+
+def row_scales(x: torch.Tensor) -> torch.Tensor:
+    """Dynamic per-row activation scales, shape (..., 1): max|row| / 127 over the last dim, 1.0 for a zero row."""
+    amax = x.abs().amax(dim=-1, keepdim=True)
+    return torch.where(amax > 0, amax / ACT_QMAX, torch.ones_like(amax))
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(integer codes as float, per-row scales) of dynamic 8-bit per-row quantisation of `x`."""
+    scale = row_scales(x)
+    return quantize_activation(x, scale), scale
+
+
+def fake_quantize_rows(x: torch.Tensor) -> torch.Tensor:
+    """`x` through dynamic 8-bit per-row quantisation and back to float (what the integer kernel computes on)."""
+    codes, scale = quantize_rows(x)
+    return codes * scale
 
 
 class PackedLayer(nn.Module):
     """Storage, decoding and activation quantisation shared by PackedLinear and PackedConv2d."""
 
     # Registered buffers (`scale` only for quantised codes, `mask` only when sparse, `act_scale` only with
-    # act_bits); the last two are non-persistent decode caches.
+    # static act_bits); the last two are non-persistent decode caches.
     values: torch.Tensor
     scale: torch.Tensor
     mask: torch.Tensor
@@ -107,14 +129,18 @@ class PackedLayer(nn.Module):
         nnz: int | None = None,
         has_bias: bool = True,
         act_bits: int | None = None,
+        act_dynamic: bool = False,
         kernel: str = "auto",
     ) -> None:
         super().__init__()
+        if act_dynamic is not False and (act_dynamic is not True or act_bits != 8):
+            raise ValueError(f"act_dynamic must be a bool, and true only with act_bits=8; got {act_dynamic!r}")
         self.weight_shape = tuple(int(s) for s in weight_shape)
         self.bits = bits
         self.group_size = group_size
         self.sparse = sparse
         self.act_bits = act_bits
+        self.act_dynamic = act_dynamic
         self.requested_kernel = kernel
         numel = math.prod(self.weight_shape)
         self.nnz = numel if nnz is None else int(nnz)
@@ -128,7 +154,7 @@ class PackedLayer(nn.Module):
         if sparse:
             self.register_buffer("mask", torch.zeros(packed_nbytes(numel, 1), dtype=torch.uint8))
         self.register_buffer("bias", torch.zeros(self.weight_shape[0]) if has_bias else None)
-        if act_bits is not None:
+        if act_bits is not None and not act_dynamic:
             self.register_buffer("act_scale", torch.ones(()))
         self.register_buffer("_dense", None, persistent=False)
         self.register_buffer("_wt_int8", None, persistent=False)
@@ -145,9 +171,11 @@ class PackedLayer(nn.Module):
         bias: torch.Tensor | None,
         act_scale: torch.Tensor | None,
         kernel: str,
+        act_dynamic: bool = False,
         **layer: Any,
     ) -> PackedLayer:
-        """Pack `weight` (masked, not yet quantised); the mask is dropped when it would not save bytes."""
+        """Pack `weight` (masked, not yet quantised); the mask is dropped when it would not save bytes.
+        `act_scale`: the static activation scale; `act_dynamic`: activations quantised per row at run time."""
         numel = weight.numel()
         keep = None if mask is None else mask.expand_as(weight).reshape(-1)
         nnz = numel if keep is None else int(keep.sum())
@@ -160,7 +188,8 @@ class PackedLayer(nn.Module):
             sparse=sparse,
             nnz=nnz if sparse else None,
             has_bias=bias is not None,
-            act_bits=None if act_scale is None else 8,
+            act_bits=None if act_scale is None and not act_dynamic else 8,
+            act_dynamic=act_dynamic,
             kernel=kernel,
         )
         with torch.no_grad():
@@ -194,6 +223,7 @@ class PackedLayer(nn.Module):
             "nnz": self.nnz,
             "has_bias": self.bias is not None,
             "act_bits": self.act_bits,
+            "act_dynamic": self.act_dynamic,
             "kernel": self.requested_kernel,
         }
 
@@ -272,9 +302,20 @@ class PackedLayer(nn.Module):
         return dequantize(codes, self.scale.unsqueeze(2), self.weight_shape)
 
     def _quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The input as the layer's activation quantisation leaves it, in float (the fallback path)."""
         if self.act_bits is None:
             return x
+        if self.act_dynamic:
+            return fake_quantize_rows(x)
         return quantize_activation(x, self.act_scale) * self.act_scale
+
+    def _input_codes(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(int8 codes, scale) of the (rows, in) input: scale () when static, (rows, 1) when dynamic."""
+        if self.act_dynamic:
+            codes, scale = quantize_rows(rows)
+        else:
+            codes, scale = quantize_activation(rows, self.act_scale), self.act_scale
+        return codes.to(torch.int8), scale
 
     @property
     def kernel_reason(self) -> str | None:
@@ -318,15 +359,22 @@ class PackedLinear(PackedLayer):
             with torch.inference_mode(False):
                 self._wt_int8 = self._decode_flat().view(self.weight_shape).t()
         rows = x.reshape(-1, self.in_features)
-        codes = quantize_activation(rows, self.act_scale).to(torch.int8)
+        codes, act_scale = self._input_codes(rows)
         pad = 17 - codes.shape[0] if codes.is_cuda and codes.shape[0] <= 16 else 0
         if pad:
             codes = torch.cat([codes, codes.new_zeros(pad, codes.shape[1])])
         acc = torch._int_mm(codes, self._wt_int8)[: rows.shape[0]]
-        rescale = self.act_scale * self.scale[:, 0]
+        return self._rescale(acc, act_scale).reshape(*x.shape[:-1], self.out_features)
+
+    def _rescale(self, acc: torch.Tensor, act_scale: torch.Tensor) -> torch.Tensor:
+        """float32 `acc * (act_scale * w_scale) + bias` for a static act_scale (); `(acc * row_scale) * w_scale +
+        bias` for per-row (rows, 1) scales, in the order the ONNX graph multiplies them."""
+        if self.act_dynamic:
+            acc, rescale = acc * act_scale, self.scale[:, 0]
+        else:
+            rescale = act_scale * self.scale[:, 0]
         # int32 * float32 promotes to float32 inside the kernel, saving a converted copy of `acc`.
-        out = acc * rescale if self.bias is None else torch.addcmul(self.bias, acc, rescale)
-        return out.reshape(*x.shape[:-1], self.out_features)
+        return acc * rescale if self.bias is None else torch.addcmul(self.bias, acc, rescale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._plan is None or self._plan[0] != x.device:  # decided once per device, not per call
@@ -341,11 +389,9 @@ class PackedLinear(PackedLayer):
         Traced on the CPU: the CUDA row padding of `_int_forward` is left out."""
         if self.kernel_reason is not None:
             return F.linear(self._quantize_input(x), self.decode_weight(), self.bias)
-        codes = quantize_activation(x.reshape(-1, self.in_features), self.act_scale).to(torch.int8)
+        codes, act_scale = self._input_codes(x.reshape(-1, self.in_features))
         acc = torch._int_mm(codes, self.decode_codes().t())
-        rescale = self.act_scale * self.scale[:, 0]
-        out = acc * rescale if self.bias is None else torch.addcmul(self.bias, acc, rescale)
-        return out.reshape(*x.shape[:-1], self.out_features)
+        return self._rescale(acc, act_scale).reshape(*x.shape[:-1], self.out_features)
 
 
 @rebuildable
@@ -375,6 +421,8 @@ class PackedConv2d(PackedLayer):
         padding_mode: PaddingMode = "zeros",
         **storage: Any,
     ) -> None:
+        if storage.get("act_dynamic"):
+            raise ValueError("dynamic per-row activation quantisation is implemented for Linear layers only")
         # A weightless Conv2d on the meta device validates the geometry and works out non-zero padding.
         geometry = nn.Conv2d(
             in_channels,

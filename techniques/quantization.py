@@ -23,6 +23,15 @@ Decisions:
   kernel" is a choice about the same layer's numbers. Where the kernel cannot run (a Conv2d, a group size,
   `kernel="dequantize"`, CUDA shapes that are not multiples of 8) the layer runs decoded float32 and
   `techniques.finalize.kernel_report` says so; an embedding takes ids, so "w8a8" there is 8-bit rows.
+- bits "w8a8-dynamic" (W8A8_DYNAMIC) is W8A8 with *dynamic per-row* activations: at run time each row of a
+  Linear's input (each token of a transformer) gets its own scale max|row| / 127, so an outlier token costs
+  only its own row's precision (a static per-tensor scale is set by the largest activation anywhere, which
+  on transformers flattens every ordinary token into a few codes) and nothing is calibrated. Fine-tuning sees
+  the same quantisation (`DynamicActivationFakeQuant`, straight-through) as the finalized PackedLinear's
+  `torch._int_mm` path computes on. The last dimension is a Linear's feature axis only: on a Conv2d
+  "w8a8-dynamic" means 8-bit weights with float activations (no integer convolution exists here, and fake
+  quantisation would cost accuracy for nothing), on an embedding 8-bit rows. A global `activation_bits: 8`
+  does not override a layer's "w8a8-dynamic".
 - The group size must divide every quantised layer's row length (in_features, in/groups*kh*kw, or an
   embedding's embedding_dim).
 - An embedding's weight is (num_embeddings, embedding_dim), so "per output channel" is one scale per row:
@@ -59,10 +68,12 @@ from techniques._base import (
     weight_of,
 )
 from techniques.inputs import call_model, to_device
-from techniques.packed import ACT_QMAX, dequantize, quantize_activation, weight_codes
+from techniques.packed import ACT_QMAX, dequantize, fake_quantize_rows, quantize_activation, weight_codes
 
 BITS = (2, 3, 4, 5, 6, 8, 16)
 W8A8 = "w8a8"  # per-layer bits value: 8-bit weights and 8-bit activations, for the integer kernel
+W8A8_DYNAMIC = "w8a8-dynamic"  # the same with activations quantised per row at run time (no calibration)
+INT8_KERNEL_BITS = (W8A8, W8A8_DYNAMIC)  # the per-layer bits values that ask for the integer kernel
 FLOAT_BITS = 32  # the search's value for "leave the layer in float32"
 KERNELS = ("auto", "dequantize")
 ACTIVATION_BITS = (8,)  # besides null (float activations)
@@ -75,7 +86,8 @@ class QuantizationSpec(TechniqueSpec):
     """Weight bits per layer, optional weight group size, optional 8-bit activations, kernel preference.
 
     Valid values: each layer's bits an int in BITS = {2, 3, 4, 5, 6, 8, 16}, the string W8A8 = "w8a8" (8-bit
-    weights and calibrated 8-bit activations: the integer kernel), or None (leave the layer in float);
+    weights and calibrated 8-bit activations: the integer kernel), W8A8_DYNAMIC = "w8a8-dynamic" (the same with
+    per-row activation scales computed at run time), or None (leave the layer in float);
     `group_size` null or an int in [1, MAX_GROUP_SIZE] = [1, 2**20] (it must also divide the row length of
     every quantised layer, checked against the model); `activation_bits` null or 8; `kernel` one of
     KERNELS. Integers are ints: floats such as 8.0 and bools are rejected. `activation_bits` and `kernel` concern
@@ -91,8 +103,8 @@ class QuantizationSpec(TechniqueSpec):
 
     def validate(self) -> None:
         for key, value in self.bits.entries:
-            if value is not None and value != W8A8 and not (is_integer(value) and value in BITS):
-                choices = ", ".join(map(str, (*BITS, W8A8)))
+            if value is not None and value not in INT8_KERNEL_BITS and not (is_integer(value) and value in BITS):
+                choices = ", ".join(map(str, (*BITS, *INT8_KERNEL_BITS)))
                 raise SpecError(f"quantization: bits for layer {key!r} must be in {{{choices}}}, got {value!r}")
         size = self.group_size
         if size is not None and not (is_integer(size) and 1 <= size <= MAX_GROUP_SIZE):
@@ -170,9 +182,19 @@ class ActivationFakeQuant(nn.Module):
         return _StraightThrough.apply(x, self.quantize)
 
 
+class DynamicActivationFakeQuant(nn.Module):
+    """8-bit dynamic per-row fake-quant of a Linear's input (scales from each row at run time; nothing to
+    calibrate); gradients pass straight through."""
+
+    bits = 8
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _StraightThrough.apply(x, fake_quantize_rows)
+
+
 def quantize_input_hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
     """Forward pre-hook: pass the layer's first input through its `input_quant`."""
-    return (cast(ActivationFakeQuant, module.input_quant)(args[0]), *args[1:])
+    return (cast(nn.Module, module.input_quant)(args[0]), *args[1:])
 
 
 def is_embedding(module: nn.Module) -> bool:
@@ -186,8 +208,23 @@ def searchable_layers(layers: Sequence[tuple[str, nn.Module]]) -> list[str]:
 
 
 def weight_bits(bits: int | str) -> int:
-    """The weight bit-width a layer's `bits` value means (W8A8: 8)."""
-    return 8 if bits == W8A8 else int(bits)
+    """The weight bit-width a layer's `bits` value means (W8A8, W8A8_DYNAMIC: 8)."""
+    return 8 if bits in INT8_KERNEL_BITS else int(bits)
+
+
+def is_linear(module: nn.Module) -> bool:
+    """Whether a (possibly parametrised) layer is an nn.Linear: its input's last dimension is its GEMM's K."""
+    return base_type(module) is nn.Linear
+
+
+def activation_mode(module: nn.Module, bits: int | str, spec: QuantizationSpec) -> str | None:
+    """How a quantised layer's inputs are quantised: "dynamic" (per row at run time), "static" (calibrated
+    per tensor) or None (float: embeddings, which take ids, and layers asking for no activation bits)."""
+    if is_embedding(module):
+        return None
+    if bits == W8A8_DYNAMIC:
+        return "dynamic" if is_linear(module) else None
+    return "static" if spec.activation_bits is not None or bits == W8A8 else None
 
 
 def quantizable_layers(model: nn.Module, spec: QuantizationSpec) -> list[tuple[str, nn.Module, int | str]]:
@@ -233,11 +270,15 @@ def _calibrate(model: nn.Module, observers: list[ActivationFakeQuant], ctx: Cont
 
 
 def _describe(bits: int | str, module: nn.Module) -> str:
-    if bits != W8A8:
+    if bits not in INT8_KERNEL_BITS:
         return f"{bits}-bit weights"
     if is_embedding(module):
-        return "8-bit rows (w8a8: an embedding's inputs are ids, not activations)"
-    return "8-bit weights and activations (w8a8: the integer kernel where the layer allows it)"
+        return f"8-bit rows ({bits}: an embedding's inputs are ids, not activations)"
+    if bits == W8A8:
+        return "8-bit weights and activations (w8a8: the integer kernel where the layer allows it)"
+    if is_linear(module):
+        return "8-bit weights, activations 8-bit per row at run time (w8a8-dynamic: the integer kernel)"
+    return "8-bit weights, float activations (w8a8-dynamic: per-row activations are for Linear layers only)"
 
 
 def apply(model: nn.Module, spec: QuantizationSpec, ctx: Context) -> nn.Module:
@@ -247,18 +288,17 @@ def apply(model: nn.Module, spec: QuantizationSpec, ctx: Context) -> nn.Module:
         fake_quant = WeightFakeQuant(weight_bits(bits), spec.group_size, spec.kernel)
         parametrize.register_parametrization(module, "weight", fake_quant)
         ctx.note("quantization", name, _describe(bits, module), bits=bits, group_size=spec.group_size)
-    with_inputs = [  # embeddings take integer ids: their inputs are never quantised
-        module
-        for _, module, bits in layers
-        if not is_embedding(module) and (spec.activation_bits is not None or bits == W8A8)
-    ]
-    if with_inputs:
-        observers = []
-        for module in with_inputs:
-            observer = ActivationFakeQuant().to(weight_of(module).device)
-            module.input_quant = observer
+    observers: list[ActivationFakeQuant] = []
+    for _, module, bits in layers:
+        mode = activation_mode(module, bits, spec)
+        if mode == "static":
+            observers.append(ActivationFakeQuant().to(weight_of(module).device))
+            module.input_quant = observers[-1]
+        elif mode == "dynamic":
+            module.input_quant = DynamicActivationFakeQuant()
+        if mode is not None:
             module.register_forward_pre_hook(quantize_input_hook)
-            observers.append(observer)
+    if observers:  # only static scales are calibrated
         _calibrate(model, observers, ctx)
     return model
 
@@ -273,7 +313,8 @@ register(
         search=SearchSettings(
             per_layer=LayerSearch(
                 setting="bits",
-                choices=(2, 3, 4, 5, 6, 8, W8A8, FLOAT_BITS),  # weight bit-width (w8a8: + activations); 32: float32
+                # weight bit-width (w8a8: + static activations, w8a8-dynamic: + per-row ones); 32: float32
+                choices=(2, 3, 4, 5, 6, 8, W8A8, W8A8_DYNAMIC, FLOAT_BITS),
                 off=FLOAT_BITS,
                 title="quantization bits",
                 eligible=searchable_layers,

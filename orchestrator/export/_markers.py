@@ -21,7 +21,14 @@ from onnx.defs import OpSchema
 from torch import nn
 
 from techniques import set_module
-from techniques.packed import INT_KERNEL, PackedConv2d, PackedEmbedding, PackedLinear, quantize_activation
+from techniques.packed import (
+    INT_KERNEL,
+    PackedConv2d,
+    PackedEmbedding,
+    PackedLinear,
+    fake_quantize_rows,
+    quantize_activation,
+)
 
 DOMAIN = "orchestrator.export"
 PackedModule = PackedLinear | PackedConv2d | PackedEmbedding
@@ -99,11 +106,15 @@ class LinearMarker(nn.Module):
         super().__init__()
         self.index, self.out_features = index, packed.out_features
         fake_quant = packed.act_bits is not None and packed.kernel != INT_KERNEL
+        self.act_dynamic = fake_quant and packed.act_dynamic  # per-row scales, computed in the graph
         self.act_scale: torch.Tensor | None
-        self.register_buffer("act_scale", packed.act_scale.detach().clone() if fake_quant else None)
+        static = fake_quant and not packed.act_dynamic
+        self.register_buffer("act_scale", packed.act_scale.detach().clone() if static else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.act_scale is not None:
+        if self.act_dynamic:
+            x = fake_quantize_rows(x)
+        elif self.act_scale is not None:
             x = quantize_activation(x, self.act_scale) * self.act_scale
         return linear_marker(x, self.index, self.out_features)
 
