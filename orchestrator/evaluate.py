@@ -3,7 +3,9 @@
 Decisions: a checkpoint is verified in full (every checksum, every document's schema) before its
 workload is even resolved, and the workload comes from the built-in names or the caller (`--workload`):
 nothing a checkpoint names is ever imported; measurements go through `executor.measure_on`, like every
-trial's.
+trial's. A checkpoint is re-measured for the deployment target and at the latency batch size its metrics
+record (unless told otherwise): for onnxruntime it is exported again and timed beside the baseline's fp32 ONNX
+session, so the speedup is comparable with the one the search recorded.
 """
 
 from __future__ import annotations
@@ -15,18 +17,21 @@ import torch
 from orchestrator.artifacts import store
 from orchestrator.device import resolve_device
 from orchestrator.executor import compressed_metrics, measure_on, measure_reference
+from orchestrator.runtime import DEFAULT_TARGET, check_target
 from orchestrator.workloads import BUILTIN, Workload, resolve_workload
 
 
-def measure_baseline(workload: Workload, *, device: torch.device, latency_batch_size: int = 1) -> dict[str, Any]:
-    """Every measurement of the trained baseline, test metric included."""
+def measure_baseline(
+    workload: Workload, *, device: torch.device, latency_batch_size: int = 1, target: str = DEFAULT_TARGET
+) -> dict[str, Any]:
+    """Every measurement of the trained baseline for the deployment `target`, test metric included."""
     model = workload.load_baseline().to(device)
     return {
         "workload": workload.name,
         "metric": workload.metric_name,
         "validation": workload.evaluate(model, "validation", device),
         "test": workload.evaluate(model, "test", device),
-        **measure_on(model, workload, device, latency_batch_size).metrics(),
+        **measure_on(model, workload, device, latency_batch_size, target=check_target(target)).metrics(),
     }
 
 
@@ -41,6 +46,15 @@ def recorded_workload(manifest: dict[str, Any]) -> str:
     return name
 
 
+def _recorded(metrics: dict[str, Any], key: str, default: Any) -> Any:
+    """A setting the checkpoint's metrics record, when it is of the default's kind (a count: at least 1),
+    else `default`."""
+    value = metrics.get(key)
+    if type(value) is not type(default) or (isinstance(value, int) and value < 1):
+        return default
+    return value
+
+
 def evaluate_checkpoint(
     source: str,
     *,
@@ -48,16 +62,21 @@ def evaluate_checkpoint(
     data_dir: str | None = None,
     weights: str | None = None,
     device: str = "auto",
-    latency_batch_size: int = 1,
+    latency_batch_size: int | None = None,
+    target: str | None = None,
 ) -> dict[str, Any]:
-    """Validation and test metric, artifact bytes, latency, parameters and FLOPs of a checkpoint."""
+    """Validation and test metric, artifact bytes, latency, parameters and FLOPs of a checkpoint, for the
+    deployment `target` and `latency_batch_size` its metrics record when not given (torch and 1 when they
+    record none)."""
     torch_device = resolve_device(device)
     verified = store.read_verified(source)
+    target = check_target(target or _recorded(verified.metrics, "target", DEFAULT_TARGET))
+    latency_batch_size = latency_batch_size or _recorded(verified.metrics, "latency_batch_size", 1)
     work = resolve_workload(workload or recorded_workload(verified.manifest), data_dir=data_dir, weights=weights)
     checkpoint = store.load_verified(verified, work)
     model = checkpoint.model.to(torch_device)
     baseline = work.load_baseline().to(torch_device)
-    reference = measure_reference(work, baseline, torch_device, latency_batch_size=latency_batch_size)
+    reference = measure_reference(work, baseline, torch_device, latency_batch_size=latency_batch_size, target=target)
     return {
         "metric": work.metric_name,
         "validation": work.evaluate(model, "validation", torch_device),

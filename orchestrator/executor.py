@@ -5,6 +5,11 @@ Search trials, `python -m orchestrator apply`, and re-materialising a Pareto poi
 Decisions: a policy's base architecture is the workload's `build_model()`, or its `build_student(width)` when
 the policy starts with a student step (`store.base_architecture`); the policy is validated against it, and
 the model's size is its artifact written against it, as its checkpoint will be.
+
+Decisions: the deployment target (`torch` | `onnxruntime`, `orchestrator.runtime`) belongs to the `Reference`:
+the baseline is measured for it first, and every model measured against that reference is deployed and timed
+the same way, beside the baseline as that target runs it (for onnxruntime, the baseline's fp32 ONNX session,
+exported once and re-timed beside every model).
 """
 
 from __future__ import annotations
@@ -19,8 +24,9 @@ from torch import nn
 
 import techniques
 from orchestrator.artifacts.store import base_architecture
-from orchestrator.measure import Measurements, measure
+from orchestrator.measure import Measurements, Timed, measure
 from orchestrator.policy import Policy, PolicyError, validate_for_model
+from orchestrator.runtime import DEFAULT_TARGET, OnnxSession, check_target, deploy
 from orchestrator.workloads import Workload
 from techniques.finalize import finalize, finalized_copy, kernel_report
 from techniques.student import require_fine_tune
@@ -30,11 +36,20 @@ TRACE_BATCH = 2
 
 @dataclass(frozen=True)
 class Reference:
-    """The baseline's validation metric and measurements, taken in the same process so ratios compare like
-    with like."""
+    """The baseline's validation metric and measurements for a deployment target, taken in the same process so
+    ratios compare like with like; `deployed` is the baseline as that target runs it (None for torch)."""
 
     metric: float
     measurements: Measurements
+    deployed: OnnxSession | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def target(self) -> str:
+        return self.measurements.target
+
+    def beside(self, baseline: nn.Module) -> Timed:
+        """What a model measured against this reference is timed beside: the baseline as the target runs it."""
+        return baseline if self.deployed is None else self.deployed
 
 
 @dataclass
@@ -46,12 +61,19 @@ class CompressedModel:
 
 
 def measure_reference(
-    workload: Workload, baseline: nn.Module, device: torch.device, *, latency_batch_size: int = 1
+    workload: Workload,
+    baseline: nn.Module,
+    device: torch.device,
+    *,
+    latency_batch_size: int = 1,
+    target: str = DEFAULT_TARGET,
 ) -> Reference:
-    """Measure the uncompressed baseline exactly as `apply` measures a compressed model."""
+    """Measure the uncompressed baseline exactly as `apply` measures a compressed model, for `target`."""
+    deployed = deploy(baseline, workload, target)
     return Reference(
         metric=workload.evaluate(baseline, "validation", device),
-        measurements=measure_on(baseline, workload, device, latency_batch_size),
+        measurements=measure_on(baseline, workload, device, latency_batch_size, deployed=deployed),
+        deployed=deployed,
     )
 
 
@@ -60,16 +82,21 @@ def measure_on(
     workload: Workload,
     device: torch.device,
     latency_batch_size: int = 1,
-    beside: nn.Module | None = None,
+    beside: Timed | None = None,
     *,
     policy: Policy | None = None,
+    target: str = DEFAULT_TARGET,
+    deployed: OnnxSession | None = None,
 ) -> Measurements:
     """The model measured as a workload's artifact (size against the base architecture of the `policy` that
     made it: the workload's model, or its student), on `device`; timed in paired rounds beside `beside` (the
-    baseline) when given."""
+    baseline as the target runs it) when given. For a `target` other than torch the model is deployed there
+    first (unless `deployed` already is it), and size and latency are of that artifact in that runtime."""
+    if deployed is None:
+        deployed = deploy(model, workload, target)
     inputs = workload.example_inputs(latency_batch_size, device)
     base = workload.build_model() if policy is None else base_architecture(policy, workload)
-    return measure(model, inputs, base=base, beside=beside)
+    return measure(model, inputs, base=base, beside=beside, deployed=deployed)
 
 
 def make_context(
@@ -106,10 +133,14 @@ def compressed_metrics(
     *,
     policy: Policy | None = None,
 ) -> dict[str, Any]:
-    """The metrics record of a finalized model: its measurements with ratios to the baseline (the speedup
-    timed beside the `baseline` model, now), the baseline's own numbers, and which kernel each layer runs on.
-    `policy` (the one that made the model) picks the base architecture its size is written against."""
-    measured = measure_on(model, workload, device, latency_batch_size, beside=baseline, policy=policy)
+    """The metrics record of a finalized model: its measurements for the reference's target with ratios to the
+    baseline (the speedup timed beside the `baseline` as that target runs it, now), the baseline's own numbers,
+    and which kernel each layer runs on. `policy` (the one that made the model) picks the base architecture its
+    size is written against."""
+    beside = reference.beside(baseline)
+    measured = measure_on(
+        model, workload, device, latency_batch_size, beside=beside, policy=policy, target=reference.target
+    )
     return {
         "baseline_validation": reference.metric,
         "baseline_size_bytes": reference.measurements.size_bytes,
@@ -138,20 +169,26 @@ def apply(
     reference: Reference | None = None,
     on_epoch: Callable[[int, float, dict[str, Any]], None] | None = None,
     latency_batch_size: int = 1,
+    target: str = DEFAULT_TARGET,
 ) -> CompressedModel:
-    """Apply the policy's steps in order, finalize (bake masks, pack weights), and measure the artifact.
+    """Apply the policy's steps in order, finalize (bake masks, pack weights), and measure the artifact for
+    the deployment `target` (torch, or onnxruntime: the ONNX file and an ONNX Runtime session).
 
     `seed` defaults to the policy's. `baseline`/`reference` may be passed in to avoid reloading and
-    re-measuring the baseline for every policy. `on_epoch(epoch, validation, artifact)` is called after
-    each fine-tuning epoch; `artifact` holds the size/latency/FLOPs the final model will have (they are
-    fixed before fine-tuning starts), so a search can report every objective at every epoch.
+    re-measuring the baseline for every policy (the reference must be for `target`). `on_epoch(epoch,
+    validation, artifact)` is called after each fine-tuning epoch; `artifact` holds the size/latency/FLOPs the
+    final model will have (they are fixed before fine-tuning starts), so a search can report every objective
+    at every epoch.
     """
     device = torch.device(device)
     seed = policy.seed if seed is None else seed
+    check_target(target)
     validate_for_model(policy, _checked_base(policy, workload))  # before any training or loading
     teacher = (baseline if baseline is not None else workload.load_baseline()).to(device).eval()
     if reference is None:
-        reference = measure_reference(workload, teacher, device, latency_batch_size=latency_batch_size)
+        reference = measure_reference(workload, teacher, device, latency_batch_size=latency_batch_size, target=target)
+    if reference.target != target:
+        raise ValueError(f"a reference measured for {reference.target} cannot measure a model for {target}")
 
     torch.manual_seed(seed)
     model = copy.deepcopy(teacher)
@@ -159,7 +196,10 @@ def apply(
     for index, step in enumerate(policy.steps, start=1):
         if on_epoch is not None and step.technique == "distillation":
             preview = finalized_copy(model).eval()
-            measured = measure_on(preview, workload, device, latency_batch_size, beside=teacher, policy=policy)
+            beside = reference.beside(teacher)
+            measured = measure_on(
+                preview, workload, device, latency_batch_size, beside=beside, policy=policy, target=target
+            )
             artifact = measured.metrics(reference.measurements)
             ctx.on_epoch = lambda epoch, value, artifact=artifact: on_epoch(epoch, value, artifact)
         try:

@@ -3,6 +3,11 @@
 `measure(model, inputs, base=...)` is the one place a `Measurements` record is built; the baseline, every
 trial, `apply` and `evaluate` all go through it, and `Measurements.metrics()` is the one flat form that
 metrics.json, trial results and the tables share.
+
+Decisions: what is timed is a torch module or a model `Deployed` in another runtime (an ONNX Runtime session,
+`orchestrator.runtime`); both become a zero-argument forward on fixed inputs, so one timing implementation
+(`time_latency`, `time_paired`) serves every target. A deployed model's size is its runtime's file; the
+checkpoint's own bytes are kept beside it as `checkpoint_bytes`. FLOPs are always the torch model's.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -21,17 +26,38 @@ from orchestrator.artifacts.store import measure_artifact
 from techniques.inputs import Inputs, batch_length, call_model, device_of, first_rows
 
 
+class Deployed(Protocol):
+    """A model as a runtime other than PyTorch runs it (e.g. `orchestrator.runtime.OnnxSession`)."""
+
+    target: str  # the deployment target it is measured for
+    threads: int  # the threads its runtime computes with
+
+    @property
+    def size_bytes(self) -> int: ...  # bytes of the artifact that runtime loads
+
+    @property
+    def runtime(self) -> str: ...  # the runtime and its version, e.g. "onnxruntime 1.31.1 (CPUExecutionProvider)"
+
+    def bind(self, inputs: Inputs) -> Callable[[], object]: ...  # one forward pass on these inputs
+
+
+Timed = nn.Module | Deployed  # what the timing functions run
+
+
 @dataclass(frozen=True)
 class Environment:
-    """Where a measurement was taken."""
+    """Where a measurement was taken (`runtime`: what ran the model)."""
 
     device: str
     torch_version: str
     threads: int
+    runtime: str = f"torch {torch.__version__}"
 
     @classmethod
-    def current(cls, device: torch.device | str) -> Environment:
-        return cls(str(device), torch.__version__, torch.get_num_threads())
+    def current(cls, device: torch.device | str, deployed: Deployed | None = None) -> Environment:
+        if deployed is None:
+            return cls(str(device), torch.__version__, torch.get_num_threads())
+        return cls("cpu", torch.__version__, deployed.threads, deployed.runtime)
 
 
 @dataclass(frozen=True)
@@ -73,6 +99,8 @@ class Measurements:
     flops: int
     environment: Environment
     paired: tuple[Latency, Speedup] | None = None  # the baseline's latency in the same rounds, and the ratio
+    target: str = "torch"  # the deployment target size and latency are of
+    checkpoint_bytes: int | None = None  # the checkpoint's deployable files (= size_bytes for torch)
 
     def compression_ratio(self, reference: Measurements) -> float:
         return reference.size_bytes / self.size_bytes
@@ -85,8 +113,12 @@ class Measurements:
 
     def metrics(self, reference: Measurements | None = None) -> dict[str, Any]:
         """The flat, JSON-safe form (ratios to `reference` when given) that every record of a model uses."""
+        if reference is not None and reference.target != self.target:
+            raise ValueError(f"a {self.target} measurement compared with a {reference.target} reference")
         flat: dict[str, Any] = {
+            "target": self.target,
             "size_bytes": self.size_bytes,
+            "checkpoint_bytes": self.size_bytes if self.checkpoint_bytes is None else self.checkpoint_bytes,
             "latency_ms": self.latency.median_ms,
             "latency_p10_ms": self.latency.p10_ms,
             "latency_p90_ms": self.latency.p90_ms,
@@ -137,26 +169,36 @@ def _percentile(ordered: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-def _synchronizer(inputs: Inputs) -> Callable[[], None]:
-    return torch.cuda.synchronize if device_of(inputs).type == "cuda" else (lambda: None)
+def _forward(timed: Timed, inputs: Inputs) -> Callable[[], object]:
+    """One forward pass of `timed` on `inputs`, finished when it returns (CUDA work synchronised)."""
+    if not isinstance(timed, nn.Module):
+        return timed.bind(inputs)
+    model = timed.eval()
+    if device_of(inputs).type != "cuda":
+        return lambda: call_model(model, inputs)
+
+    def synchronised() -> None:
+        call_model(model, inputs)
+        torch.cuda.synchronize()
+
+    return synchronised
 
 
-def time_latency(model: nn.Module, example_inputs: Inputs, *, warmup: int = 10, runs: int = 50) -> Latency:
-    """Median wall time of `runs` forward passes after `warmup`, in inference mode, on the inputs' device."""
-    model.eval()
-    sync = _synchronizer(example_inputs)
+def time_latency(model: Timed, example_inputs: Inputs, *, warmup: int = 10, runs: int = 50) -> Latency:
+    """Median wall time of `runs` forward passes after `warmup`, in inference mode, on the inputs' device (a
+    `Deployed` model: in its own runtime)."""
+    forward = _forward(model, example_inputs)
     with torch.inference_mode():
-        _timed_block(model, example_inputs, warmup, sync)
-        times = _timed_block(model, example_inputs, runs, sync)
+        _timed_block(forward, warmup)
+        times = _timed_block(forward, runs)
     return _latency_of(times, warmup, batch_length(example_inputs))
 
 
-def _timed_block(model: nn.Module, inputs: Inputs, runs: int, sync: Any) -> list[float]:
+def _timed_block(forward: Callable[[], object], runs: int) -> list[float]:
     times = []
     for _ in range(runs):
         start = time.perf_counter()
-        call_model(model, inputs)
-        sync()
+        forward()
         times.append((time.perf_counter() - start) * 1000.0)
     return times
 
@@ -174,22 +216,23 @@ def _latency_of(times: list[float], warmup: int, batch_size: int) -> Latency:
 
 
 def time_paired(
-    model: nn.Module, baseline: nn.Module, inputs: Inputs, *, rounds: int = 7, runs: int = 20, warmup: int = 5
+    model: Timed, baseline: Timed, inputs: Inputs, *, rounds: int = 7, runs: int = 20, warmup: int = 5
 ) -> tuple[Latency, Latency, Speedup]:
-    """Time `model` and `baseline` in alternating blocks of `runs` forwards (the order flips every round), so
-    both see the same moments of a busy machine; the speedup is the median of the per-round ratios."""
-    model.eval()
-    baseline.eval()
-    sync = _synchronizer(inputs)
+    """Time `model` and `baseline` (torch modules, or both deployed in one runtime) in alternating blocks of
+    `runs` forwards (the order flips every round), so both see the same moments of a busy machine; the speedup
+    is the median of the per-round ratios."""
+    if isinstance(model, nn.Module) != isinstance(baseline, nn.Module):
+        raise TypeError("a model and its baseline are timed in the same runtime: both torch modules, or both deployed")
+    forwards = {id(model): _forward(model, inputs), id(baseline): _forward(baseline, inputs)}
     ours: list[float] = []
     theirs: list[float] = []
     ratios = []
     with torch.inference_mode():
-        _timed_block(model, inputs, warmup, sync), _timed_block(baseline, inputs, warmup, sync)
+        _timed_block(forwards[id(model)], warmup), _timed_block(forwards[id(baseline)], warmup)
         for index in range(rounds):
             first, second = (model, baseline) if index % 2 == 0 else (baseline, model)
-            blocks = {id(first): _timed_block(first, inputs, runs, sync)}
-            blocks.setdefault(id(second), _timed_block(second, inputs, runs, sync))
+            blocks = {id(first): _timed_block(forwards[id(first)], runs)}
+            blocks.setdefault(id(second), _timed_block(forwards[id(second)], runs))
             mine, base = blocks[id(model)], blocks[id(baseline)]
             ours += mine
             theirs += base
@@ -205,25 +248,33 @@ def measure(
     example_inputs: Inputs,
     *,
     base: nn.Module | None = None,
-    beside: nn.Module | None = None,
+    beside: Timed | None = None,
+    deployed: Deployed | None = None,
     warmup: int = 10,
     runs: int = 50,
 ) -> Measurements:
     """Size (the artifact written against the `base` architecture), latency, parameters and FLOPs of `model`;
-    with `beside` (its baseline), the latency is timed in rounds paired with it and the speedup kept."""
+    with `beside` (its baseline), the latency is timed in rounds paired with it and the speedup kept.
+
+    With `deployed` (the model in another runtime), size and latency are that artifact's and that runtime's,
+    and `beside` is the baseline deployed the same way; parameters and FLOPs stay the torch model's."""
     params, nonzero = count_weights(model)
+    timed: Timed = model if deployed is None else deployed
     paired = None
     if beside is None:
-        latency = time_latency(model, example_inputs, warmup=warmup, runs=runs)
+        latency = time_latency(timed, example_inputs, warmup=warmup, runs=runs)
     else:
-        latency, baseline, speedup = time_paired(model, beside, example_inputs)
+        latency, baseline, speedup = time_paired(timed, beside, example_inputs)
         paired = (baseline, speedup)
+    checkpoint_bytes = measure_artifact(model, base)
     return Measurements(
-        size_bytes=measure_artifact(model, base),
+        size_bytes=checkpoint_bytes if deployed is None else deployed.size_bytes,
         latency=latency,
         params=params,
         nonzero_params=nonzero,
         flops=count_flops(model, first_rows(example_inputs, 1)),
-        environment=Environment.current(device_of(example_inputs)),
+        environment=Environment.current(device_of(example_inputs), deployed),
         paired=paired,
+        target="torch" if deployed is None else deployed.target,
+        checkpoint_bytes=checkpoint_bytes,
     )

@@ -1,8 +1,8 @@
 """The search's tables: `trials.parquet` and `pareto.parquet`, one row per trial, with the run's facts.
 
 They are the source of truth for reports. A row is a `TrialRow`; the Parquet schema is derived from its
-fields, so the two cannot drift. Run-level facts (a `RunInfo`: workload, objectives, baseline numbers,
-budget, wall time, versions) travel in the schema metadata under the key `orchestrator`, as JSON.
+fields, so the two cannot drift. Run-level facts (a `RunInfo`: workload, objectives, deployment target,
+baseline numbers, budget, wall time, versions) travel in the schema metadata under the key `orchestrator`, as JSON.
 Tables are written atomically to local disk or any pyarrow filesystem (s3://, gs://, file://).
 """
 
@@ -106,6 +106,7 @@ class RunInfo:
     finished: str | None = None
     versions: Mapping[str, str] = field(default_factory=dict)
     complete: bool = True  # False: interrupted, the tables are partial and the run can be resumed
+    target: str = "torch"  # the deployment target sizes and latencies are measured for (torch, onnxruntime)
 
     def to_json(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))

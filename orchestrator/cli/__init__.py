@@ -15,7 +15,14 @@ from pathlib import Path
 from orchestrator.cli._dashboard import add_dashboard_arguments, run_dashboard
 from orchestrator.cli._export import add_export_arguments, run_export
 from orchestrator.cli._format import format_measurements, format_result
-from orchestrator.cli._parser import EXIT_CODES, CliParser, SubcommandParser, add_workload_arguments, version_text
+from orchestrator.cli._parser import (
+    EXIT_CODES,
+    CliParser,
+    SubcommandParser,
+    add_target_argument,
+    add_workload_arguments,
+    version_text,
+)
 from orchestrator.cli._search import add_search_arguments, config_from_args, print_outcome
 from orchestrator.errors import UserError
 
@@ -39,7 +46,7 @@ def _baseline(args: argparse.Namespace) -> int:
         raise UserError("--latency-batch-size must be at least 1")
     device = resolve_device(args.device)
     workload = resolve_workload(args.workload, data_dir=args.data_dir, weights=args.weights)
-    metrics = measure_baseline(workload, device=device, latency_batch_size=args.latency_batch_size)
+    metrics = measure_baseline(workload, device=device, latency_batch_size=args.latency_batch_size, target=args.target)
     print(
         json.dumps(metrics, indent=2) if args.json else f"baseline of {workload.name}\n{format_measurements(metrics)}"
     )
@@ -58,7 +65,7 @@ def _apply(args: argparse.Namespace) -> int:
         raise UserError(f"{args.out} already exists; choose a new checkpoint directory")
     device = resolve_device(args.device)
     workload = resolve_workload(args.workload, data_dir=args.data_dir, weights=args.weights)
-    result = executor.apply(policy, workload, seed=args.seed, device=device)
+    result = executor.apply(policy, workload, seed=args.seed, device=device, target=args.target)
     store.save(result.model, policy, result.metrics, workload, args.out)
     print(json.dumps(result.metrics, indent=2) if args.json else format_result(result.metrics, args.out))
     return 0
@@ -68,7 +75,12 @@ def _evaluate(args: argparse.Namespace) -> int:
     from orchestrator.evaluate import evaluate_checkpoint
 
     metrics = evaluate_checkpoint(
-        args.checkpoint, workload=args.workload, data_dir=args.data_dir, weights=args.weights, device=args.device
+        args.checkpoint,
+        workload=args.workload,
+        data_dir=args.data_dir,
+        weights=args.weights,
+        device=args.device,
+        target=args.target,
     )
     print(json.dumps(metrics, indent=2) if args.json else format_result(metrics, args.checkpoint))
     return 0
@@ -105,7 +117,7 @@ def build_parser(*, search_prog: str | None = None) -> argparse.ArgumentParser:
     search.set_defaults(handler=_search)
 
     export = commands.add_parser(
-        "export", help="export a checkpoint to ONNX or torch.export, checked against PyTorch", epilog=EXIT_CODES
+        "export", help="export a checkpoint to ONNX or torch.export, checked vs PyTorch", epilog=EXIT_CODES
     )
     add_export_arguments(export)
     export.set_defaults(handler=run_export)
@@ -132,6 +144,7 @@ def _add_measuring_commands(commands: argparse._SubParsersAction) -> None:
     baseline.add_argument(
         "--latency-batch-size", type=int, default=1, metavar="N", help="batch size of the latency measurements"
     )
+    add_target_argument(baseline)
     baseline.add_argument("--json", action="store_true", help="print the measurements as JSON")
     baseline.set_defaults(handler=_baseline)
 
@@ -144,6 +157,7 @@ def _add_measuring_commands(commands: argparse._SubParsersAction) -> None:
         "--out", required=True, metavar="DIR", help="new checkpoint directory (local path or s3://, gs://)"
     )
     apply.add_argument("--seed", type=int, metavar="N", help="override the policy's seed (default: the policy's own)")
+    add_target_argument(apply)
     apply.add_argument("--json", action="store_true", help="print the metrics as JSON")
     apply.set_defaults(handler=_apply)
 
@@ -159,6 +173,12 @@ def _add_measuring_commands(commands: argparse._SubParsersAction) -> None:
         "--weights", metavar="FILE", help="cifar10: baseline weights as a local safetensors file (default: none)"
     )
     evaluate.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, or cuda[:N]")
+    add_target_argument(
+        evaluate,
+        default=None,
+        help="deployment target to re-measure for: torch or onnxruntime (re-exported, timed in an ONNX Runtime "
+        "session beside the baseline's) (default: the one the checkpoint's metrics record, else torch)",
+    )
     evaluate.add_argument("--json", action="store_true", help="print the metrics as JSON")
     evaluate.set_defaults(handler=_evaluate)
 

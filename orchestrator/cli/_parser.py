@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from importlib import metadata
 from typing import Any, NoReturn
 
+from orchestrator.runtime import DEFAULT_TARGET, TARGETS
+
 DISTRIBUTION = "compression-orchestrator"
 EXIT_CODES = """\
 exit codes:
@@ -22,7 +24,7 @@ _NEGATIVE_NUMBER = re.compile(r"^-\d+$|^-\d*\.\d+$")  # a value, not an option (
 
 def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
     """--workload, --data-dir, --weights: which workload, as every subcommand that builds one takes them."""
-    parser.add_argument("--workload", default="digits", help="digits, cifar10, or package.module:function")
+    parser.add_argument("--workload", default="digits", help="digits, cifar10, text, or package.module:function")
     parser.add_argument(
         "--data-dir", metavar="DIR", help="data directory (default: none; cifar10 needs the CIFAR-10 python batches)"
     )
@@ -30,6 +32,20 @@ def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
         "--weights",
         metavar="FILE",
         help="cifar10: baseline weights as a local safetensors file (default: none: trained and cached)",
+    )
+
+
+def add_target_argument(
+    parser: argparse.ArgumentParser, *, default: str | None = DEFAULT_TARGET, help: str = ""
+) -> None:
+    """--target: the runtime a model's size and latency are measured for."""
+    parser.add_argument(
+        "--target",
+        choices=TARGETS,
+        default=default,
+        help=help
+        or "deployment target: size is the bytes of its artifact (the checkpoint, or the ONNX file) and latency "
+        "is timed in that runtime (PyTorch, or an ONNX Runtime CPU session with the same threads)",
     )
 
 

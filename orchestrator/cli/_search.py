@@ -8,7 +8,7 @@ import math
 import sys
 from pathlib import PurePosixPath as Path
 
-from orchestrator.cli._parser import add_workload_arguments
+from orchestrator.cli._parser import add_target_argument, add_workload_arguments
 from orchestrator.errors import UserError
 from orchestrator.search.config import DEFAULT_MAX_DROP, DEFAULT_TRIALS, SAMPLERS, SearchConfig, SearchOutcome
 from orchestrator.search.space_options import GROUPINGS, SpaceOptions, check_families, load_space_file, searchable
@@ -16,7 +16,7 @@ from orchestrator.search.space_options import GROUPINGS, SpaceOptions, check_fam
 SMOKE_TRIALS = 6
 _SETTINGS = ("workload", "data_dir", "weights", "objectives", "max_accuracy_drop", "num_trials", "sampler", "seed")
 _RESOURCES = ("cpus_per_trial", "gpus_per_trial", "concurrency", "asha", "storage_path", "name", "resume")
-_RUN = ("address", "max_failures", "latency_batch_size", "report", "mlflow", "wandb")
+_RUN = ("address", "max_failures", "latency_batch_size", "target", "report", "mlflow", "wandb")
 
 
 def _csv(text: str) -> tuple[str, ...]:
@@ -51,6 +51,7 @@ def _add_what_arguments(parser: argparse.ArgumentParser) -> None:
         default=("accuracy", "size"),
         help="comma-separated, from accuracy, size, latency, flops (default: accuracy,size)",
     )
+    add_target_argument(parser)
     parser.add_argument(
         "--max-accuracy-drop",
         type=max_accuracy_drop,

@@ -8,6 +8,7 @@ from typing import Any
 from orchestrator.artifacts.fs import join
 from orchestrator.artifacts.tables import RunInfo, TrialRow
 from orchestrator.errors import UserError
+from orchestrator.runtime import DEFAULT_TARGET, check_target
 from orchestrator.search.space_options import SpaceOptions
 from orchestrator.workloads import Workload
 
@@ -42,6 +43,7 @@ class SearchConfig:
     address: str | None = None
     max_failures: int = 1
     latency_batch_size: int = 1
+    target: str = DEFAULT_TARGET  # the runtime size and latency are measured for: torch or onnxruntime
     report: bool = True
     mlflow: str | None = None  # an MLflow tracking URI; "" = mlruns/ beside the run directory
     wandb: bool = False  # log to Weights & Biases (offline unless WANDB_MODE says otherwise)
@@ -75,6 +77,7 @@ class SearchConfig:
             raise UserError("--concurrency must be at least 1")
         if self.latency_batch_size < 1:
             raise UserError("--latency-batch-size must be at least 1")
+        check_target(self.target)
 
 
 @dataclass

@@ -17,12 +17,13 @@ from orchestrator import executor
 from orchestrator.artifacts.fs import LOCK_FILE, absolute, cache_root, is_uri, join, read_bytes, write_atomic
 from orchestrator.device import resolve_device
 from orchestrator.errors import UserError
+from orchestrator.runtime import DEFAULT_TARGET
 from orchestrator.search.config import DEFAULT_TRIALS, SearchConfig
 from orchestrator.search.space import SearchSpace, build_space
 from orchestrator.workloads import Workload, resolve_workload
 
 JOURNAL_FILE = "optuna-journal.log"
-RUN_FILE = "run.json"  # where the run directory is and its trial budget: a moved or extended run resumes anew
+RUN_FILE = "run.json"  # the run directory's place, its trial budget and deployment target (see _run_record)
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,7 @@ def prepare(config: SearchConfig) -> Prepared:
         raise UserError(f"nothing to resume at {run_dir}")
     if not config.resume and _experiment_exists(run_dir):
         raise UserError(f"{run_dir} already holds a search; pass --resume to continue it, or a new --name")
+    before = _recorded_run(run_dir, config)
     workload = (
         resolve_workload(config.workload, data_dir=config.data_dir, weights=config.weights)
         if isinstance(config.workload, str)
@@ -73,7 +75,7 @@ def prepare(config: SearchConfig) -> Prepared:
     baseline = workload.load_baseline()
     device = resolve_device("auto")
     reference = executor.measure_reference(
-        workload, baseline.to(device), device, latency_batch_size=config.latency_batch_size
+        workload, baseline.to(device), device, latency_batch_size=config.latency_batch_size, target=config.target
     )
     space = build_space(
         baseline,
@@ -82,18 +84,28 @@ def prepare(config: SearchConfig) -> Prepared:
         defaults=workload.search_ranges,
         build_student=workload.build_student,
     )
-    record = _run_record(run_dir, config)
+    record = _run_record(run_dir, config, before)
     return Prepared(storage, name, run_dir, workload, baseline, reference, space, device, started, **record)
 
 
-def _run_record(run_dir: str, config: SearchConfig) -> dict[str, Any]:
-    """The budget in force and what changed since the run began (its place, its budget); record both."""
+def _recorded_run(run_dir: str, config: SearchConfig) -> dict[str, Any]:
+    """What a resumed run's run.json records ({} for a new run); its deployment target must be the one asked
+    for, checked before any work (one front never mixes two runtimes' numbers)."""
     data = read_bytes(run_dir, RUN_FILE) if config.resume else None
     before = json.loads(data) if data else {}
+    recorded = before.get("target", DEFAULT_TARGET) if before else config.target
+    if recorded != config.target:
+        raise UserError(f"this run measures for --target {recorded}; resume it with --target {recorded}")
+    return before
+
+
+def _run_record(run_dir: str, config: SearchConfig, before: dict[str, Any]) -> dict[str, Any]:
+    """The budget in force and what changed since the run began (its place, its budget); record both, with
+    the deployment target."""
     budget = config.num_trials or before.get("num_trials") or DEFAULT_TRIALS
     if budget < before.get("num_trials", 0):
         raise UserError(f"--num-trials {budget} is below this run's budget of {before['num_trials']} trials")
-    record = {"run_dir": run_dir, "num_trials": budget}
+    record = {"run_dir": run_dir, "num_trials": budget, "target": config.target}
     if record != before:
         write_atomic(run_dir, RUN_FILE, json.dumps(record).encode())
     moved = before.get("run_dir") not in (None, run_dir)
@@ -103,6 +115,12 @@ def _run_record(run_dir: str, config: SearchConfig) -> dict[str, Any]:
         "moved_from": before["run_dir"] if moved else None,
         "extended_from": before["num_trials"] if extended else None,
     }
+
+
+def recorded_target(run_dir: str) -> str:
+    """The deployment target the run at `run_dir` measures for (its run.json; torch when it records none)."""
+    data = read_bytes(run_dir, RUN_FILE)
+    return str(json.loads(data).get("target", DEFAULT_TARGET)) if data else DEFAULT_TARGET
 
 
 def journal_path(run_dir: str) -> str:

@@ -17,6 +17,7 @@ from orchestrator import executor
 from orchestrator.artifacts import store
 from orchestrator.artifacts.fs import join, publish_directory, read_bytes, resolve
 from orchestrator.policy import Policy
+from orchestrator.search.prepare import recorded_target
 from orchestrator.search.space import SearchSpace
 from orchestrator.workloads import Workload
 
@@ -36,18 +37,27 @@ class TrialSetup:
     cpus_per_trial: float
     run_dir: str
     latency_batch_size: int = 1
+    target: str | None = None  # the deployment target; None: the one the run records in its run.json
+
+    def deployment_target(self) -> str:
+        return self.target if self.target is not None else recorded_target(self.run_dir)
 
 
-_REFERENCES: dict[tuple[str, str], executor.Reference] = {}
+_REFERENCES: dict[tuple[str, str, int, str, int], executor.Reference] = {}
 
 
-def _reference_on(setup: TrialSetup, device: str) -> executor.Reference:
-    """The baseline measured on this trial's device (once per worker process and workload)."""
-    key = (setup.workload.fingerprint, device)
+def _reference_on(setup: TrialSetup, device: str, target: str) -> executor.Reference:
+    """The baseline measured for `target` on this trial's device and threads (once per worker process and
+    workload); the baseline is still timed again beside every trial's model."""
+    key = (setup.workload.fingerprint, device, setup.latency_batch_size, target, torch.get_num_threads())
     if key not in _REFERENCES:
         baseline = _baseline(setup).to(device)
         _REFERENCES[key] = executor.measure_reference(
-            setup.workload, baseline, torch.device(device), latency_batch_size=setup.latency_batch_size
+            setup.workload,
+            baseline,
+            torch.device(device),
+            latency_batch_size=setup.latency_batch_size,
+            target=target,
         )
     return _REFERENCES[key]
 
@@ -155,14 +165,16 @@ def _compress(policy: Policy, setup: TrialSetup, device: torch.device) -> tuple[
         _check_finite(result, setup.objectives)
         tune.report(result)
 
+    target = setup.deployment_target()
     outcome = executor.apply(
         policy,
         setup.workload,
         device=device,
         baseline=_baseline(setup),
-        reference=_reference_on(setup, str(device)),  # same process, threads and device as the trial
+        reference=_reference_on(setup, str(device), target),  # same process, threads and device as the trial
         on_epoch=on_epoch,
         latency_batch_size=setup.latency_batch_size,
+        target=target,
     )
     metrics = outcome.metrics
     result = {

@@ -1,0 +1,134 @@
+"""Deployment targets: the runtime a model's size and latency are measured in.
+
+`torch` (the default): size is the checkpoint's deployable files, latency the PyTorch model's. `onnxruntime`:
+size is the ONNX file the exporter writes for the model, latency an ONNX Runtime session's on the same inputs
+(as numpy), so a user shipping ONNX optimises what they ship.
+
+Decisions:
+- The session runs on CPUExecutionProvider with `intra_op_num_threads` = torch's thread count when it is made
+  (the trial's), one inter-op thread, every graph optimisation; it is timed by `measure` like a module.
+- The ONNX file is the exporter's own (`orchestrator.export.export_model`), checked against PyTorch; an export
+  that fails its check is a `TargetError`, never a number measured on a different model.
+- A session pickles as its file's bytes and thread count and is rebuilt on load, so a record holding one can
+  cross a process boundary.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from orchestrator.errors import UserError
+from orchestrator.workloads import Workload
+from techniques.inputs import Inputs, tensors
+
+TARGETS = ("torch", "onnxruntime")
+DEFAULT_TARGET = "torch"
+
+
+class TargetError(UserError):
+    """A model cannot be deployed to the target (its export fails, or fails its check against PyTorch)."""
+
+
+def check_target(target: str) -> str:
+    """`target` if it is a known deployment target, else a UserError naming the choices."""
+    if target not in TARGETS:
+        raise UserError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+    return target
+
+
+@dataclass
+class OnnxSession:
+    """An ONNX file in an ONNX Runtime CPU session: what the `onnxruntime` target weighs (`size_bytes`, the
+    file's bytes) and times (`bind(inputs)`: one forward on fixed inputs)."""
+
+    data: bytes = field(repr=False)
+    threads: int
+    target: str = "onnxruntime"
+    session: Any = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.session is None:
+            self.session = _session(self.data, self.threads)
+
+    @property
+    def size_bytes(self) -> int:
+        return len(self.data)
+
+    @property
+    def runtime(self) -> str:
+        return f"onnxruntime {metadata.version('onnxruntime')} (CPUExecutionProvider)"
+
+    def feeds(self, inputs: Inputs) -> dict[str, Any]:
+        """The graph's inputs from a batch (a dict by name, else in order) as numpy arrays on the CPU."""
+        names = [value.name for value in self.session.get_inputs()]
+        if isinstance(inputs, Mapping):
+            missing = [name for name in names if name not in inputs]
+            if missing:
+                raise TargetError(f"the ONNX graph takes input(s) {missing} that the workload's batches lack")
+            given = [inputs[name] for name in names]
+        else:
+            given = tensors(inputs)
+            if len(given) != len(names):
+                raise TargetError(f"the ONNX graph takes {len(names)} input(s), the workload's batches {len(given)}")
+        return {name: tensor.detach().cpu().numpy() for name, tensor in zip(names, given, strict=True)}
+
+    def bind(self, inputs: Inputs) -> Callable[[], object]:
+        """One forward pass on `inputs` (converted once, so only the session is timed)."""
+        feeds = self.feeds(inputs)
+        run = self.session.run
+        return lambda: run(None, feeds)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"data": self.data, "threads": self.threads, "target": self.target}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(**state)  # type: ignore[misc]
+
+
+def _session(data: bytes, threads: int) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+
+
+def onnx_session(model: nn.Module, workload: Workload) -> OnnxSession:
+    """The model exported to ONNX by the project's exporter (checked against PyTorch on the workload's
+    validation inputs) in a session with torch's current thread count."""
+    from orchestrator.export import export_model
+
+    with tempfile.TemporaryDirectory(prefix="onnx-target-") as tmp:
+        out = Path(tmp) / "model.onnx"
+        try:
+            result = export_model(model, workload, out=out, format="onnx")
+        except UserError as exc:
+            raise TargetError(f"target onnxruntime: the model cannot be exported: {exc}") from exc
+        data = out.read_bytes()
+    check = result.report["check"]
+    if not result.passed:
+        raise TargetError(
+            f"target onnxruntime: the ONNX export differs from the PyTorch model by {check['max_abs_diff']:.3g} "
+            f"(tolerance {check['tolerance']:.3g}), so its size and latency would not be this model's; "
+            "measure it with --target torch"
+        )
+    return OnnxSession(data, torch.get_num_threads())
+
+
+def deploy(model: nn.Module, workload: Workload, target: str) -> OnnxSession | None:
+    """The model as `target` runs it, or None for torch (the model itself is what runs)."""
+    if check_target(target) == "torch":
+        return None
+    return onnx_session(model, workload)
