@@ -95,12 +95,14 @@ def compress(
     resume: bool = False,
     address: str | None = None,
     seed: int = 0,
+    target: str = "torch",
     **workload_options: Any,
 ) -> SearchOutcome:
     """Search compression policies for a model (or a Workload) and return the front with its checkpoints.
 
     Give `model`, `train`, `validation` (and any `workload_from` option), or `workload`. Runs locally on a
     private Ray, or on the cluster at `address`; the run directory holds the tables, checkpoints and report.
+    `target` ("torch" or "onnxruntime") is where sizes and latencies are measured.
     """
     chosen = _workload(model, train, validation, workload, workload_options)
     config = SearchConfig(
@@ -114,6 +116,7 @@ def compress(
         resume=resume,
         address=address,
         seed=seed,
+        target=target,
     )
     return run_search(config)
 
@@ -127,6 +130,7 @@ def apply(
     validation: Any = None,
     seed: int | None = None,
     device: str = "cpu",
+    target: str = "torch",
     **workload_options: Any,
 ) -> CompressedModel:
     """Apply a policy (a Policy or a policy.json path) to a model and its data (or a Workload): the compressed,
@@ -137,7 +141,7 @@ def apply(
 
         chosen = resolve_workload(chosen)
     loaded = policy if isinstance(policy, Policy) else Policy.load(policy)
-    return apply_policy(loaded, chosen, seed=seed, device=device)
+    return apply_policy(loaded, chosen, seed=seed, device=device, target=target)
 
 
 def model_fingerprint(model: nn.Module) -> str:

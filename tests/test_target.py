@@ -207,9 +207,6 @@ def test_a_search_for_onnxruntime_measures_every_trial_for_it(onnx_search, digit
 
 @pytest.mark.slow
 @pytest.mark.ray
-@pytest.mark.xfail(
-    strict=True, reason="orchestrator/search/driver.py does not pass target=config.target to RunInfo yet"
-)
 def test_a_search_for_onnxruntime_records_its_target_in_the_run_info(onnx_search):
     outcome, run_dir = onnx_search
     assert outcome.run_info.target == "onnxruntime"

@@ -19,7 +19,7 @@ def format_result(metrics: dict[str, Any], where: str) -> str:
         f"latency (median)     {metrics['latency_ms']:.3f} ms  ({_speed(metrics)})",
         f"parameters           {metrics['params']:,}  ({metrics['nonzero_params']:,} non-zero)",
         f"FLOPs (per example)  {metrics['flops']:,}",
-        f"measured on          {metrics['device']}, torch {metrics['torch_version']}, {metrics['threads']} threads",
+        f"measured on          {metrics['device']}, {_runtime(metrics)}, {metrics['threads']} threads",
     ]
     return "\n".join(lines)
 
@@ -50,7 +50,12 @@ def format_measurements(metrics: dict[str, Any]) -> str:
         ),
         ("FLOPs (per example)", f"{metrics['flops']:,}"),
         ("parameters", f"{metrics['params']:,}  ({metrics['nonzero_params']:,} non-zero)"),
-        ("measured on", f"{metrics['device']}, torch {metrics['torch_version']}, {metrics['threads']} threads"),
+        ("measured on", f"{metrics['device']}, {_runtime(metrics)}, {metrics['threads']} threads"),
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+
+
+def _runtime(metrics: dict[str, Any]) -> str:
+    """The runtime the latency was measured in (ONNX Runtime for --target onnxruntime, else torch)."""
+    return str(metrics.get("runtime") or f"torch {metrics['torch_version']}")

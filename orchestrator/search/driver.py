@@ -153,6 +153,7 @@ def build_tuner(config: SearchConfig, prepared: Prepared) -> Any:
         cpus_per_trial=config.cpus_per_trial,
         run_dir=prepared.run_dir,
         latency_batch_size=config.latency_batch_size,
+        target=config.target,
     )
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, setup=setup), {"cpu": config.cpus_per_trial, "gpu": config.gpus_per_trial}
@@ -258,6 +259,7 @@ def run_info(config: SearchConfig, prepared: Prepared) -> RunInfo:
         sampler=config.sampler,
         seed=config.seed,
         asha=config.asha,
+        target=config.target,
         space=prepared.space.describe(),
         device=str(prepared.device),
         threads=torch.get_num_threads(),
