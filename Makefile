@@ -28,7 +28,7 @@ test: $(STAMP) browser
 	@$(PY) -m pytest; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
 
-# Everything not marked slow (no Ray searches, no benchmarks): about half a minute.
+# Everything not marked slow (no Ray searches, no benchmarks): a few minutes.
 test-fast: $(STAMP)
 	@$(PY) -m pytest -m "not slow"; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
