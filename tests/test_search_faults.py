@@ -285,3 +285,28 @@ def test_rows_of_trials_that_failed_before_reporting_or_were_cut_off():
         rows = trial_rows([never_started, cut_off], RowContext(space, 0.99, None, complete))
         assert [(r.trial_id, r.status, r.feasible) for r in rows] == [("aaa", "failed", False), ("b", status, False)]
         assert rows[0].error == "RuntimeError: boom" and json.loads(rows[0].policy_json)["steps"] == []
+
+
+class _TruncatedErrorTuner:
+    """Tune's `fit` as it fails when a full disk left a trial's pickled error empty."""
+
+    def fit(self):
+        raise EOFError("Ran out of input")
+
+
+def test_a_truncated_trial_error_on_a_full_disk_is_the_full_disk_line(small_disk):
+    from types import SimpleNamespace
+
+    from orchestrator.errors import StorageFull
+    from orchestrator.search.driver import _fit
+
+    run_dir = small_disk / "run"
+    run_dir.mkdir()
+    with contextlib.suppress(OSError):  # fill the disk
+        (small_disk / "filler").write_bytes(bytes(8 * 1024 * 1024))
+    prepared = SimpleNamespace(run_dir=str(run_dir), name="run")
+    with pytest.raises(StorageFull, match="disk holding .* is full.*--resume --name run"):
+        _fit(_TruncatedErrorTuner(), prepared)
+    (small_disk / "filler").unlink()
+    with pytest.raises(EOFError):  # with space left, the error is not the disk's: it is raised as it is
+        _fit(_TruncatedErrorTuner(), prepared)

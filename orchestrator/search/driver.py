@@ -13,6 +13,7 @@ import dataclasses
 import datetime as dt
 import logging
 import os
+import pickle
 import sys
 import tempfile
 import warnings
@@ -44,7 +45,7 @@ def run(config: SearchConfig) -> SearchOutcome:
             prepared = prepare(config)
             start_ray(config, log_file=_log_file(prepared))
             check_storage_writable(prepared.run_dir, address_given=bool(config.address))
-            grid = build_tuner(config, prepared).fit()
+            grid = _fit(build_tuner(config, prepared), prepared)
             return finish(config, prepared, grid)
     except LockHeld as exc:
         raise UserError(f"{exc}; wait for it, or choose another --name") from None
@@ -69,11 +70,38 @@ def finish(config: SearchConfig, prepared: Prepared, grid: Any) -> SearchOutcome
             raise
         full = True
     if full:
-        raise StorageFull(
-            f"the disk holding {prepared.run_dir} is full; free space, then continue with "
-            f"--resume --name {prepared.name} (finished trials are kept)"
-        )
+        raise _storage_full(prepared)
     return outcome
+
+
+def _fit(tuner: Any, prepared: Prepared) -> Any:
+    """`tuner.fit()`; Tune reads every failed trial's pickled error back to build its results, and a full disk
+    leaves that file empty (EOFError): then the run stops with the full-disk line, resumable."""
+    try:
+        return tuner.fit()
+    except (EOFError, pickle.UnpicklingError):
+        if is_uri(prepared.run_dir) or not _no_space_left(Path(prepared.run_dir)):
+            raise
+        raise _storage_full(prepared) from None
+
+
+def _no_space_left(directory: Path) -> bool:
+    """Whether writing 64 KiB in `directory` fails for lack of space."""
+    probe = directory / ".space-probe"
+    try:
+        probe.write_bytes(bytes(64 * 1024))
+    except OSError as exc:
+        return out_of_space(exc)
+    finally:
+        probe.unlink(missing_ok=True)
+    return False
+
+
+def _storage_full(prepared: Prepared) -> StorageFull:
+    return StorageFull(
+        f"the disk holding {prepared.run_dir} is full; free space, then continue with "
+        f"--resume --name {prepared.name} (finished trials are kept)"
+    )
 
 
 def _log_file(prepared: Prepared) -> Path:
