@@ -310,3 +310,21 @@ def test_a_truncated_trial_error_on_a_full_disk_is_the_full_disk_line(small_disk
     (small_disk / "filler").unlink()
     with pytest.raises(EOFError):  # with space left, the error is not the disk's: it is raised as it is
         _fit(_TruncatedErrorTuner(), prepared)
+
+
+def test_ray_log_lines_that_a_full_disk_cannot_take_are_dropped_quietly(small_disk, capfd):
+    import logging
+
+    from orchestrator.search.driver import route_ray_logs
+
+    log_file = small_disk / "search.log"
+    route_ray_logs(log_file)
+    with contextlib.suppress(OSError):  # fill the disk
+        (small_disk / "filler").write_bytes(bytes(8 * 1024 * 1024))
+    try:
+        logging.getLogger("ray.tune").error("x" * 100_000)
+    finally:
+        for handler in list(logging.getLogger("ray").handlers):
+            logging.getLogger("ray").removeHandler(handler)
+            handler.close()
+    assert "Traceback" not in capfd.readouterr().err

@@ -111,10 +111,18 @@ def _log_file(prepared: Prepared) -> Path:
     return Path(prepared.run_dir) / LOG_FILE
 
 
+class _LogFileHandler(logging.FileHandler):
+    """A log file that drops a line it cannot write (a full disk) instead of printing a traceback to the console:
+    the search itself reports the full disk in one line."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        return None
+
+
 def route_ray_logs(log_file: Path) -> None:
     """Send the `ray` loggers (Ray, Tune, and their warnings) to `log_file` instead of the console."""
     log_file.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(log_file)
+    handler = _LogFileHandler(log_file)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logger = logging.getLogger("ray")
     for old in list(logger.handlers):
