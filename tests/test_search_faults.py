@@ -305,11 +305,14 @@ def test_a_truncated_trial_error_on_a_full_disk_is_the_full_disk_line(small_disk
     with contextlib.suppress(OSError):  # fill the disk
         (small_disk / "filler").write_bytes(bytes(8 * 1024 * 1024))
     prepared = SimpleNamespace(run_dir=str(run_dir), name="run")
+    hopeful, told = SimpleNamespace(full=False), SimpleNamespace(full=True)
     with pytest.raises(StorageFull, match="disk holding .* is full.*--resume --name run"):
-        _fit(_TruncatedErrorTuner(), prepared)
+        _fit(_TruncatedErrorTuner(), prepared, hopeful)
     (small_disk / "filler").unlink()
-    with pytest.raises(EOFError):  # with space left, the error is not the disk's: it is raised as it is
-        _fit(_TruncatedErrorTuner(), prepared)
+    with pytest.raises(StorageFull):  # space freed since, but a trial failed for lack of it
+        _fit(_TruncatedErrorTuner(), prepared, told)
+    with pytest.raises(EOFError):  # space left and no trial short of it: not the disk's, raised as it is
+        _fit(_TruncatedErrorTuner(), prepared, hopeful)
 
 
 def test_ray_log_lines_that_a_full_disk_cannot_take_are_dropped_quietly(small_disk, capfd):

@@ -45,7 +45,10 @@ def run(config: SearchConfig) -> SearchOutcome:
             prepared = prepare(config)
             start_ray(config, log_file=_log_file(prepared))
             check_storage_writable(prepared.run_dir, address_given=bool(config.address))
-            grid = _fit(build_tuner(config, prepared), prepared)
+            from orchestrator.search.stopping import StopWhenStorageFull
+
+            guard = StopWhenStorageFull()
+            grid = _fit(build_tuner(config, prepared, guard), prepared, guard)
             return finish(config, prepared, grid)
     except LockHeld as exc:
         raise UserError(f"{exc}; wait for it, or choose another --name") from None
@@ -74,13 +77,15 @@ def finish(config: SearchConfig, prepared: Prepared, grid: Any) -> SearchOutcome
     return outcome
 
 
-def _fit(tuner: Any, prepared: Prepared) -> Any:
+def _fit(tuner: Any, prepared: Prepared, guard: Any) -> Any:
     """`tuner.fit()`; Tune reads every failed trial's pickled error back to build its results, and a full disk
-    leaves that file empty (EOFError): then the run stops with the full-disk line, resumable."""
+    leaves that file empty (EOFError): then the run stops with the full-disk line, resumable. The disk counts as
+    full when a trial failed for lack of space (`guard`, the trials' error files) or nothing more fits now."""
     try:
         return tuner.fit()
     except (EOFError, pickle.UnpicklingError):
-        if is_uri(prepared.run_dir) or not _no_space_left(Path(prepared.run_dir)):
+        full = guard.full or ran_out_of_space(prepared.run_dir)
+        if not full and (is_uri(prepared.run_dir) or not _no_space_left(Path(prepared.run_dir))):
             raise
         raise _storage_full(prepared) from None
 
@@ -173,8 +178,9 @@ def _init_ray(config: SearchConfig, configure_logging: bool) -> None:
     )
 
 
-def build_tuner(config: SearchConfig, prepared: Prepared) -> Any:
-    """A new Tuner for the search, or the restored one for `--resume`."""
+def build_tuner(config: SearchConfig, prepared: Prepared, storage_guard: Any = None) -> Any:
+    """A new Tuner for the search, or the restored one for `--resume`; `storage_guard` (a StopWhenStorageFull,
+    made here when not given) stops every trial once one failed for lack of space."""
     from ray import tune
 
     from orchestrator.search.progress import ProgressPrinter
@@ -198,7 +204,7 @@ def build_tuner(config: SearchConfig, prepared: Prepared) -> Any:
         restored = _restore(prepared, trainable)
         if restored is not None:
             return restored
-    storage_guard = StopWhenStorageFull()
+    storage_guard = storage_guard if storage_guard is not None else StopWhenStorageFull()
     run_config = tune.RunConfig(
         name=prepared.name,
         storage_path=prepared.storage,
