@@ -331,3 +331,14 @@ def test_ray_log_lines_that_a_full_disk_cannot_take_are_dropped_quietly(small_di
             logging.getLogger("ray").removeHandler(handler)
             handler.close()
     assert "Traceback" not in capfd.readouterr().err
+
+
+def test_an_error_file_the_full_disk_left_empty_counts_as_out_of_space(tmp_path):
+    from orchestrator.search.stopping import ran_out_of_space
+
+    trial = tmp_path / "trial_1"
+    trial.mkdir()
+    (trial / "error.txt").write_text("ValueError: not the disk")
+    assert not ran_out_of_space(str(tmp_path))
+    (trial / "error.pkl").write_bytes(b"")  # Tune's pickled error, cut short
+    assert ran_out_of_space(str(tmp_path))

@@ -52,4 +52,6 @@ def ran_out_of_space(run_dir: str) -> bool:
     For a run on object storage this is not looked up (False)."""
     if "://" in run_dir:
         return False
-    return any(out_of_space(p.read_text(errors="replace")) for p in Path(run_dir).glob("trial_*/error.txt"))
+    errors = list(Path(run_dir).glob("trial_*/error.txt")) + list(Path(run_dir).glob("trial_*/error.pkl"))
+    # an empty error file is one the full disk cut short (Tune writes a non-empty one otherwise)
+    return any(p.stat().st_size == 0 or out_of_space(p.read_text(errors="replace")) for p in errors if p.is_file())
