@@ -146,6 +146,8 @@ def _number(value: Any) -> float:
 def checkpoint_front(rows: list[TrialRow], results: list[Any], workload: Workload, run_dir: str) -> None:
     """Verify each Pareto trial's checkpoint, measure it once on the test split, and keep it in the run."""
     for row, result in zip(rows, results, strict=True):
+        if result.checkpoint is None:  # interrupted before Tune registered it: a resume collects it again
+            continue
         relative = f"{PARETO_DIR}/{row.trial_id}"
         with result.checkpoint.as_directory() as local:
             loaded = store.load(str(Path(local) / CHECKPOINT_SUBDIR), workload)
