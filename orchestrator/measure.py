@@ -216,12 +216,20 @@ def _latency_of(times: list[float], warmup: int, batch_size: int) -> Latency:
 
 
 def time_paired(
-    model: Timed, baseline: Timed, inputs: Inputs, *, rounds: int = 7, runs: int = 20, warmup: int = 5
+    model: Timed,
+    baseline: Timed,
+    inputs: Inputs,
+    *,
+    rounds: int = 7,
+    runs: int = 20,
+    warmup: int = 5,
+    across_runtimes: bool = False,
 ) -> tuple[Latency, Latency, Speedup]:
-    """Time `model` and `baseline` (torch modules, or both deployed in one runtime) in alternating blocks of
-    `runs` forwards (the order flips every round), so both see the same moments of a busy machine; the speedup
-    is the median of the per-round ratios."""
-    if isinstance(model, nn.Module) != isinstance(baseline, nn.Module):
+    """Time `model` and `baseline` (torch modules, or both deployed in one runtime; `across_runtimes` allows one
+    of each, as a deployment benchmark compares them) in alternating blocks of `runs` forwards (the order flips
+    every round), so both see the same moments of a busy machine; the speedup is the median of the per-round
+    ratios."""
+    if not across_runtimes and isinstance(model, nn.Module) != isinstance(baseline, nn.Module):
         raise TypeError("a model and its baseline are timed in the same runtime: both torch modules, or both deployed")
     forwards = {id(model): _forward(model, inputs), id(baseline): _forward(baseline, inputs)}
     ours: list[float] = []

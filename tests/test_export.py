@@ -76,7 +76,7 @@ def test_every_linear_layout_runs_in_onnx_runtime_as_pytorch_computes_it():
 
 
 def test_int8_activations_use_matmulnbits_accuracy_level_4_within_a_looser_tolerance():
-    model = _Chain([_linear(4), _linear(8, seed=1)]).eval()
+    model = _Chain([_linear(4), _linear(8, 16, seed=1)]).eval()  # grouped 8-bit scales: 8-bit MatMulNBits
     written = export_onnx(model, torch.randn(4, 64), int8_activations=True)
     levels = [
         a.i for n in onnx.load_from_string(written.data).graph.node for a in n.attribute if a.name == "accuracy_level"
@@ -87,6 +87,32 @@ def test_int8_activations_use_matmulnbits_accuracy_level_4_within_a_looser_toler
         [reference_outputs(model, inputs)], [onnx_outputs(written.data, inputs)], QUANTIZED_ACTIVATIONS_TOLERANCE
     )
     assert check["passed"] and check["max_abs_diff"] > 0
+
+
+def _dynamic(seed: int) -> PackedLinear:
+    gen = torch.Generator().manual_seed(seed)
+    return PackedLinear.from_weight(
+        torch.randn(48, 64, generator=gen), bits=8, group_size=None, mask=None, bias=torch.randn(48, generator=gen),
+        act_scale=None, kernel="auto", act_dynamic=True, in_features=64, out_features=48,
+    )  # fmt: skip
+
+
+def test_int8_activations_run_8_bit_linears_in_ort_dynamic_quantize_matmul():
+    layers = [_dynamic(0), _linear(8, seed=1), _linear(6, seed=2), _linear(8, 16, seed=3), _linear(8, act=0.02, seed=4)]
+    model = _Chain(layers).eval()
+    written = export_onnx(model, torch.randn(4, 64), int8_activations=True)
+    ops = [record["op"] for record in written.layers]
+    # per-channel 5-8-bit layers (dynamic or weight-only) run ORT's fused dynamic kernel; grouped scales take
+    # 8-bit MatMulNBits; static activation scales keep the exact int8 graph
+    assert ops == ["com.microsoft.DynamicQuantizeMatMul"] * 3 + ["com.microsoft.MatMulNBits", "MatMulInteger"]
+    assert all(record["low_bit_kernel"] and record["stored_bits"] == 8 for record in written.layers)
+    inputs = torch.randn(6, 64)
+    check = compare(
+        [reference_outputs(model, inputs)], [onnx_outputs(written.data, inputs)], QUANTIZED_ACTIVATIONS_TOLERANCE
+    )
+    assert check["passed"] and check["max_abs_diff"] > 0
+    exact = export_onnx(model, torch.randn(4, 64))  # without the choice the graph computes as PyTorch does
+    assert "DynamicQuantizeMatMul" not in _ops(exact.data)
 
 
 class _Convs(nn.Module):

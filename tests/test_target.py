@@ -100,7 +100,7 @@ def test_the_baseline_command_measures_for_the_target(digits, onnx_reference):
 
 
 def test_an_export_that_fails_its_check_fails_the_measurement(digits, digits_baseline, monkeypatch):
-    def wrong(model, workload, *, out, format="onnx"):
+    def wrong(model, workload, *, out, format="onnx", int8_activations=False):
         out.write_bytes(b"not the model")
         check = {"passed": False, "max_abs_diff": 0.5, "tolerance": 1e-4}
         return ExportResult(path=str(out), bytes=13, report={"check": check}, report_path=f"{out}.json")
