@@ -131,6 +131,7 @@ class Measurements:
         if reference is not None:
             flat["compression_ratio"] = self.compression_ratio(reference)
             flat["speedup"] = self.speedup(reference)
+            flat["relative_latency"] = 1.0 / flat["speedup"]  # the latency objective: lower is faster
         if self.paired is not None:
             baseline, speedup = self.paired
             flat |= {"speedup_low": speedup.low, "speedup_high": speedup.high, "speedup_rounds": speedup.rounds}

@@ -8,6 +8,7 @@ from torch import nn
 from orchestrator.artifacts.store import ARTIFACT_FILES, measure_artifact, write_artifact
 from orchestrator.artifacts.weights import save_weights
 from orchestrator.measure import count_flops, count_weights, measure, time_latency
+from orchestrator.search.config import SearchConfig
 
 
 def test_size_is_the_bytes_of_the_files_written(tmp_path):
@@ -77,3 +78,7 @@ def test_measurements_timed_beside_a_baseline_carry_the_paired_speedup():
     assert metrics["speedup"] == measured.paired[1].median
     assert metrics["speedup_low"] <= metrics["speedup"] <= metrics["speedup_high"]
     assert metrics["baseline_latency_ms"] == measured.paired[0].median_ms and metrics["speedup_rounds"] == 7
+    # the search's latency objective is this paired ratio (the model's time as a fraction of the baseline's)
+    assert metrics["relative_latency"] == 1.0 / metrics["speedup"] < 1.0
+    config = SearchConfig(objectives=("accuracy", "latency"))
+    assert config.metric_keys == ("validation", "relative_latency") and config.directions[1] == "minimize"

@@ -47,6 +47,7 @@ class TrialRow:
     validation: float | None = None
     size_bytes: int | None = None
     latency_ms: float | None = None
+    relative_latency: float | None = None  # 1 / speedup: the latency objective
     flops: int | None = None
     params: int | None = None
     nonzero_params: int | None = None

@@ -37,6 +37,7 @@ _REPORTED = (
     "validation",
     "size_bytes",
     "latency_ms",
+    "relative_latency",
     "flops",
     "params",
     "nonzero_params",

@@ -23,6 +23,8 @@ def _short(value: Any, key: str) -> str:
         return f"{value / 1024:.1f} KiB"
     if key == "latency_ms":
         return f"{value:.3f} ms"
+    if key == "relative_latency":
+        return f"{value:.2f}x the baseline's time"
     if key == "flops":
         return f"{value / 1e6:.2f} MFLOP"
     return f"{value:.4f}"

@@ -32,7 +32,16 @@ from orchestrator.search.config import SAMPLERS
 CONSTRAINT = "accuracy_drop_excess"  # the trial's constraint: ≤ 0 means feasible
 REFERENCE_ATTR = "reference"  # on a reference policy's trial: its name ("uniform int8", ...)
 BASELINE_ATTR = "baseline"  # on the study: the uncompressed baseline's trial id, metrics and checkpoint
-RECORDED = ("validation", "size_bytes", "latency_ms", "flops", "params", "compression_ratio", "speedup")
+RECORDED = (
+    "validation",
+    "size_bytes",
+    "latency_ms",
+    "relative_latency",
+    "flops",
+    "params",
+    "compression_ratio",
+    "speedup",
+)
 RETRY_ATTR = "retry_of"  # on a trial recording a successful re-run of a failed one: the failed trial's number
 
 
