@@ -7,7 +7,7 @@ from torch import nn
 
 from orchestrator.artifacts.store import ARTIFACT_FILES, measure_artifact, write_artifact
 from orchestrator.artifacts.weights import save_weights
-from orchestrator.measure import count_flops, count_weights, measure, time_latency
+from orchestrator.measure import REPRODUCIBILITY, count_flops, count_weights, measure, time_latency
 from orchestrator.search.config import SearchConfig
 
 
@@ -67,7 +67,8 @@ def test_paired_timing_reports_the_ratio_with_its_spread():
     assert speedup.median > 2 and speedup.measurable  # eight 512-wide layers against two small ones
     assert fast.median_ms < slow.median_ms and fast.runs == slow.runs == 25
     _, _, itself = time_paired(big, big, x, rounds=3, runs=3)  # a model beside itself: exactly no change
-    assert (itself.median, itself.low, itself.high) == (1.0, 1.0, 1.0) and not itself.measurable
+    assert (itself.median, itself.low, itself.high) == (1.0, 1 / (1 + REPRODUCIBILITY), 1 + REPRODUCIBILITY)
+    assert not itself.measurable
 
 
 def test_measurements_timed_beside_a_baseline_carry_the_paired_speedup():

@@ -1,0 +1,337 @@
+"""Deployment benchmark: the search's front against what a user would otherwise ship, timed side by side.
+
+    python -m bench.deploy --workload digits         # a `make demo`-sized search (32 trials), timed at batch 256 and 1
+    python -m bench.deploy --workload text           # 12 trials for ONNX Runtime (bench/spaces/text_onnxruntime.json)
+    python -m bench.deploy --workload W --run DIR    # the front of a finished search instead of a new one
+    python -m bench.deploy --workload digits --quick # smoke run (4 trials, 3 timing rounds; JSON to the temp dir)
+
+One process, one thread (as a search trial computes), in one run: the torch fp32 baseline; the Pareto front of a
+search (each point as its torch checkpoint and as the ONNX file the exporter writes, run by ONNX Runtime); torch
+dynamic int8 (`torch.ao.quantization.quantize_dynamic` on every Linear); ONNX Runtime fp32 and dynamic int8
+(`onnxruntime.quantization.quantize_dynamic` on the fp32 export); a distilled half-width student and a uniform
+grid (the same bits and pruning ratio everywhere), each fine-tuned with the search's reference budget.
+
+Size is the bytes of each artifact (checkpoint files, ONNX file, or `torch.save` of torch's quantised state
+dict); speed is paired against the torch fp32 baseline (`orchestrator.measure.time_paired`: alternating blocks,
+the median of per-round ratios with its 10th-90th percentile spread); the metric is the test split's, measured
+on the artifact itself (an ONNX file in its session). Each Pareto checkpoint is also re-timed as
+`python -m orchestrator evaluate` does, to check the speedup falls inside the spread the search recorded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import itertools
+import json
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from bench import _common
+from orchestrator.artifacts import store
+from orchestrator.artifacts.tables import read_table
+from orchestrator.evaluate import evaluate_checkpoint
+from orchestrator.executor import apply
+from orchestrator.measure import Timed, time_paired
+from orchestrator.policy import Policy
+from orchestrator.runtime import OnnxSession, onnx_session
+from orchestrator.search import SearchConfig, SpaceOptions
+from orchestrator.search import run as run_search
+from orchestrator.search.space_options import load_space_file
+from orchestrator.workloads import Workload, resolve_workload
+from techniques.inputs import Inputs
+
+THREADS = 1  # as a search trial computes (cpus_per_trial 1)
+SPACES = Path(__file__).parent / "spaces"
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """How one workload is benchmarked."""
+
+    trials: int
+    batch_sizes: tuple[int, ...]  # the first is the search's latency batch size
+    target: str
+    space_file: str | None
+    grid_bits: tuple[Any, ...]
+    grid_ratios: tuple[float, ...]
+
+
+PRESETS = {
+    "digits": Preset(32, (256, 1), "torch", None, (8, 4, 2), (0.0, 0.5)),
+    "text": Preset(12, (1,), "onnxruntime", str(SPACES / "text_onnxruntime.json"), ("w8a8-dynamic", 4), (0.0, 0.5)),
+}
+
+
+@dataclasses.dataclass
+class Candidate:
+    """One artifact as deployed: what it is, how it runs, and what it measured."""
+
+    name: str
+    kind: str  # baseline, front, torch int8, onnxruntime, student, grid
+    runtime: str  # torch or onnxruntime
+    size_bytes: int
+    test: float
+    timed: Timed = dataclasses.field(repr=False)
+    speedup: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)  # batch → median/low/high
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def row(self) -> dict[str, Any]:
+        return {field.name: getattr(self, field.name) for field in dataclasses.fields(self) if field.name != "timed"}
+
+
+class SessionModel(nn.Module):
+    """An ONNX Runtime session called like the torch model, so the workload's metric measures the ONNX file."""
+
+    def __init__(self, session: OnnxSession) -> None:
+        super().__init__()
+        self.session = session
+
+    def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
+        inputs: Inputs = kwargs if kwargs else (args[0] if len(args) == 1 else args)
+        return torch.from_numpy(self.session.session.run(None, self.session.feeds(inputs))[0])
+
+
+# --------------------------------------------------------------------------- the search and its front
+
+
+def search_front(workload: Workload, preset: Preset, run_dir: str | None, storage: str, quick: bool) -> str:
+    """The run directory of the search whose front is benchmarked (a new search unless `run_dir` is given)."""
+    if run_dir is not None:
+        return run_dir
+    space = load_space_file(preset.space_file) if preset.space_file else SpaceOptions()
+    config = SearchConfig(
+        workload=workload.name,
+        objectives=("accuracy", "size", "latency"),
+        max_accuracy_drop=0.01,
+        num_trials=4 if quick else preset.trials,
+        space=space,
+        latency_batch_size=preset.batch_sizes[0],
+        target=preset.target,
+        storage_path=storage,
+        name=f"deploy-{workload.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+        report=False,
+    )
+    return run_search(config).run_dir
+
+
+def front_rows(run_dir: str) -> list[dict[str, Any]]:
+    rows, _ = read_table(run_dir, "pareto.parquet")
+    return [row for row in rows if row.get("checkpoint")]
+
+
+def front_candidates(workload: Workload, run_dir: str, rows: list[dict[str, Any]]) -> list[Candidate]:
+    """Each Pareto checkpoint as its torch checkpoint and as the ONNX file (int8 activations where ORT has them)."""
+    found = []
+    for row in rows:
+        loaded = store.load(str(Path(run_dir) / row["checkpoint"]), workload)
+        label = f"{row['trial_id']} ({', '.join(loaded.policy.techniques())})"
+        recorded = {"search_speedup": [row.get("speedup_low"), row.get("speedup"), row.get("speedup_high")]}
+        size = store.measure_artifact(loaded.model, store.base_architecture(loaded.policy, workload))
+        found.append(torch_candidate(f"{label} torch", "front", loaded.model, size, workload, recorded))
+        found.append(onnx_candidate(f"{label} onnx", "front", onnx_session(loaded.model, workload), workload))
+    return found
+
+
+# --------------------------------------------------------------------------- what else a user would ship
+
+
+def torch_candidate(
+    name: str, kind: str, model: nn.Module, size: int, workload: Workload, extra: dict[str, Any] | None = None
+) -> Candidate:
+    model = model.eval()
+    return Candidate(name, kind, "torch", size, workload.evaluate(model, "test", "cpu"), model, extra=extra or {})
+
+
+def onnx_candidate(name: str, kind: str, session: OnnxSession, workload: Workload) -> Candidate:
+    test = workload.evaluate(SessionModel(session), "test", "cpu")
+    return Candidate(name, kind, "onnxruntime", session.size_bytes, test, session)
+
+
+def torch_dynamic_int8(baseline: nn.Module, workload: Workload) -> Candidate:
+    """`torch.ao.quantization.quantize_dynamic` on every Linear; size: its state dict as `torch.save` writes it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization is deprecated in favour of torchao
+        model = torch.ao.quantization.quantize_dynamic(copy.deepcopy(baseline), {nn.Linear}, dtype=torch.qint8)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.pt"
+        torch.save(model.state_dict(), path)
+        size = path.stat().st_size
+    return torch_candidate("torch dynamic int8 (quantize_dynamic, Linear)", "torch int8", model, size, workload)
+
+
+def onnxruntime_candidates(baseline: nn.Module, workload: Workload) -> list[Candidate]:
+    """ONNX Runtime fp32 (the exporter's file) and ORT's own dynamic int8 of it (`quantize_dynamic`, defaults)."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    fp32 = onnx_session(baseline, workload)
+    with tempfile.TemporaryDirectory() as tmp:
+        source, target = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
+        proto = onnx.load_from_string(fp32.data)
+        del proto.graph.value_info[:]  # ORT's quantizer re-infers shapes and rejects the exporter's annotations
+        onnx.save(proto, source)
+        quantize_dynamic(source, target, weight_type=QuantType.QInt8)
+        int8 = OnnxSession(target.read_bytes(), torch.get_num_threads())
+    return [
+        onnx_candidate("onnxruntime fp32", "onnxruntime", fp32, workload),
+        onnx_candidate("onnxruntime dynamic int8 (quantize_dynamic)", "onnxruntime", int8, workload),
+    ]
+
+
+def reference_budget(workload: Workload, space: SpaceOptions, baseline: nn.Module) -> dict[str, Any]:
+    """The fine-tuning settings the search's reference policies use (its distillation step)."""
+    from orchestrator.search.space import build_space
+
+    built = build_space(baseline, space, seed=0, defaults=workload.search_ranges, build_student=workload.build_student)
+    references = [params for _, role, params in built.fixed_points() if role == "reference"]
+    policy = built.policy(references[0])
+    return next(step for step in policy.to_json()["steps"] if step["_type"] == "distillation")["_data"]
+
+
+def policy_of(*steps: tuple[str, dict[str, Any]]) -> Policy:
+    return Policy.from_json(
+        {"_type": "policy", "_version": 1, "seed": 0,
+         "steps": [{"_type": kind, "_version": 1, "_data": data} for kind, data in steps]}
+    )  # fmt: skip
+
+
+def applied(name: str, kind: str, policy: Policy, workload: Workload, baseline: nn.Module) -> list[Candidate]:
+    """A policy applied with the search's budget, as its torch checkpoint and as its ONNX file."""
+    print(f"applying {name} ...", file=sys.stderr, flush=True)
+    compressed = apply(policy, workload, baseline=baseline)
+    size = compressed.metrics["size_bytes"]
+    return [
+        torch_candidate(f"{name} torch", kind, compressed.model, size, workload),
+        onnx_candidate(f"{name} onnx", kind, onnx_session(compressed.model, workload), workload),
+    ]
+
+
+def trained_comparisons(workload: Workload, preset: Preset, budget: dict[str, Any], baseline: nn.Module, quick: bool):
+    """The half-width student and the uniform grid, each distilled with `budget`."""
+    found = []
+    if workload.build_student is not None:
+        student = policy_of(("student", {"width": 0.5}), ("distillation", budget))
+        found += applied("half-width student", "student", student, workload, baseline)
+    grid = list(itertools.product(preset.grid_bits, preset.grid_ratios))
+    for bits, ratio in grid[:1] if quick else grid:
+        steps = [("structured_pruning", {"ratio": {"_default": ratio}})] if ratio else []
+        steps += [("quantization", {"bits": {"_default": bits}, "activation_bits": None}), ("distillation", budget)]
+        name = f"uniform {bits}{'-bit' if isinstance(bits, int) else ''}" + (
+            f" + {ratio:.0%} channels" if ratio else ""
+        )
+        found += applied(name, "grid", policy_of(*steps), workload, baseline)
+    return found
+
+
+# --------------------------------------------------------------------------- timing and checks
+
+
+def time_all(candidates: list[Candidate], baseline: nn.Module, workload: Workload, batches, rounds: int) -> None:
+    """Every candidate paired with the torch fp32 baseline, at each batch size, in one process."""
+    for batch in batches:
+        inputs = workload.example_inputs(batch)
+        for candidate in candidates:
+            _, _, speedup = time_paired(candidate.timed, baseline, inputs, rounds=rounds, across_runtimes=True)
+            candidate.speedup[str(batch)] = {"median": speedup.median, "low": speedup.low, "high": speedup.high}
+
+
+def retimed_as_evaluate(run_dir: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each Pareto checkpoint re-timed by `orchestrator evaluate`'s code path, beside the search's spread."""
+    checks = []
+    for row in rows:
+        again = evaluate_checkpoint(str(Path(run_dir) / row["checkpoint"]))
+        low, high = row.get("speedup_low"), row.get("speedup_high")
+        inside = low is not None and low <= again["speedup"] <= high
+        checks.append({"trial_id": row["trial_id"], "recorded": [low, row.get("speedup"), high],
+                       "evaluate": [again.get("speedup_low"), again["speedup"], again.get("speedup_high")],
+                       "inside": inside})  # fmt: skip
+    return checks
+
+
+def acceptance(rows: list[dict[str, Any]], baseline_test: float, batch: str) -> dict[str, Any]:
+    """The best front artifacts within one test point of the baseline: the fastest and the smallest."""
+    near = [r for r in rows if r["kind"] == "front" and r["test"] >= baseline_test - 0.01]
+    fastest = max(near, key=lambda r: r["speedup"][batch]["median"], default=None)
+    smallest = min(near, key=lambda r: r["size_bytes"], default=None)
+    return {
+        "within_one_point": len(near),
+        "fastest": fastest and fastest["name"],
+        "smallest": smallest and smallest["name"],
+    }
+
+
+# --------------------------------------------------------------------------- output
+
+
+def table(rows: list[dict[str, Any]], baseline: dict[str, Any], batches: Sequence[str]) -> str:
+    header = ["artifact", "runtime", "bytes", "smaller", "test", "Δ test (pt)"] + [
+        f"speedup b{b} [p10–p90]" for b in batches
+    ]
+    lines = []
+    for r in rows:
+        speeds = [f"{s['median']:.2f}× [{s['low']:.2f}–{s['high']:.2f}]" for s in (r["speedup"][b] for b in batches)]
+        smaller = f"{baseline['size_bytes'] / r['size_bytes']:.2f}×"
+        delta = f"{100 * (r['test'] - baseline['test']):+.2f}"
+        lines.append([r["name"], r["runtime"], f"{r['size_bytes']:,}", smaller, f"{r['test']:.4f}", delta, *speeds])
+    return _common.markdown_table(header, lines)
+
+
+def run(workload_name: str, run_dir: str | None, storage: str, quick: bool, command: str) -> dict[str, Any]:
+    torch.set_num_threads(THREADS)
+    preset = PRESETS[workload_name]
+    workload = resolve_workload(workload_name)
+    baseline = workload.load_baseline().eval()
+    run_dir = search_front(workload, preset, run_dir, storage, quick)
+    rows = front_rows(run_dir)
+    space = load_space_file(preset.space_file) if preset.space_file else SpaceOptions()
+    budget = reference_budget(workload, space, baseline)
+    base = torch_candidate("torch fp32 (baseline)", "baseline", baseline, store.measure_artifact(baseline), workload)
+    candidates = [base, *front_candidates(workload, run_dir, rows), torch_dynamic_int8(baseline, workload)]
+    candidates += onnxruntime_candidates(baseline, workload)
+    candidates += trained_comparisons(workload, preset, budget, baseline, quick)
+    print(f"timing {len(candidates)} artifacts beside the baseline ...", file=sys.stderr, flush=True)
+    time_all(candidates, baseline, workload, preset.batch_sizes, 3 if quick else 15)
+    report = _common.environment(command, [0])
+    report |= {"bench": "deploy", "workload": workload_name, "run_dir": run_dir, "preset": dataclasses.asdict(preset),
+               "fine_tuning_budget": budget, "threads": torch.get_num_threads(),
+               "rows": [c.row() for c in candidates]}  # fmt: skip
+    report["evaluate_retiming"] = retimed_as_evaluate(run_dir, rows)
+    report["acceptance"] = acceptance(report["rows"], base.test, str(preset.batch_sizes[0]))
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workload", choices=sorted(PRESETS), default="digits")
+    parser.add_argument("--run", help="a finished search's run directory (its front is benchmarked; no new search)")
+    parser.add_argument("--storage-path", default="runs", help="where the new search's run directory goes")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 4 trials, 3 timing rounds, one grid point")
+    parser.add_argument("--out", type=Path, help="JSON output (default docs/bench/deploy_WORKLOAD.json)")
+    args = parser.parse_args(argv)
+    command = _common.command_line("deploy", argv)
+    out = args.out or _common.default_out(f"docs/bench/deploy_{args.workload}.json", args.quick)
+    start = time.perf_counter()
+    report = run(args.workload, args.run, args.storage_path, args.quick, command)
+    report["wall_s"] = round(time.perf_counter() - start, 1)
+    _common.write_json(out, report)
+    baseline = report["rows"][0]
+    print(f"{command}\n{_common.header_line(report)}\n")
+    print(table(report["rows"], baseline, [str(b) for b in report["preset"]["batch_sizes"]]))
+    print("\nre-timed as `orchestrator evaluate`:", json.dumps(report["evaluate_retiming"]))
+    print("within one test point:", json.dumps(report["acceptance"]))
+    print(f"\nwrote {out} in {report['wall_s']:.0f} s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
