@@ -5,11 +5,13 @@ workload is even resolved, and the workload comes from the built-in names or the
 nothing a checkpoint names is ever imported; measurements go through `executor.measure_on`, like every
 trial's. A checkpoint is re-measured for the deployment target and at the latency batch size its metrics
 record (unless told otherwise): for onnxruntime it is exported again and timed beside the baseline's fp32 ONNX
-session, so the speedup is comparable with the one the search recorded.
+session, so the speedup is comparable with the one the search recorded; and with the torch thread count they
+record (at most this machine's cores), as the search re-timed its Pareto checkpoints.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -17,6 +19,7 @@ import torch
 from orchestrator.artifacts import store
 from orchestrator.device import resolve_device
 from orchestrator.executor import compressed_metrics, measure_on, measure_reference
+from orchestrator.measure import torch_threads
 from orchestrator.runtime import DEFAULT_TARGET, check_target
 from orchestrator.workloads import BUILTIN, Workload, resolve_workload
 
@@ -76,14 +79,19 @@ def evaluate_checkpoint(
     checkpoint = store.load_verified(verified, work)
     model = checkpoint.model.to(torch_device)
     baseline = work.load_baseline().to(torch_device)
-    reference = measure_reference(work, baseline, torch_device, latency_batch_size=latency_batch_size, target=target)
+    threads = min(_recorded(verified.metrics, "threads", 0), os.cpu_count() or 1)
+    with torch_threads(threads):  # re-timed with the threads the recorded speed was timed with
+        reference = measure_reference(
+            work, baseline, torch_device, latency_batch_size=latency_batch_size, target=target
+        )
+        measured = compressed_metrics(
+            model, work, torch_device, reference, baseline, latency_batch_size, policy=checkpoint.policy
+        )
     return {
         "metric": work.metric_name,
         "validation": work.evaluate(model, "validation", torch_device),
         "test": work.evaluate(model, "test", torch_device),
         "recorded_validation": checkpoint.metrics.get("validation"),
-        **compressed_metrics(
-            model, work, torch_device, reference, baseline, latency_batch_size, policy=checkpoint.policy
-        ),
+        **measured,
         "techniques": checkpoint.policy.techniques(),
     }

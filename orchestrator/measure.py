@@ -12,9 +12,10 @@ checkpoint's own bytes are kept beside it as `checkpoint_bytes`. FLOPs are alway
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
@@ -144,6 +145,18 @@ class Measurements:
             flat |= {"speedup_low": speedup.low, "speedup_high": speedup.high, "speedup_rounds": speedup.rounds}
             flat["baseline_latency_ms"] = baseline.median_ms
         return {**flat, **asdict(self.environment)}
+
+
+@contextlib.contextmanager
+def torch_threads(count: int | None) -> Iterator[None]:
+    """Compute with `count` threads inside the block (as the measurement being repeated did); None: as is."""
+    before = torch.get_num_threads()
+    if count:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def count_weights(model: nn.Module) -> tuple[int, int]:

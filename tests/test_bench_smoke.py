@@ -59,11 +59,30 @@ def check_early_stopping(report: dict, baseline: dict) -> None:
                 assert trial["epochs_run"] == trial["epochs_planned"]
 
 
+def check_deploy(report: dict, baseline: dict) -> None:
+    rows = report["rows"]
+    assert rows[0]["kind"] == "baseline" and rows[0]["size_bytes"] == baseline["size_bytes"]
+    assert {"front", "torch int8", "onnxruntime", "student", "grid"} <= {row["kind"] for row in rows}
+    batches = [str(b) for b in report["preset"]["batch_sizes"]]
+    assert all(rows[0]["speedup"][b]["median"] == 1.0 for b in batches)  # the baseline beside itself
+    for row in rows:
+        assert 0 <= row["test"] <= 1 and row["size_bytes"] > 0, row["name"]
+        assert all(
+            row["speedup"][b]["low"] <= row["speedup"][b]["median"] <= row["speedup"][b]["high"] for b in batches
+        )
+    fronts = {row["trial_id"] for row in report["evaluate_retiming"]}
+    assert fronts and {(e["trial_id"], e["format"]) for e in report["exports"]} == {
+        (t, f) for t in fronts for f in ("onnx", "torch-export")
+    }
+    assert all(e["passed"] for e in report["exports"])
+
+
 BENCHES = [
     pytest.param("techniques_digits", {"rows", "claims", "timing", "kd_settings"}, check_techniques, id="techniques"),
     pytest.param("front_quality", {"runs", "summary", "verdict", "baseline"}, check_front_quality, id="front_quality"),
     pytest.param("orchestration_cost", {"runs", "bare", "summary"}, check_orchestration, id="orchestration_cost"),
     pytest.param("early_stopping", {"runs", "summary", "trials"}, check_early_stopping, id="early_stopping"),
+    pytest.param("deploy", {"rows", "evaluate_retiming", "exports", "acceptance"}, check_deploy, id="deploy"),
 ]
 
 
@@ -72,7 +91,8 @@ BENCHES = [
 def test_bench_quick_mode(bench: str, keys: set[str], check: Callable, tmp_path: Path, digits, digits_baseline) -> None:
     out = tmp_path / "bench.json"
     proc = subprocess.run(
-        [sys.executable, "-m", f"bench.{bench}", "--quick", "--out", str(out)],
+        [sys.executable, "-m", f"bench.{bench}", "--quick", "--out", str(out)]
+        + (["--storage-path", str(tmp_path / "runs")] if bench == "deploy" else []),
         cwd=ROOT,
         env=os.environ,
         capture_output=True,

@@ -55,6 +55,7 @@ class TrialRow:
     speedup: float | None = None  # median of per-round ratios, timed beside the baseline
     speedup_low: float | None = None  # 10th and 90th percentiles of those ratios: a spread that includes
     speedup_high: float | None = None  # 1.0 is no measurable change
+    search_speedup: float | None = None  # a Pareto row's speedup as its trial timed it (the row's is re-timed)
     epochs_completed: int | None = None
     wall_s: float | None = None
     device: str | None = None
