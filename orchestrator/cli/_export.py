@@ -26,8 +26,9 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--int8-activations",
         action="store_true",
-        help="onnx: let MatMulNBits quantise activations to int8 on the fly (faster; outputs drift further "
-        "from PyTorch's, and the check's tolerance is looser)",
+        help="onnx: let ONNX Runtime quantise activations its own way for its faster kernels (8-bit Linear layers: "
+        "DynamicQuantizeMatMul; 2-4-bit: MatMulNBits at accuracy level 4); outputs drift further from PyTorch's, "
+        "and the check's tolerance is looser",
     )
     parser.add_argument("--workload", help="workload (default: the one recorded in the checkpoint, if built in)")
     parser.add_argument(

@@ -77,8 +77,9 @@ def export_checkpoint(
     against the PyTorch model; the report goes to `report` (default: `OUT.json`).
 
     `workload` defaults to the built-in one the checkpoint names (pass yours, or `package.module:function`);
-    `int8_activations` lets ONNX Runtime's MatMulNBits quantise activations to int8 (faster; the check's
-    tolerance is then QUANTIZED_ACTIVATIONS_TOLERANCE, as for checkpoints with 8-bit activations). Bad input
+    `int8_activations` lets ONNX Runtime quantise activations its own way (DynamicQuantizeMatMul for 8-bit
+    Linear layers, MatMulNBits at accuracy level 4 for 2-4-bit ones: faster; the check's tolerance is then
+    QUANTIZED_ACTIVATIONS_TOLERANCE, as for checkpoints with 8-bit activations). Bad input
     (unknown format, existing `out`, missing or damaged checkpoint) raises UserError.
     """
     paths = _destination(format, str(out), report, int8_activations)
