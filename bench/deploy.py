@@ -53,7 +53,8 @@ from techniques.inputs import Inputs
 THREADS = 1  # as a search trial computes (cpus_per_trial 1)
 BLOCK_S = 0.05  # seconds of baseline time per timed block (a batch of 256 digits takes ~25 ms on one thread)
 SPACES = Path(__file__).parent / "spaces"
-ORT_INT8 = "onnxruntime dynamic int8"
+ORT_FP32, ORT_INT8 = "onnxruntime fp32", "onnxruntime dynamic int8"
+ONNX_REFERENCES = (ORT_FP32, ORT_INT8)  # what ONNX candidates are also timed beside
 MAX_DROP = 0.02  # the search's guard on validation; the claims are judged on the test split (within 1 point)
 
 
@@ -70,7 +71,7 @@ class Preset:
 
 
 PRESETS = {
-    "digits": Preset(32, (256, 1), "torch", str(SPACES / "digits_speed.json"), (8, 4, 2), (0.0, 0.5)),
+    "digits": Preset(32, (1, 256), "onnxruntime", str(SPACES / "digits_speed.json"), (8, 4, 2), (0.0, 0.5)),
     "text": Preset(12, (1,), "onnxruntime", str(SPACES / "text_onnxruntime.json"), ("w8a8-dynamic", 4), (0.0, 0.5)),
 }
 
@@ -86,6 +87,7 @@ class Candidate:
     test: float
     timed: Timed = dataclasses.field(repr=False)
     speedup: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)  # batch → median/low/high
+    speedup_vs: dict[str, dict[str, dict[str, float]]] = dataclasses.field(default_factory=dict)  # ORT ones
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def row(self) -> dict[str, Any]:
@@ -187,7 +189,7 @@ def onnxruntime_candidates(baseline: nn.Module, workload: Workload) -> list[Cand
         quantize_dynamic(source, target, weight_type=QuantType.QInt8)
         int8 = OnnxSession(target.read_bytes(), torch.get_num_threads())
     return [
-        onnx_candidate("onnxruntime fp32", "onnxruntime", fp32, workload),
+        onnx_candidate(ORT_FP32, "onnxruntime", fp32, workload),
         onnx_candidate(f"{ORT_INT8} (quantize_dynamic)", "onnxruntime", int8, workload),
     ]
 
@@ -241,15 +243,24 @@ def trained_comparisons(workload: Workload, preset: Preset, budget: dict[str, An
 
 
 def time_all(candidates: list[Candidate], baseline: nn.Module, workload: Workload, batches, rounds: int) -> None:
-    """Every candidate paired with the torch fp32 baseline, at each batch size, in one process."""
+    """Every candidate paired with the torch fp32 baseline, and every ONNX one also with ONNX Runtime's fp32 and
+    dynamic int8 models (same runtime, so the compression's own speedup there), at each batch size, in one
+    process."""
+    sessions = {name: c.timed for c in candidates for name in ONNX_REFERENCES if c.name.startswith(name)}
     for batch in batches:
         inputs = workload.example_inputs(batch)
         runs = runs_per_block(baseline, inputs)
         for candidate in candidates:
-            _, _, speedup = time_paired(
-                candidate.timed, baseline, inputs, rounds=rounds, runs=runs, across_runtimes=True
-            )
-            candidate.speedup[str(batch)] = {"median": speedup.median, "low": speedup.low, "high": speedup.high}
+            candidate.speedup[str(batch)] = paired(candidate.timed, baseline, inputs, rounds, runs)
+            if candidate.runtime == "onnxruntime":
+                for name, session in sessions.items():
+                    spread = paired(candidate.timed, session, inputs, rounds, runs)
+                    candidate.speedup_vs.setdefault(name, {})[str(batch)] = spread
+
+
+def paired(model: Timed, beside: Timed, inputs: Inputs, rounds: int, runs: int) -> dict[str, float]:
+    _, _, speedup = time_paired(model, beside, inputs, rounds=rounds, runs=runs, across_runtimes=True)
+    return {"median": speedup.median, "low": speedup.low, "high": speedup.high}
 
 
 def runs_per_block(baseline: nn.Module, inputs: Inputs, block_s: float = BLOCK_S) -> int:
@@ -290,7 +301,8 @@ def exported(run_dir: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def acceptance(rows: list[dict[str, Any]], batch: str) -> dict[str, Any]:
     """The front artifacts within one test point of the baseline: the fastest and the smallest in each runtime,
-    each with its size, speed and metric beside ONNX Runtime's dynamic int8 (ahead, behind or level)."""
+    with their speed beside torch fp32 (and, for ONNX files, beside ONNX Runtime's fp32), and each beside ONNX
+    Runtime's dynamic int8 on size, speed and metric (ahead, behind or level)."""
     baseline = rows[0]
     near = [r for r in rows if r["kind"] == "front" and r["test"] >= baseline["test"] - 0.01]
     ort_int8 = next(r for r in rows if r["name"].startswith(ORT_INT8))
@@ -301,44 +313,55 @@ def acceptance(rows: list[dict[str, Any]], batch: str) -> dict[str, Any]:
             picked[f"fastest {runtime}"] = max(mine, key=lambda r: r["speedup"][batch]["median"])
             picked[f"smallest {runtime}"] = min(mine, key=lambda r: r["size_bytes"])
     return {
+        "batch_size": int(batch),
         "within_one_point": len(near),
         **{label: {"name": r["name"], "smaller": baseline["size_bytes"] / r["size_bytes"],
                    "speedup": r["speedup"][batch], "delta_test": r["test"] - baseline["test"],
+                   "speedup_vs_onnxruntime_fp32": r["speedup_vs"].get(ORT_FP32, {}).get(batch),
                    "against_ort_int8": against(r, ort_int8, batch)}
            for label, r in picked.items()},
     }  # fmt: skip
 
 
 def against(mine: dict[str, Any], theirs: dict[str, Any], batch: str) -> dict[str, str]:
-    """Ahead, behind or level on size (bytes), speed (both paired with the same baseline: the spreads decide)
-    and metric (test)."""
-    size = (
-        "ahead"
-        if mine["size_bytes"] < theirs["size_bytes"]
-        else "behind"
-        if mine["size_bytes"] > theirs["size_bytes"]
-        else "level"
-    )
-    a, b = mine["speedup"][batch], theirs["speedup"][batch]
-    speed = "ahead" if a["low"] > b["high"] else "behind" if a["high"] < b["low"] else "level"
-    metric = "ahead" if mine["test"] > theirs["test"] else "behind" if mine["test"] < theirs["test"] else "level"
-    return {"size": size, "speed": speed, "metric": metric}
+    """Ahead, behind or level on size (bytes), speed (an ONNX file timed beside theirs decides by its spread;
+    otherwise both spreads beside torch fp32) and metric (test)."""
+    size = _verdict(theirs["size_bytes"] - mine["size_bytes"])
+    direct = mine["speedup_vs"].get(ORT_INT8, {}).get(batch)
+    if direct is not None:
+        speed = "ahead" if direct["low"] > 1 else "behind" if direct["high"] < 1 else "level"
+    else:
+        a, b = mine["speedup"][batch], theirs["speedup"][batch]
+        speed = "ahead" if a["low"] > b["high"] else "behind" if a["high"] < b["low"] else "level"
+    return {"size": size, "speed": speed, "metric": _verdict(mine["test"] - theirs["test"])}
+
+
+def _verdict(difference: float) -> str:
+    return "ahead" if difference > 0 else "behind" if difference < 0 else "level"
 
 
 # --------------------------------------------------------------------------- output
 
 
 def table(rows: list[dict[str, Any]], baseline: dict[str, Any], batches: Sequence[str]) -> str:
-    header = ["artifact", "runtime", "bytes", "smaller", "test", "Δ test (pt)"] + [
-        f"speedup b{b} [p10–p90]" for b in batches
-    ]
+    """Size, metric and speed beside torch fp32 at each batch size; ONNX files also beside ONNX Runtime's fp32
+    and dynamic int8 at the first."""
+    first = batches[0]
+    header = ["artifact", "runtime", "bytes", "smaller", "test", "Δ test (pt)"]
+    header += [f"× torch fp32, b{b} [p10–p90]" for b in batches]
+    header += [f"× {name}, b{first}" for name in ONNX_REFERENCES]
     lines = []
     for r in rows:
-        speeds = [f"{s['median']:.2f}× [{s['low']:.2f}–{s['high']:.2f}]" for s in (r["speedup"][b] for b in batches)]
         smaller = f"{baseline['size_bytes'] / r['size_bytes']:.2f}×"
         delta = f"{100 * (r['test'] - baseline['test']):+.2f}"
+        speeds = [_spread(r["speedup"][b]) for b in batches]
+        speeds += [_spread(r["speedup_vs"][name][first]) if name in r["speedup_vs"] else "" for name in ONNX_REFERENCES]
         lines.append([r["name"], r["runtime"], f"{r['size_bytes']:,}", smaller, f"{r['test']:.4f}", delta, *speeds])
     return _common.markdown_table(header, lines)
+
+
+def _spread(speedup: dict[str, float]) -> str:
+    return f"{speedup['median']:.2f}× [{speedup['low']:.2f}–{speedup['high']:.2f}]"
 
 
 def run(workload_name: str, run_dir: str | None, storage: str, quick: bool, command: str) -> dict[str, Any]:
