@@ -83,3 +83,14 @@ def test_measurements_timed_beside_a_baseline_carry_the_paired_speedup():
     assert metrics["relative_latency"] == 1.0 / metrics["speedup"] < 1.0
     config = SearchConfig(objectives=("accuracy", "latency"))
     assert config.metric_keys == ("validation", "relative_latency") and config.directions[1] == "minimize"
+
+
+def test_re_timing_uses_the_recorded_thread_count_and_restores_it():
+    from orchestrator.measure import torch_threads
+
+    before = torch.get_num_threads()
+    with torch_threads(1):
+        assert torch.get_num_threads() == 1
+    with torch_threads(None):
+        assert torch.get_num_threads() == before
+    assert torch.get_num_threads() == before

@@ -204,6 +204,14 @@ def test_a_search_for_onnxruntime_measures_every_trial_for_it(onnx_search, digit
     for path in outcome.checkpoints:
         recorded = store.load(path, digits).metrics
         assert recorded["target"] == "onnxruntime" and recorded["size_bytes"] in by_size
+    trial_speed = {r["size_bytes"]: r["speedup"] for r in results}
+    for row in outcome.pareto:  # re-timed alone after the search: the row and checkpoint keep that speed
+        recorded = store.load(str(run_dir / row.checkpoint), digits).metrics
+        assert (row.speedup, row.speedup_low, row.speedup_high) == tuple(
+            recorded[k] for k in ("speedup", "speedup_low", "speedup_high")
+        )
+        assert row.search_speedup == recorded["search_speedup"] == trial_speed[row.size_bytes] != row.speedup
+        assert row.relative_latency == pytest.approx(1 / row.speedup)
 
 
 @pytest.mark.slow
