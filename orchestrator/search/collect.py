@@ -29,29 +29,14 @@ from orchestrator.pareto import feasible_pareto_front
 from orchestrator.policy import Policy
 from orchestrator.search.config import SearchConfig, SearchOutcome
 from orchestrator.search.prepare import Prepared
+from orchestrator.search.sampler import RECORDED
 from orchestrator.search.space import SearchSpace
 from orchestrator.search.trial import CHECKPOINT_SUBDIR
 
 PARETO_DIR = "pareto"
 # The row fields a trial's final report carries under the same names.
-_REPORTED = (
-    "validation",
-    "size_bytes",
-    "latency_ms",
-    "relative_latency",
-    "flops",
-    "params",
-    "nonzero_params",
-    "compression_ratio",
-    "speedup",
-    "speedup_low",
-    "speedup_high",
-    "wall_s",
-    "device",
-    "node_id",
-    "techniques",
-    "kernels_json",
-)
+_REPORTED = (*RECORDED, "nonzero_params", "speedup_low", "speedup_high", "wall_s", "device", "node_id", "techniques",
+             "kernels_json")  # fmt: skip
 
 
 def _trial_id(result: Any) -> str:
