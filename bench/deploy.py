@@ -1,7 +1,7 @@
 """Deployment benchmark: the search's front against what a user would otherwise ship, timed side by side.
 
     python -m bench.deploy --workload digits         # 32 trials as `make demo`, bench/spaces/digits_speed.json
-    python -m bench.deploy --workload text           # 12 trials for ONNX Runtime (bench/spaces/text_onnxruntime.json)
+    python -m bench.deploy --workload text           # 16 trials for ONNX Runtime (bench/spaces/text_onnxruntime.json)
     python -m bench.deploy --workload W --run DIR    # the front of a finished search instead of a new one
     python -m bench.deploy --workload digits --quick # smoke run (4 trials, 3 timing rounds; JSON to the temp dir)
 
@@ -72,7 +72,7 @@ class Preset:
 
 PRESETS = {
     "digits": Preset(32, (1, 256), "onnxruntime", str(SPACES / "digits_speed.json"), (8, 4, 2), (0.0, 0.5)),
-    "text": Preset(12, (1,), "onnxruntime", str(SPACES / "text_onnxruntime.json"), ("w8a8-dynamic", 4), (0.0, 0.5)),
+    "text": Preset(16, (1,), "onnxruntime", str(SPACES / "text_onnxruntime.json"), ("w8a8-dynamic", 4), (0.0, 0.5)),
 }
 
 
