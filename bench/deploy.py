@@ -312,9 +312,11 @@ def acceptance(rows: list[dict[str, Any]], batch: str) -> dict[str, Any]:
         if mine:
             picked[f"fastest {runtime}"] = max(mine, key=lambda r: r["speedup"][batch]["median"])
             picked[f"smallest {runtime}"] = min(mine, key=lambda r: r["size_bytes"])
+    beating = [r["name"] for r in near if ahead_without_behind(against(r, ort_int8, batch))]
     return {
         "batch_size": int(batch),
         "within_one_point": len(near),
+        "ahead_of_ort_int8_without_being_behind": beating,
         **{label: {"name": r["name"], "smaller": baseline["size_bytes"] / r["size_bytes"],
                    "speedup": r["speedup"][batch], "delta_test": r["test"] - baseline["test"],
                    "speedup_vs_onnxruntime_fp32": r["speedup_vs"].get(ORT_FP32, {}).get(batch),
@@ -334,6 +336,10 @@ def against(mine: dict[str, Any], theirs: dict[str, Any], batch: str) -> dict[st
         a, b = mine["speedup"][batch], theirs["speedup"][batch]
         speed = "ahead" if a["low"] > b["high"] else "behind" if a["high"] < b["low"] else "level"
     return {"size": size, "speed": speed, "metric": _verdict(mine["test"] - theirs["test"])}
+
+
+def ahead_without_behind(verdicts: dict[str, str]) -> bool:
+    return "ahead" in verdicts.values() and "behind" not in verdicts.values()
 
 
 def _verdict(difference: float) -> str:
@@ -364,9 +370,10 @@ def _spread(speedup: dict[str, float]) -> str:
     return f"{speedup['median']:.2f}× [{speedup['low']:.2f}–{speedup['high']:.2f}]"
 
 
-def run(workload_name: str, run_dir: str | None, storage: str, quick: bool, command: str) -> dict[str, Any]:
+def run(
+    workload_name: str, preset: Preset, run_dir: str | None, storage: str, quick: bool, command: str
+) -> dict[str, Any]:
     torch.set_num_threads(THREADS)
-    preset = PRESETS[workload_name]
     workload = resolve_workload(workload_name)
     baseline = workload.load_baseline().eval()
     run_dir = search_front(workload, preset, run_dir, storage, quick)
@@ -395,12 +402,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--run", help="a finished search's run directory (its front is benchmarked; no new search)")
     parser.add_argument("--storage-path", default="runs", help="where the new search's run directory goes")
     parser.add_argument("--quick", action="store_true", help="smoke run: 4 trials, 3 timing rounds, one grid point")
+    parser.add_argument(
+        "--target", choices=("torch", "onnxruntime"), help="the search's target (default: the preset's)"
+    )
+    parser.add_argument(
+        "--batch-sizes", help="comma-separated; the first is the search's latency batch size (default: the preset's)"
+    )
     parser.add_argument("--out", type=Path, help="JSON output (default docs/bench/deploy_WORKLOAD.json)")
     args = parser.parse_args(argv)
     command = _common.command_line("deploy", argv)
     out = args.out or _common.default_out(f"docs/bench/deploy_{args.workload}.json", args.quick)
     start = time.perf_counter()
-    report = run(args.workload, args.run, args.storage_path, args.quick, command)
+    preset = PRESETS[args.workload]
+    if args.target:
+        preset = dataclasses.replace(preset, target=args.target)
+    if args.batch_sizes:
+        preset = dataclasses.replace(preset, batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")))
+    report = run(args.workload, preset, args.run, args.storage_path, args.quick, command)
     report["wall_s"] = round(time.perf_counter() - start, 1)
     _common.write_json(out, report)
     baseline = report["rows"][0]
