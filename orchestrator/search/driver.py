@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from orchestrator.artifacts.fs import LockHeld, cache_root, directory_lock, is_uri, upload_file
+from orchestrator.artifacts.store import CheckpointError
 from orchestrator.artifacts.tables import RunInfo
 from orchestrator.errors import StorageFull, UserError
 from orchestrator.search.config import SearchConfig, SearchOutcome
@@ -68,7 +69,7 @@ def finish(config: SearchConfig, prepared: Prepared, grid: Any) -> SearchOutcome
             upload_file(prepared.journal, prepared.run_dir, JOURNAL_FILE)
         info = dataclasses.replace(run_info(config, prepared), complete=complete and not full)
         outcome = collect(grid, config=config, prepared=prepared, run_info=info)
-    except OSError as exc:
+    except (OSError, CheckpointError) as exc:  # a Pareto checkpoint that does not fit: CheckpointError
         if not out_of_space(exc):
             raise
         full = True
