@@ -38,7 +38,7 @@ from torch import nn
 
 from bench import _common
 from orchestrator.artifacts import store
-from orchestrator.artifacts.tables import read_table
+from orchestrator.artifacts.tables import PARETO_FILE, read_table
 from orchestrator.evaluate import evaluate_checkpoint
 from orchestrator.executor import apply
 from orchestrator.measure import Timed, time_latency, time_paired
@@ -130,7 +130,7 @@ def search_front(workload: Workload, preset: Preset, run_dir: str | None, storag
 
 
 def front_rows(run_dir: str) -> list[dict[str, Any]]:
-    rows, _ = read_table(run_dir, "pareto.parquet")
+    rows, _ = read_table(run_dir, PARETO_FILE)
     return [row for row in rows if row.get("checkpoint")]
 
 
