@@ -6,7 +6,8 @@ nothing a checkpoint names is ever imported; measurements go through `executor.m
 trial's. A checkpoint is re-measured for the deployment target and at the latency batch size its metrics
 record (unless told otherwise): for onnxruntime it is exported again and timed beside the baseline's fp32 ONNX
 session, so the speedup is comparable with the one the search recorded; and with the torch thread count they
-record (at most this machine's cores), as the search re-timed its Pareto checkpoints.
+record (at most this machine's cores), as the search re-timed its Pareto checkpoints; the result says
+whether the re-timed speedup falls inside the spread the checkpoint recorded.
 """
 
 from __future__ import annotations
@@ -96,5 +97,16 @@ def evaluate_checkpoint(
     return {
         **scores,
         **measured,
+        **against_recorded(verified.metrics, measured),
         "techniques": checkpoint.policy.techniques(),
     }
+
+
+def against_recorded(recorded: dict[str, Any], measured: dict[str, Any]) -> dict[str, Any]:
+    """The speedup the checkpoint recorded (`[low, median, high]`) and whether this re-timing falls inside that
+    spread; nothing when it records none, or was timed for another target or batch size than this one."""
+    spread = [recorded.get(key) for key in ("speedup_low", "speedup", "speedup_high")]
+    same = all(recorded.get(key) == measured.get(key) for key in ("target", "latency_batch_size"))
+    if not same or not all(isinstance(value, int | float) for value in spread):
+        return {}
+    return {"recorded_speedup": spread, "reproduced": spread[0] <= measured["speedup"] <= spread[2]}

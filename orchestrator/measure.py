@@ -13,9 +13,10 @@ checkpoint's own bytes are kept beside it as `checkpoint_bytes`. FLOPs are alway
 from __future__ import annotations
 
 import contextlib
+import math
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
@@ -273,6 +274,27 @@ def time_paired(
     speedup = Speedup(median, low, high, rounds)
     size = batch_length(inputs)
     return _latency_of(ours, warmup, size), _latency_of(theirs, warmup, size), speedup
+
+
+def latency_range(observed_ms: Iterable[Any]) -> tuple[float, float] | None:
+    """The 10th and 90th percentiles of a model's latencies timed at different moments (None without any)."""
+    observed = sorted(ms for ms in observed_ms if isinstance(ms, int | float) and math.isfinite(ms) and ms > 0)
+    return (_percentile(observed, 0.1), _percentile(observed, 0.9)) if observed else None
+
+
+def drift_widened(low: float, high: float, baseline_ms: float, moved: tuple[float, float]) -> tuple[float, float]:
+    """A speedup's spread (`low`, `high`, timed beside a baseline that ran at `baseline_ms`) widened by how far
+    that baseline's own latency moved when timed at other moments on this machine (`moved`: its `latency_range`):
+    the ratios the model would have had beside the baseline at its faster and slower times.
+
+    Paired rounds cancel what both models feel alike, not a change that slows only one of them: on a VM whose
+    L3 cache is shared with other guests, the digits CNN at batch 256 ran at 9.2 or 13.6 ms per forward,
+    depending on the moment, while its 1 ms compressed model did not move, so a ratio re-timed minutes later
+    moved by 30% (docs/BENCHMARKS.md, "Deployment")."""
+    if not baseline_ms > 0:
+        return low, high
+    faster, slower = moved
+    return low * min(1.0, faster / baseline_ms), high * max(1.0, slower / baseline_ms)
 
 
 def measure(

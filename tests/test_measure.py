@@ -7,7 +7,15 @@ from torch import nn
 
 from orchestrator.artifacts.store import ARTIFACT_FILES, measure_artifact, write_artifact
 from orchestrator.artifacts.weights import save_weights
-from orchestrator.measure import REPRODUCIBILITY, count_flops, count_weights, measure, time_latency
+from orchestrator.measure import (
+    REPRODUCIBILITY,
+    count_flops,
+    count_weights,
+    drift_widened,
+    latency_range,
+    measure,
+    time_latency,
+)
 from orchestrator.search.config import SearchConfig
 
 
@@ -94,3 +102,14 @@ def test_re_timing_uses_the_recorded_thread_count_and_restores_it():
     with torch_threads(None):
         assert torch.get_num_threads() == before
     assert torch.get_num_threads() == before
+
+
+def test_a_spread_is_widened_by_how_far_the_baseline_moved_at_other_moments():
+    # timed beside a baseline at 12 ms that ran anywhere from 9 to 14 ms over the run (ten moments)
+    moved = latency_range([9.0, 9.1, 13.0, None, float("nan"), 9.2, 13.5, 12.8, 9.0, 14.0, 13.1, 9.3])
+    assert moved == (9.0, 13.5)  # its 10th and 90th percentiles; missing and non-finite times are ignored
+    low, high = drift_widened(9.5, 10.5, 12.0, moved)
+    assert (low, high) == (9.5 * 9.0 / 12.0, 10.5 * 13.5 / 12.0)  # the ratios beside its faster and slower times
+    assert drift_widened(9.5, 10.5, 12.0, (12.0, 12.0)) == (9.5, 10.5)  # a baseline that never moved
+    assert drift_widened(9.5, 10.5, 8.0, (9.0, 10.0)) == (9.5, 10.5 * 10.0 / 8.0)  # never narrower than timed
+    assert latency_range([None, 0.0]) is None

@@ -89,8 +89,12 @@ def test_evaluate_re_exports_and_re_times_for_the_recorded_target(digits, four_b
     assert again["target"] == "onnxruntime" and again["size_bytes"] == four_bit.metrics["size_bytes"]
     assert again["speedup_low"] <= again["speedup"] <= again["speedup_high"]
     assert again["baseline_size_bytes"] == four_bit.metrics["baseline_size_bytes"]
+    recorded = [four_bit.metrics[k] for k in ("speedup_low", "speedup", "speedup_high")]
+    assert again["recorded_speedup"] == recorded  # and whether this re-timing falls inside that spread
+    assert again["reproduced"] == (recorded[0] <= again["speedup"] <= recorded[2])
     as_torch = evaluate_checkpoint(checkpoint, device="cpu", target="torch")
     assert as_torch["target"] == "torch" and as_torch["size_bytes"] == four_bit.metrics["checkpoint_bytes"]
+    assert "reproduced" not in as_torch  # timed for another target than the one recorded: nothing to compare
 
 
 def test_the_baseline_command_measures_for_the_target(digits, onnx_reference):
@@ -211,6 +215,12 @@ def test_a_search_for_onnxruntime_measures_every_trial_for_it(onnx_search, digit
             recorded[k] for k in ("speedup", "speedup_low", "speedup_high")
         )
         assert row.search_speedup == recorded["search_speedup"] == trial_speed[row.size_bytes] != row.speedup
+        # the spread is widened by how far the baseline's latency moved over the run (trials and re-timing)
+        faster, slower = recorded["baseline_latency_range_ms"]
+        timed_at = recorded["baseline_latency_ms"]
+        assert faster <= slower and faster <= max(r["baseline_latency_ms"] for r in results)
+        assert row.speedup_low <= row.speedup / (1 + REPRODUCIBILITY) * min(1.0, faster / timed_at)
+        assert row.speedup_high >= row.speedup * (1 + REPRODUCIBILITY) * max(1.0, slower / timed_at)
         assert row.relative_latency == pytest.approx(1 / row.speedup)
 
 

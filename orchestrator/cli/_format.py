@@ -17,6 +17,7 @@ def format_result(metrics: dict[str, Any], where: str) -> str:
     lines += [
         f"size on disk         {metrics['size_bytes']:,} bytes  ({metrics['compression_ratio']:.1f}x smaller)",
         f"latency (median)     {metrics['latency_ms']:.3f} ms  ({_speed(metrics)})",
+        *_recorded(metrics),
         f"parameters           {metrics['params']:,}  ({metrics['nonzero_params']:,} non-zero)",
         f"FLOPs (per example)  {metrics['flops']:,}",
         f"measured on          {metrics['device']}, {_runtime(metrics)}, {metrics['threads']} threads",
@@ -34,6 +35,15 @@ def _speed(metrics: dict[str, Any]) -> str:
     if spread is None:
         return words
     return f"{words}: {metrics['speedup']:.2f}x, {low:.2f}–{high:.2f}x over {metrics['speedup_rounds']} paired rounds"
+
+
+def _recorded(metrics: dict[str, Any]) -> list[str]:
+    """A re-measured checkpoint's line on the speed it recorded, when it recorded one for this target."""
+    if "recorded_speedup" not in metrics:
+        return []
+    low, median, high = metrics["recorded_speedup"]
+    verdict = "inside it" if metrics["reproduced"] else "OUTSIDE it: this machine runs it at another speed now"
+    return [f"recorded speedup     {median:.2f}x, {low:.2f}–{high:.2f}x; this re-timing is {verdict}"]
 
 
 def format_measurements(metrics: dict[str, Any]) -> str:

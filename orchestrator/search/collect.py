@@ -24,7 +24,7 @@ from orchestrator.artifacts.tables import (
     write_table,
 )
 from orchestrator.executor import Reference, compressed_metrics, measure_reference
-from orchestrator.measure import torch_threads
+from orchestrator.measure import drift_widened, latency_range, torch_threads
 from orchestrator.pareto import feasible_pareto_front
 from orchestrator.policy import Policy
 from orchestrator.search.config import SearchConfig, SearchOutcome
@@ -135,7 +135,9 @@ RETIMED = ("latency_ms", "latency_p10_ms", "latency_p90_ms", "baseline_latency_m
            "speedup_high", "speedup_rounds", "relative_latency")  # fmt: skip
 
 
-def checkpoint_front(rows: list[TrialRow], results: list[Any], prepared: Prepared, config: SearchConfig) -> None:
+def checkpoint_front(
+    rows: list[TrialRow], results: list[Any], prepared: Prepared, config: SearchConfig, baseline_ms: list[Any]
+) -> None:
     """Verify each Pareto trial's checkpoint, measure it once on the test split, re-time it, and keep it in the
     run.
 
@@ -143,7 +145,9 @@ def checkpoint_front(rows: list[TrialRow], results: list[Any], prepared: Prepare
     a digits student at 2.43x in its trial, 1.63x alone); the front is chosen on those numbers, then each Pareto
     checkpoint is re-timed beside the baseline with nothing else running and the trial's thread count, as
     `orchestrator evaluate` re-times it, and that is the speed its row and metrics keep (the trial's own ratio
-    as `search_speedup`)."""
+    as `search_speedup`). Its spread is widened by how far the baseline's latency moved over the run
+    (`baseline_ms`, every trial's, and the baseline timed again here: `measure.drift_widened`), so that a later
+    re-timing on this machine falls inside it."""
     if not any(result.checkpoint is not None for result in results):
         return
     workload = prepared.workload
@@ -152,11 +156,13 @@ def checkpoint_front(rows: list[TrialRow], results: list[Any], prepared: Prepare
             workload, prepared.baseline, prepared.device, latency_batch_size=config.latency_batch_size,
             target=prepared.reference.target,
         )  # fmt: skip
+        moved = latency_range([*baseline_ms, reference.measurements.latency.median_ms])
         for row, result in zip(rows, results, strict=True):
             if result.checkpoint is None:  # interrupted before Tune registered it: a resume collects it again
                 continue
             row.checkpoint = f"{PARETO_DIR}/{row.trial_id}"
-            metrics = _pareto_metrics(result, join(prepared.run_dir, row.checkpoint), prepared, reference, config)
+            destination = join(prepared.run_dir, row.checkpoint)
+            metrics = _pareto_metrics(result, destination, prepared, reference, config, moved)
             row.test = metrics["test"]
             row.search_speedup = metrics.get("search_speedup")
             for key in RETIMED:
@@ -165,10 +171,15 @@ def checkpoint_front(rows: list[TrialRow], results: list[Any], prepared: Prepare
 
 
 def _pareto_metrics(
-    result: Any, destination: str, prepared: Prepared, reference: Reference, config: SearchConfig
+    result: Any,
+    destination: str,
+    prepared: Prepared,
+    reference: Reference,
+    config: SearchConfig,
+    moved: tuple[float, float] | None,
 ) -> dict[str, Any]:
-    """The metrics of the Pareto checkpoint at `destination`: written now (test metric and re-timed speed added
-    to the trial's), or as an earlier collect of this run wrote them."""
+    """The metrics of the Pareto checkpoint at `destination`: written now (test metric and re-timed speed, its
+    spread widened by the baseline's drift `moved`, added to the trial's), or as an earlier collect wrote them."""
     workload = prepared.workload
     if exists(destination, store.MANIFEST):  # written by an earlier collect of this run: keep it
         return store.load(destination, workload).metrics
@@ -182,6 +193,10 @@ def _pareto_metrics(
     )  # fmt: skip
     metrics = {**loaded.metrics, **{k: timed[k] for k in RETIMED if k in timed}}
     metrics |= {"search_speedup": loaded.metrics.get("speedup"), "test": test}
+    if moved is not None and "speedup_low" in timed:
+        spread = metrics["speedup_low"], metrics["speedup_high"]
+        metrics["speedup_low"], metrics["speedup_high"] = drift_widened(*spread, timed["baseline_latency_ms"], moved)
+        metrics["baseline_latency_range_ms"] = list(moved)
     try:
         store.save(loaded.model, loaded.policy, metrics, workload, destination)
     except store.CheckpointExistsError:  # another collect wrote it meanwhile: keep that one
@@ -210,7 +225,8 @@ def collect(grid: Any, *, config: SearchConfig, prepared: Prepared, run_info: Ru
     context = RowContext(prepared.space, prepared.reference.metric, config.max_accuracy_drop, run_info.complete)
     rows = trial_rows(results, context)
     front = mark_front(rows, run_info.objectives, run_info.directions)
-    checkpoint_front([rows[i] for i in front], [results[i] for i in front], prepared, config)
+    baseline_ms = [(result.metrics or {}).get("baseline_latency_ms") for result in results]
+    checkpoint_front([rows[i] for i in front], [results[i] for i in front], prepared, config, baseline_ms)
     run_info = dataclasses.replace(
         run_info,
         baseline=_baseline_info(prepared, rows),
