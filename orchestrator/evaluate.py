@@ -85,7 +85,7 @@ def evaluate_checkpoint(
         "validation": work.evaluate(model, "validation", torch_device),
         "test": work.evaluate(model, "test", torch_device),
         "recorded_validation": checkpoint.metrics.get("validation"),
-    }  # before the export: a packed model exports 186 bytes smaller before its first forward (see notes)
+    }
     threads = min(_recorded(verified.metrics, "threads", 0), os.cpu_count() or 1)
     with torch_threads(threads):  # re-timed with the threads the recorded speed was timed with
         reference = measure_reference(

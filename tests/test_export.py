@@ -147,6 +147,16 @@ def test_convolutions_keep_low_bit_storage_and_say_they_are_dequantized_at_load(
     assert "ORT has no low-bit convolution" in records[0]["kernel"]
 
 
+def test_an_export_is_the_same_before_and_after_the_model_ran():
+    """A forward caches decoded weights (non-persistent buffers); the exported file never depends on them."""
+    convs, linear, images, rows = _Convs().eval(), _linear(4, act=None), torch.randn(2, 3, 8, 8), torch.randn(2, 64)
+    before = export_onnx(convs, images).data, export_onnx(linear, rows).data
+    with torch.inference_mode():
+        convs(images), linear(rows)
+    assert linear._dense is not None  # the cache the export must not see
+    assert (export_onnx(convs, images).data, export_onnx(linear, rows).data) == before
+
+
 class _Lookups(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -140,6 +140,8 @@ def marked_copy(model: nn.Module) -> tuple[nn.Module, list[tuple[str, PackedModu
             continue
         index = len(layers)
         layers.append((name or "model", module))
+        if not isinstance(module, PackedEmbedding):  # decoded weights a forward cached are not in the artifact
+            module.drop_caches()
         if isinstance(module, PackedConv2d):
             shape = list(module.weight_shape)
             module.dense_weight = functools.partial(weight_marker, module.values, index, shape)  # type: ignore[method-assign]

@@ -186,7 +186,7 @@ def _pareto_metrics(
     with result.checkpoint.as_directory() as local:
         loaded = store.load(str(Path(local) / CHECKPOINT_SUBDIR), workload)
     model = loaded.model.to(prepared.device)
-    test = workload.evaluate(model, "test")  # first: a packed model's ONNX export differs before its first forward
+    test = workload.evaluate(model, "test")
     timed = compressed_metrics(
         model, workload, prepared.device, reference, prepared.baseline, config.latency_batch_size,
         policy=loaded.policy,
