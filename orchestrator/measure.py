@@ -33,6 +33,10 @@ from techniques.inputs import Inputs, batch_length, call_model, device_of, first
 # therefore never narrower than this fraction either side of its median, and smaller changes are no measurable
 # change.
 REPRODUCIBILITY = 0.05
+# A paired block of forwards lasts at least this long: 20 forwards of a 30 us model took 0.6 ms, so one busy
+# moment of the machine (a few ms) covered most of a pairing's rounds and moved its ratio by 15%; blocks this
+# long spread the rounds over a third of a second, and the median of rounds leaves such a moment out.
+MIN_BLOCK_S = 0.025
 
 
 class Deployed(Protocol):
@@ -237,6 +241,12 @@ def _latency_of(times: list[float], warmup: int, batch_size: int) -> Latency:
     )
 
 
+def _block_runs(warmup_ms: list[float], runs: int) -> int:
+    """Forwards per timed block: `runs`, or enough to last MIN_BLOCK_S at the warm-up's median speed."""
+    per_run_ms = statistics.median(warmup_ms) if warmup_ms else 0.0
+    return max(runs, math.ceil(MIN_BLOCK_S * 1000 / per_run_ms) if per_run_ms > 0 else runs)
+
+
 def time_paired(
     model: Timed,
     baseline: Timed,
@@ -248,9 +258,9 @@ def time_paired(
     across_runtimes: bool = False,
 ) -> tuple[Latency, Latency, Speedup]:
     """Time `model` and `baseline` (torch modules, or both deployed in one runtime; `across_runtimes` allows one
-    of each, as a deployment benchmark compares them) in alternating blocks of `runs` forwards (the order flips
-    every round), so both see the same moments of a busy machine; the speedup is the median of the per-round
-    ratios."""
+    of each, as a deployment benchmark compares them) in alternating blocks of at least `runs` forwards and
+    MIN_BLOCK_S seconds (the order flips every round), so both see the same moments of a busy machine; the
+    speedup is the median of the per-round ratios."""
     if not across_runtimes and isinstance(model, nn.Module) != isinstance(baseline, nn.Module):
         raise TypeError("a model and its baseline are timed in the same runtime: both torch modules, or both deployed")
     forwards = {id(model): _forward(model, inputs), id(baseline): _forward(baseline, inputs)}
@@ -258,11 +268,11 @@ def time_paired(
     theirs: list[float] = []
     ratios = []
     with torch.inference_mode():
-        _timed_block(forwards[id(model)], warmup), _timed_block(forwards[id(baseline)], warmup)
+        counts = {key: _block_runs(_timed_block(forward, warmup), runs) for key, forward in forwards.items()}
         for index in range(rounds):
             first, second = (model, baseline) if index % 2 == 0 else (baseline, model)
-            blocks = {id(first): _timed_block(forwards[id(first)], runs)}
-            blocks.setdefault(id(second), _timed_block(forwards[id(second)], runs))
+            blocks = {id(first): _timed_block(forwards[id(first)], counts[id(first)])}
+            blocks.setdefault(id(second), _timed_block(forwards[id(second)], counts[id(second)]))
             mine, base = blocks[id(model)], blocks[id(baseline)]
             ours += mine
             theirs += base

@@ -109,3 +109,17 @@ def test_bench_quick_mode(bench: str, keys: set[str], check: Callable, tmp_path:
         "validation": digits.evaluate(digits_baseline, "validation"),
     }
     check(report, baseline)
+    if bench == "deploy":  # the same front re-timed later, as `python -m bench.retime` does
+        check_retime(report, tmp_path / "retime.json")
+
+
+def check_retime(deployed: dict, out: Path) -> None:
+    run = deployed["run_dir"]
+    args = [sys.executable, "-m", "bench.retime", run, "--out", str(out)]
+    proc = subprocess.run(args, cwd=ROOT, env=os.environ, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    checks = json.loads(out.read_text())["runs"][run]
+    assert [c["trial_id"] for c in checks] == [c["trial_id"] for c in deployed["evaluate_retiming"]]
+    for check in checks:
+        low, median, high = check["recorded"]
+        assert low <= median <= high and check["inside"] == (low <= check["evaluate"][1] <= high)

@@ -73,7 +73,8 @@ def test_paired_timing_reports_the_ratio_with_its_spread():
     fast, slow, speedup = time_paired(nn.Sequential(nn.Linear(512, 64), small), big, x, rounds=5, runs=5)
     assert speedup.rounds == 5 and speedup.low <= speedup.median <= speedup.high
     assert speedup.median > 2 and speedup.measurable  # eight 512-wide layers against two small ones
-    assert fast.median_ms < slow.median_ms and fast.runs == slow.runs == 25
+    assert fast.median_ms < slow.median_ms and fast.runs % 5 == slow.runs % 5 == 0 and slow.runs >= 25
+    assert fast.runs > slow.runs  # blocks last at least MIN_BLOCK_S: the faster model runs more forwards in each
     _, _, itself = time_paired(big, big, x, rounds=3, runs=3)  # a model beside itself: exactly no change
     assert (itself.median, itself.low, itself.high) == (1.0, 1 / (1 + REPRODUCIBILITY), 1 + REPRODUCIBILITY)
     assert not itself.measurable
@@ -113,3 +114,11 @@ def test_a_spread_is_widened_by_how_far_the_baseline_moved_at_other_moments():
     assert drift_widened(9.5, 10.5, 12.0, (12.0, 12.0)) == (9.5, 10.5)  # a baseline that never moved
     assert drift_widened(9.5, 10.5, 8.0, (9.0, 10.0)) == (9.5, 10.5 * 10.0 / 8.0)  # never narrower than timed
     assert latency_range([None, 0.0]) is None
+
+
+def test_a_timed_block_lasts_long_enough_for_one_busy_moment_to_miss_most_rounds():
+    from orchestrator.measure import MIN_BLOCK_S, _block_runs
+
+    assert _block_runs([0.03, 0.01, 0.01], 20) == round(MIN_BLOCK_S * 1000 / 0.01)  # a 10 us model: 2,500 forwards
+    assert _block_runs([100.0, 90.0], 20) == 20  # a slow model: the minimum count
+    assert _block_runs([], 7) == 7
