@@ -109,4 +109,8 @@ def against_recorded(recorded: dict[str, Any], measured: dict[str, Any]) -> dict
     same = all(recorded.get(key) == measured.get(key) for key in ("target", "latency_batch_size"))
     if not same or not all(isinstance(value, int | float) for value in spread):
         return {}
-    return {"recorded_speedup": spread, "reproduced": spread[0] <= measured["speedup"] <= spread[2]}
+    found = {"recorded_speedup": spread, "reproduced": spread[0] <= measured["speedup"] <= spread[2]}
+    moved = recorded.get("baseline_latency_range_ms")
+    if isinstance(moved, list) and len(moved) == 2:  # how fast the baseline ran during the search, to compare
+        found["recorded_baseline_latency_range_ms"] = moved
+    return found

@@ -122,3 +122,19 @@ def test_a_timed_block_lasts_long_enough_for_one_busy_moment_to_miss_most_rounds
     assert _block_runs([0.03, 0.01, 0.01], 20) == round(MIN_BLOCK_S * 1000 / 0.01)  # a 10 us model: 2,500 forwards
     assert _block_runs([100.0, 90.0], 20) == 20  # a slow model: the minimum count
     assert _block_runs([], 7) == 7
+
+
+def test_evaluate_compares_its_re_timing_with_the_recorded_spread_and_the_baselines_range():
+    from orchestrator.evaluate import against_recorded
+
+    recorded = {"target": "torch", "latency_batch_size": 256, "speedup_low": 7.0, "speedup": 9.2,
+                "speedup_high": 13.2, "baseline_latency_range_ms": [10.5, 14.7]}  # fmt: skip
+    now = {"target": "torch", "latency_batch_size": 256, "speedup": 14.8, "baseline_latency_ms": 16.1}
+    assert against_recorded(recorded, now) == {
+        "recorded_speedup": [7.0, 9.2, 13.2],
+        "reproduced": False,  # the baseline runs slower than it ever did during the search
+        "recorded_baseline_latency_range_ms": [10.5, 14.7],
+    }
+    assert against_recorded(recorded, {**now, "speedup": 9.0})["reproduced"]
+    assert against_recorded(recorded, {**now, "latency_batch_size": 1}) == {}  # timed for another batch size
+    assert against_recorded({**recorded, "speedup_low": None}, now) == {}  # recorded without a spread

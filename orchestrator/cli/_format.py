@@ -42,8 +42,15 @@ def _recorded(metrics: dict[str, Any]) -> list[str]:
     if "recorded_speedup" not in metrics:
         return []
     low, median, high = metrics["recorded_speedup"]
-    verdict = "inside it" if metrics["reproduced"] else "OUTSIDE it: this machine runs it at another speed now"
-    return [f"recorded speedup     {median:.2f}x, {low:.2f}–{high:.2f}x; this re-timing is {verdict}"]
+    lines = [f"recorded speedup     {median:.2f}x, {low:.2f}–{high:.2f}x; this re-timing is "
+             + ("inside it" if metrics["reproduced"] else "OUTSIDE it")]  # fmt: skip
+    if "recorded_baseline_latency_range_ms" in metrics:
+        faster, slower = metrics["recorded_baseline_latency_range_ms"]
+        lines.append(
+            f"baseline latency     {metrics['baseline_latency_ms']:.3f} ms now, {faster:.3f}–{slower:.3f} ms during "
+            "the search (a machine that runs the baseline at another speed moves the ratio)"
+        )
+    return lines
 
 
 def format_measurements(metrics: dict[str, Any]) -> str:
