@@ -146,8 +146,8 @@ def checkpoint_front(
     checkpoint is re-timed beside the baseline with nothing else running and the trial's thread count, as
     `orchestrator evaluate` re-times it, and that is the speed its row and metrics keep (the trial's own ratio
     as `search_speedup`). Its spread is widened by how far the baseline's latency moved over the run
-    (`baseline_ms`, every trial's, and the baseline timed again here: `measure.drift_widened`), so that a later
-    re-timing on this machine falls inside it."""
+    (`baseline_ms`, every trial's, and the baseline timed again here: `measure.drift_widened`): a later re-timing
+    on this machine falls inside it while the machine runs the baseline at a speed it ran at during the run."""
     if not any(result.checkpoint is not None for result in results):
         return
     workload = prepared.workload
