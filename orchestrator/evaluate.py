@@ -111,6 +111,6 @@ def against_recorded(recorded: dict[str, Any], measured: dict[str, Any]) -> dict
         return {}
     found = {"recorded_speedup": spread, "reproduced": spread[0] <= measured["speedup"] <= spread[2]}
     moved = recorded.get("baseline_latency_range_ms")
-    if isinstance(moved, list) and len(moved) == 2:  # how fast the baseline ran during the search, to compare
+    if isinstance(moved, list) and len(moved) == 2:  # how fast the baseline ran on this machine up to the search
         found["recorded_baseline_latency_range_ms"] = moved
     return found

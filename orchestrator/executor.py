@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 import techniques
+from orchestrator import latency_log
 from orchestrator.artifacts.store import base_architecture
 from orchestrator.measure import Measurements, Timed, measure
 from orchestrator.policy import Policy, PolicyError, validate_for_model
@@ -42,6 +43,7 @@ class Reference:
     metric: float
     measurements: Measurements
     deployed: OnnxSession | None = field(default=None, repr=False, compare=False)
+    timings: dict[str, Any] | None = field(default=None, repr=False, compare=False)  # its `latency_log` entry
 
     @property
     def target(self) -> str:
@@ -70,10 +72,17 @@ def measure_reference(
 ) -> Reference:
     """Measure the uncompressed baseline exactly as `apply` measures a compressed model, for `target`."""
     deployed = deploy(baseline, workload, target)
+    measured = measure_on(baseline, workload, device, latency_batch_size, deployed=deployed)
+    timings = latency_log.describe(
+        baseline, target=target, batch_size=latency_batch_size, threads=measured.environment.threads,
+        device=measured.environment.device,
+    )  # fmt: skip
+    latency_log.append(timings, [measured.latency.median_ms])
     return Reference(
         metric=workload.evaluate(baseline, "validation", device),
-        measurements=measure_on(baseline, workload, device, latency_batch_size, deployed=deployed),
+        measurements=measured,
         deployed=deployed,
+        timings=timings,
     )
 
 
@@ -141,6 +150,8 @@ def compressed_metrics(
     measured = measure_on(
         model, workload, device, latency_batch_size, beside=beside, policy=policy, target=reference.target
     )
+    if reference.timings is not None and measured.paired is not None:
+        latency_log.append(reference.timings, [measured.paired[0].median_ms])
     return {
         "baseline_validation": reference.metric,
         "baseline_size_bytes": reference.measurements.size_bytes,

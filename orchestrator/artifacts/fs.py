@@ -138,8 +138,9 @@ class LockHeld(RuntimeError):
 
 
 @contextlib.contextmanager
-def directory_lock(location: str) -> Iterator[None]:
-    """Hold an exclusive lock on a local directory (created if needed) while the block runs.
+def directory_lock(location: str, *, wait: bool = False) -> Iterator[None]:
+    """Hold an exclusive lock on a local directory (created if needed) while the block runs; when another
+    process holds it, wait for it with `wait`, else raise LockHeld.
 
     A POSIX record lock (`fcntl.lockf`) on `LOCK_FILE` inside it: the kernel drops it when the process
     dies, and NFS (v3 with lockd, v4) honours it across machines. Object stores (s3://, gs://) have no
@@ -151,7 +152,7 @@ def directory_lock(location: str) -> Iterator[None]:
     Path(location).mkdir(parents=True, exist_ok=True)
     with open(Path(location) / LOCK_FILE, "a+") as handle:
         try:
-            fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.lockf(handle, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             handle.seek(0)
             raise LockHeld(f"{location} is in use by another search (process {handle.read().strip() or '?'})") from None

@@ -47,8 +47,8 @@ def _recorded(metrics: dict[str, Any]) -> list[str]:
     if "recorded_baseline_latency_range_ms" in metrics:
         faster, slower = metrics["recorded_baseline_latency_range_ms"]
         lines.append(
-            f"baseline latency     {metrics['baseline_latency_ms']:.3f} ms now, {faster:.3f}–{slower:.3f} ms during "
-            "the search (a machine that runs the baseline at another speed moves the ratio)"
+            f"baseline latency     {metrics['baseline_latency_ms']:.3f} ms now, {faster:.3f}–{slower:.3f} ms on this "
+            "machine up to the search (a machine that runs the baseline at another speed moves the ratio)"
         )
     return lines
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from orchestrator import latency_log
 from orchestrator.artifacts import store
 from orchestrator.artifacts.fs import exists, join
 from orchestrator.artifacts.tables import (
@@ -145,9 +146,10 @@ def checkpoint_front(
     a digits student at 2.43x in its trial, 1.63x alone); the front is chosen on those numbers, then each Pareto
     checkpoint is re-timed beside the baseline with nothing else running and the trial's thread count, as
     `orchestrator evaluate` re-times it, and that is the speed its row and metrics keep (the trial's own ratio
-    as `search_speedup`). Its spread is widened by how far the baseline's latency moved over the run
-    (`baseline_ms`, every trial's, and the baseline timed again here: `measure.drift_widened`): a later re-timing
-    on this machine falls inside it while the machine runs the baseline at a speed it ran at during the run."""
+    as `search_speedup`). Its spread is widened by how far the baseline's latency moved over the run and every
+    earlier timing of it on this machine (`baseline_ms`, every trial's; the baseline timed again here; its
+    `latency_log`: `measure.drift_widened`): a later re-timing on this machine falls inside it while the machine
+    runs the baseline at a speed it has shown before."""
     if not any(result.checkpoint is not None for result in results):
         return
     workload = prepared.workload
@@ -156,7 +158,8 @@ def checkpoint_front(
             workload, prepared.baseline, prepared.device, latency_batch_size=config.latency_batch_size,
             target=prepared.reference.target,
         )  # fmt: skip
-        moved = latency_range([*baseline_ms, reference.measurements.latency.median_ms])
+        earlier = latency_log.observed(reference.timings, before=prepared.started) if reference.timings else []
+        moved = latency_range([*baseline_ms, reference.measurements.latency.median_ms, *earlier])
         for row, result in zip(rows, results, strict=True):
             if result.checkpoint is None:  # interrupted before Tune registered it: a resume collects it again
                 continue
