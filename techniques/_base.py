@@ -406,10 +406,13 @@ def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def _load_builtin() -> None:
-    # Importing the technique modules registers them; done lazily so `import techniques` stays light.
+    # Importing the technique modules, and the packed module types finalize inserts, registers them; done lazily
+    # so `import techniques` stays light.
     import importlib
 
     for module in ("student", "lowrank", "head_pruning", "channel_pruning", "pruning", "quantization", "distillation"):
+        importlib.import_module(f"techniques.{module}")
+    for module in ("packed", "packed_embedding"):
         importlib.import_module(f"techniques.{module}")
 
 

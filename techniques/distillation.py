@@ -44,6 +44,7 @@ from techniques.inputs import Inputs, main_output, to_device
 
 NAME = "distillation"
 LOSSES = ("kl", "cosine", "mse")  # the built-in output losses, by `DistillationSpec.loss`
+SCHEDULES = ("constant", "cosine")  # the learning rate over the budget, by `DistillationSpec.schedule`
 # Bounds of the settings (inclusive unless noted), chosen so that every valid spec trains with finite numbers.
 MIN_TEMPERATURE, MAX_TEMPERATURE = 0.05, 100.0  # logits / T and T² stay well inside float32
 MAX_LR = 1.0  # lr in (0, MAX_LR]
@@ -61,7 +62,8 @@ class DistillationSpec(TechniqueSpec):
     `temperature` in [MIN_TEMPERATURE, MAX_TEMPERATURE] = [0.05, 100] (used by `loss="kl"` only); `alpha` in
     [0, 1]; `loss` one of LOSSES = "kl" | "cosine" | "mse" (the workload's `distill_loss` replaces it when
     given); `epochs` an integer in [0, MAX_EPOCHS] = [0, 1000]; `steps` null or an integer in
-    [0, MAX_STEPS] = [0, 1_000_000]; `lr` in (0, MAX_LR] = (0, 1]; `weight_decay` in [0, MAX_WEIGHT_DECAY] =
+    [0, MAX_STEPS] = [0, 1_000_000]; `lr` in (0, MAX_LR] = (0, 1]; `schedule` one of SCHEDULES = "constant" |
+    "cosine" (`lr` decayed to 0 along a half cosine over the budget); `weight_decay` in [0, MAX_WEIGHT_DECAY] =
     [0, 1]; `feature_layers` a list of distinct non-empty layer names (each in the student and the teacher);
     `feature_map` an object {student layer: teacher layer} of non-empty names, whose student layers are not
     also in `feature_layers`; `feature_weight` in [0, MAX_FEATURE_WEIGHT] = [0, 1e4], above 0 only with
@@ -80,6 +82,7 @@ class DistillationSpec(TechniqueSpec):
     epochs: int = 2
     steps: int | None = None
     lr: float = 1e-3
+    schedule: str = "constant"
     weight_decay: float = 0.0
     feature_layers: tuple[str, ...] = ()
     feature_map: tuple[tuple[str, str], ...] = ()  # JSON: {student layer: teacher layer}
@@ -99,6 +102,8 @@ class DistillationSpec(TechniqueSpec):
         check_range(NAME, "alpha", self.alpha, 0.0, 1.0)
         if not isinstance(self.loss, str) or self.loss not in LOSSES:
             raise SpecError(f"{NAME}: loss must be one of {', '.join(map(repr, LOSSES))}, got {self.loss!r}")
+        if not isinstance(self.schedule, str) or self.schedule not in SCHEDULES:
+            raise SpecError(f"{NAME}: schedule must be one of {', '.join(map(repr, SCHEDULES))}, got {self.schedule!r}")
         check_range(NAME, "weight_decay", self.weight_decay, 0.0, MAX_WEIGHT_DECAY)
         check_range(NAME, "feature_weight", self.feature_weight, 0.0, MAX_FEATURE_WEIGHT)
         check_int(NAME, "epochs", self.epochs, 0, MAX_EPOCHS)
@@ -298,6 +303,19 @@ class _Loop:
     features: _Features
     projections: nn.ModuleDict | None = None
     steps: int = 0
+    epoch_batches: int = 0  # batches in the last whole epoch (0 during the first)
+
+    def _lr_factor(self, epoch: int, batch: int) -> float:
+        """The schedule's share of `lr` at this step: 1 for "constant"; for "cosine", a half cosine of the
+        budget spent so far (the larger of the step and epoch fractions; within-epoch progress is known once
+        one epoch has shown how many batches an epoch has)."""
+        spec = self.spec
+        if spec.schedule == "constant":
+            return 1.0
+        spent = [self.steps / spec.steps] if spec.steps else []
+        if spec.epochs:
+            spent.append((epoch + (batch / self.epoch_batches if self.epoch_batches else 0.0)) / spec.epochs)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, max(spent))))
 
     def train(self) -> None:
         spec, ctx = self.spec, self.ctx
@@ -342,6 +360,8 @@ class _Loop:
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            for group in optimizer.param_groups:
+                group["lr"] = self.spec.lr * self._lr_factor(epoch, batches)
             optimizer.step()
             total, batches, self.steps = total + float(loss.detach()), batches + 1, self.steps + 1
             feature_total += 0.0 if feature is None else float(feature.detach())
@@ -349,6 +369,7 @@ class _Loop:
                 break
         if batches == 0:
             raise ValueError(f"{NAME}: train_batches({epoch}) yielded no batches")
+        self.epoch_batches = batches
         return total / batches, (None if self.projections is None else feature_total / batches)
 
     def _feature_projections(self) -> nn.ModuleDict | None:
@@ -424,6 +445,9 @@ register(
                 # fine-tune stops at whichever comes first, with epochs=0 it runs until the steps are spent.
                 GlobalSearch("steps", choices=(0,), reference=math.inf),
                 GlobalSearch("lr", bounds=(3e-4, 3e-3), log=True, reference=1e-3),
+                # "constant" by default: on digits a cosine decay over 8 epochs left quarter-width students 6
+                # points worse; over 32-40 epochs it made them steadier across seeds. A space file offers it.
+                GlobalSearch("schedule", choices=("constant",), reference="constant"),
             ),
             prefix="distill",
         ),

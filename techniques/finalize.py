@@ -27,7 +27,8 @@ from torch import nn
 from torch.nn.utils import parametrize, prune
 
 from techniques._base import WeightMask, base_type, bias_of, parametrizations_of, set_module, weight_of
-from techniques.packed import INT_KERNEL, PackedConv2d, PackedEmbedding, PackedLayer, PackedLinear
+from techniques.packed import INT_KERNEL, PackedConv2d, PackedLayer, PackedLinear
+from techniques.packed_embedding import PackedEmbedding
 from techniques.quantization import (
     LAYER_TYPES,
     ActivationFakeQuant,

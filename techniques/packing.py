@@ -97,6 +97,16 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     return _signed(_unpack_unsigned(packed, bits, n), bits)
 
 
+def split_bytes(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """The signed codes of uint8 bytes each holding 8 // bits whole codes (low bits first), flattened along the
+    last dim; shifts and masks only, so the work is the output's and no Python int comes from the shape."""
+    if bits == 8:
+        return packed.view(torch.int8)
+    shifts = torch.arange(0, 8, bits, dtype=torch.int32, device=packed.device)
+    fields = ((packed.to(torch.int32).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).flatten(-2)
+    return fields - ((fields >> (bits - 1)) << bits)
+
+
 def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack a (rows, cols) matrix of signed codes row by row: a (rows, ceil(cols*bits/8)) uint8 matrix whose
     row i holds `pack_bits(codes[i], bits)`, so every row starts on a byte boundary."""

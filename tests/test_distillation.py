@@ -234,6 +234,46 @@ def test_step_budget_stops_mid_epoch(teacher: nn.Module) -> None:
     assert "6 step(s)" in ctx.notes[-1]["message"]
 
 
+def _learning_rates(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The learning rate of every optimiser step distill takes, as it steps."""
+    seen: list[float] = []
+    step = torch.optim.AdamW.step
+
+    def recording(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["lr"])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording)
+    return seen
+
+
+@pytest.mark.parametrize(
+    ("budget", "count"), [({"epochs": 0, "steps": 8}, 8), ({"epochs": 3}, 12), ({"epochs": 2, "steps": 6}, 6)]
+)
+def test_a_cosine_schedule_decays_the_rate_to_zero_over_whichever_budget_ends_first(
+    teacher: nn.Module, monkeypatch: pytest.MonkeyPatch, budget: dict, count: int
+) -> None:
+    seen = _learning_rates(monkeypatch)  # the tiny data is 4 batches an epoch
+    distill(_damaged(teacher), teacher, DistillationSpec(lr=0.01, schedule="cosine", **budget), _context(teacher)[0])
+    assert len(seen) == count and seen[0] == 0.01
+    assert all(later < earlier for earlier, later in zip(seen[4:], seen[5:], strict=False))  # smooth after epoch 0
+    assert all(later <= earlier for earlier, later in zip(seen, seen[1:], strict=False))
+    if budget.get("steps"):  # step budgets are known from the first step: a half cosine over the steps
+        steps = budget["steps"]
+        assert seen == pytest.approx([0.005 * (1 + math.cos(math.pi * i / steps)) for i in range(steps)])
+    else:  # an epoch budget: the first epoch at the full rate, then a half cosine of the epochs spent
+        assert seen[:4] == [0.01] * 4 and seen[4] == pytest.approx(0.005 * (1 + math.cos(math.pi / 3)))
+    assert seen[-1] < 0.1 * 0.01
+
+
+def test_a_constant_schedule_keeps_the_rate(teacher: nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = _learning_rates(monkeypatch)
+    distill(_damaged(teacher), teacher, DistillationSpec(epochs=2, lr=0.01), _context(teacher)[0])
+    assert seen == [0.01] * 8 and DistillationSpec().schedule == "constant"  # documents without it: as before
+    with pytest.raises(techniques.SpecError, match="schedule must be one of 'constant', 'cosine'"):
+        DistillationSpec(schedule="linear")
+
+
 def test_teacher_is_left_unchanged(teacher: nn.Module) -> None:
     state = {k: v.clone() for k, v in teacher.state_dict().items()}
     teacher.train()
@@ -679,3 +719,25 @@ def test_steps_searched_as_integer_choices_by_optuna() -> None:
     assert seen == {100, 200, 400}
     references = [params for _, role, params in space.fixed_points() if role == "reference"]
     assert references and all(params["distill.steps"] == 400 for params in references)
+
+
+def test_a_space_file_offers_the_cosine_schedule_and_the_default_keeps_the_rate_constant() -> None:
+    optuna = pytest.importorskip("optuna")
+    from orchestrator.search.space import build_space
+    from orchestrator.errors import UserError
+    from orchestrator.search.space_options import options_from_json
+
+    assert build_space(seeded(TinyCNN)).ranges["distillation"]["schedule"] == ("constant",)
+    space = build_space(seeded(TinyCNN), options_from_json({"distillation": {"schedule": ["constant", "cosine"]}}))
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(12):
+        trial = study.ask()
+        space.define(trial)
+        steps = space.policy(trial.params).steps
+        if steps:
+            seen.add(steps[-1].schedule)
+        study.tell(trial, 0.0)
+    assert seen == {"constant", "cosine"}
+    with pytest.raises(UserError, match=r"distillation.schedule\[0\]: .* one of 'constant', 'cosine', got 'linear'"):
+        options_from_json({"distillation": {"schedule": ["linear"]}})

@@ -16,7 +16,8 @@ from orchestrator.artifacts import store
 from orchestrator.export import export_model
 from orchestrator.policy import Policy
 from techniques.finalize import finalize, finalized_copy, integer_layers, kernel_report
-from techniques.packed import DEQUANT_KERNEL, INT_KERNEL, PackedConv2d, PackedEmbedding, PackedLinear, row_scales
+from techniques.packed import DEQUANT_KERNEL, INT_KERNEL, PackedConv2d, PackedLinear, row_scales
+from techniques.packed_embedding import PackedEmbedding
 from techniques.quantization import W8A8, W8A8_DYNAMIC, DynamicActivationFakeQuant, QuantizationSpec
 from tests.model_workloads import bert_workload
 from tests.technique_contract import make_context

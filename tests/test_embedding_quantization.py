@@ -16,11 +16,12 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import techniques
-import techniques.packed
+import techniques.packed_embedding
 from orchestrator.artifacts.store import STRUCTURE, WEIGHTS, measure_artifact, read_artifact, write_artifact
 from techniques.finalize import finalize, kernel_report
 from techniques.inputs import Inputs, call_model, first_rows
-from techniques.packed import GATHER_KERNEL, PackedEmbedding, PackedLinear
+from techniques.packed import PackedLinear
+from techniques.packed_embedding import GATHER_KERNEL, PackedEmbedding
 from techniques.packing import packed_nbytes
 from techniques.quantization import ActivationFakeQuant, QuantizationSpec, WeightFakeQuant
 from tests.technique_contract import TechniqueContract
@@ -126,8 +127,10 @@ def test_a_lookup_decodes_only_the_rows_it_gathers(monkeypatch: pytest.MonkeyPat
     packed = finalize(nn.Sequential(table))[0]
     assert isinstance(packed, PackedEmbedding) and packed.scale.shape == (1000, 3)
     decoded: list[int] = []
-    real = techniques.packed.unpack_rows
-    monkeypatch.setattr(techniques.packed, "unpack_rows", lambda rows, *a: decoded.append(len(rows)) or real(rows, *a))
+    real = techniques.packed_embedding.unpack_rows
+    monkeypatch.setattr(
+        techniques.packed_embedding, "unpack_rows", lambda rows, *a: decoded.append(len(rows)) or real(rows, *a)
+    )
     ids = torch.tensor([[7, 999, 7], [0, 500, 3]], dtype=torch.int32)
     out = packed(ids)
     assert decoded == [6] and out.shape == (2, 3, 24)

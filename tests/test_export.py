@@ -22,7 +22,8 @@ from orchestrator.export._check import QUANTIZED_ACTIVATIONS_TOLERANCE, compare,
 from orchestrator.export._onnx import export_onnx
 from orchestrator.policy import Policy
 from techniques.finalize import finalize
-from techniques.packed import PackedConv2d, PackedEmbedding, PackedLinear
+from techniques.packed import PackedConv2d, PackedLinear
+from techniques.packed_embedding import PackedEmbedding
 from tests.model_workloads import bert_workload, dict_workload
 from tests.test_policy import policy_doc, step
 

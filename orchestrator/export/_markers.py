@@ -24,11 +24,11 @@ from techniques import set_module
 from techniques.packed import (
     INT_KERNEL,
     PackedConv2d,
-    PackedEmbedding,
     PackedLinear,
     fake_quantize_rows,
     quantize_activation,
 )
+from techniques.packed_embedding import PackedEmbedding
 
 DOMAIN = "orchestrator.export"
 PackedModule = PackedLinear | PackedConv2d | PackedEmbedding

@@ -37,7 +37,8 @@ from orchestrator.export._trace import (
     output_names,
 )
 from techniques.inputs import Inputs, call_model
-from techniques.packed import PackedConv2d, PackedEmbedding, PackedLinear
+from techniques.packed import PackedConv2d, PackedLinear
+from techniques.packed_embedding import PackedEmbedding
 
 OPSET = 21
 MSFT_OPSET = 1

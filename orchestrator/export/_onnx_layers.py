@@ -42,7 +42,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from techniques.packed import ACT_QMAX, FLOAT_BITS, INT_KERNEL, PackedConv2d, PackedEmbedding, PackedLayer, PackedLinear
+from techniques.packed import ACT_QMAX, FLOAT_BITS, INT_KERNEL, PackedConv2d, PackedLayer, PackedLinear
+from techniques.packed_embedding import PackedEmbedding
 from techniques.packing import unpack_rows
 
 MSFT = "com.microsoft"

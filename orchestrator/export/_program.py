@@ -25,7 +25,8 @@ from orchestrator.export._trace import (
     output_names,
 )
 from techniques.inputs import Inputs, call_model
-from techniques.packed import INT_KERNEL, PackedEmbedding, PackedLayer
+from techniques.packed import INT_KERNEL, PackedLayer
+from techniques.packed_embedding import PackedEmbedding
 
 DECODED = "no low-bit kernel: decoded to fp32 in the graph on every call"
 

@@ -40,7 +40,8 @@ from orchestrator.export._program import export_program
 from orchestrator.export._trace import Written
 from orchestrator.workloads import Workload, resolve_workload
 from techniques.inputs import batch_length
-from techniques.packed import PackedEmbedding, PackedLayer
+from techniques.packed import PackedLayer
+from techniques.packed_embedding import PackedEmbedding
 
 TRACE_BATCH = 2
 CHECK_BATCH = 8
