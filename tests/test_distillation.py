@@ -723,8 +723,8 @@ def test_steps_searched_as_integer_choices_by_optuna() -> None:
 
 def test_a_space_file_offers_the_cosine_schedule_and_the_default_keeps_the_rate_constant() -> None:
     optuna = pytest.importorskip("optuna")
-    from orchestrator.search.space import build_space
     from orchestrator.errors import UserError
+    from orchestrator.search.space import build_space
     from orchestrator.search.space_options import options_from_json
 
     assert build_space(seeded(TinyCNN)).ranges["distillation"]["schedule"] == ("constant",)
