@@ -66,13 +66,13 @@ def key_of(description: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _read(key: str) -> dict[str, Any]:
+def _samples(key: str) -> list[tuple[float, float]]:
+    """The log's (unix time, ms) pairs; none when it is missing or unreadable."""
     try:
         record = json.loads((log_dir() / f"{key}.json").read_text())
-        samples = [(float(t), float(ms)) for t, ms in record["samples"]]
+        return [(float(t), float(ms)) for t, ms in record["samples"]]
     except (OSError, ValueError, KeyError, TypeError):
-        return {"samples": []}
-    return {**record, "samples": samples}
+        return []
 
 
 def append(description: dict[str, Any], latencies_ms: Iterable[Any], *, at: float | None = None) -> None:
@@ -85,7 +85,7 @@ def append(description: dict[str, Any], latencies_ms: Iterable[Any], *, at: floa
     key = key_of(description)
     try:
         with directory_lock(str(log_dir()), wait=True):
-            samples = [list(sample) for sample in _read(key)["samples"]] + new
+            samples = [list(sample) for sample in _samples(key)] + new
             record = {"baseline": description, "samples": samples[-MAX_SAMPLES:]}
             write_atomic(str(log_dir()), f"{key}.json", json.dumps(record).encode())
     except OSError:
@@ -94,5 +94,4 @@ def append(description: dict[str, Any], latencies_ms: Iterable[Any], *, at: floa
 
 def observed(description: dict[str, Any], *, before: float | None = None) -> list[float]:
     """The latencies in the log of `description` (those timed before `before`, when given)."""
-    samples = _read(key_of(description))["samples"]
-    return [ms for t, ms in samples if before is None or t < before]
+    return [ms for t, ms in _samples(key_of(description)) if before is None or t < before]
