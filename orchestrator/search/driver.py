@@ -285,6 +285,7 @@ def _searcher(config: SearchConfig, prepared: Prepared, concurrency: int) -> Any
         constraint=constraint,
         unsampled=unsampled,
         references=references,
+        compresses=prepared.space.compresses,
     )
     return ConcurrencyLimiter(searcher, max_concurrent=concurrency)
 

@@ -4,14 +4,17 @@ Ray's OptunaSearch tells Optuna a trial COMPLETE whenever it has a last result, 
 raised, and it cannot pass constraints. `ConstrainedOptunaSearch` fixes both: errors and NaN objectives
 become FAIL (never left RUNNING), and each completed trial carries its constraint value
 (`Trial.set_constraint`, which Optuna's samplers read). It also runs configurations outside the
-sampler's space (the uncompressed baseline) first, without showing them to Optuna.
+sampler's space (the uncompressed baseline) first, without showing them to Optuna, and never runs a sampled
+configuration that compresses nothing (every layer group "off"): it tells Optuna that one PRUNED, without
+values, so TPE ranks it among the worst, and samples again.
 
 Decisions, for resuming after the driver died at any moment:
 - every trial is sampled by a fresh sampler seeded from (seed, trial number) (`TrialSeededSampler`), so a
   trial's parameters depend on the study's history only, not on how often the driver restarted;
 - Optuna trials the journal holds but Tune never recorded (asked, or even finished, after Tune's last
   snapshot) are adopted by the next trials Tune asks for, with their own parameters, instead of being
-  failed and sampled again; a trial Optuna already knows the end of is never told twice;
+  failed and sampled again; a trial Optuna already knows the end of is never told twice; a skipped trial
+  (`SKIPPED_ATTR`) is never adopted;
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ RECORDED = (
     "compression_ratio",
     "speedup",
 )
+SKIPPED_ATTR = "skipped"  # on a sampled trial never run: why (its parameters compress nothing)
+MAX_SKIPPED = 50  # samples in a row that compress nothing before the searcher runs one anyway (the baseline again)
 RETRY_ATTR = "retry_of"  # on a trial recording a successful re-run of a failed one: the failed trial's number
 
 
@@ -137,8 +142,10 @@ _ADOPTABLE = (optuna.trial.TrialState.RUNNING, *_FINISHED)
 
 class ConstrainedOptunaSearch(OptunaSearch):
     """OptunaSearch that records constraints, never tells Optuna a failed trial is complete, suggests the
-    `unsampled` configurations first without involving Optuna, and resumes without repeating or failing
-    trials the journal already holds (see the module's decisions)."""
+    `unsampled` configurations first without involving Optuna, skips samples `compresses` refuses, and resumes
+    without repeating or failing trials the journal already holds (see the module's decisions)."""
+
+    _compresses: Callable[[dict[str, Any]], bool] | None = None  # also for a searcher restored from older state
 
     def __init__(
         self,
@@ -147,6 +154,7 @@ class ConstrainedOptunaSearch(OptunaSearch):
         constraint: AccuracyDropConstraint | None = None,
         unsampled: Sequence[dict[str, Any]] = (),
         references: Sequence[tuple[str, dict[str, Any]]] = (),
+        compresses: Callable[[dict[str, Any]], bool] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, storage=journal_storage(journal), **kwargs)
@@ -158,16 +166,36 @@ class ConstrainedOptunaSearch(OptunaSearch):
         self._constraint = constraint
         self._unsampled = [dict(config) for config in unsampled]
         self._unsampled_trials: set[str] = set()
+        self._compresses = compresses
 
     def suggest(self, trial_id: str) -> dict | None:
         if self._unsampled:
             self._unsampled_trials.add(trial_id)
             return self._unsampled.pop(0)
+        for _ in range(MAX_SKIPPED):
+            params = self._suggest_once(trial_id)
+            if params is None or self._compresses is None or self._compresses(params) or not self._open(trial_id):
+                return params
+            self._skip(trial_id)
+        return self._suggest_once(trial_id)
+
+    def _suggest_once(self, trial_id: str) -> dict | None:
         if trial_id not in self._ot_trials:
             orphan = self._next_orphan()
             if orphan is not None:  # keeps its number and parameters: no second sampling, no FAIL entry
                 self._ot_trials[trial_id] = optuna.trial.Trial(self._ot_study, orphan._trial_id)
         return super().suggest(trial_id)
+
+    def _open(self, trial_id: str) -> bool:
+        """Whether Optuna still waits for the trial's result (an adopted orphan may have one already)."""
+        number = self._ot_trials[trial_id].number
+        return self._ot_study.get_trials(deepcopy=False)[number].state == optuna.trial.TrialState.RUNNING
+
+    def _skip(self, trial_id: str) -> None:
+        """Close the Optuna trial Tune's `trial_id` was about to run (it compresses nothing) and free the id."""
+        ot_trial = self._ot_trials.pop(trial_id)
+        ot_trial.set_user_attr(SKIPPED_ATTR, "compresses nothing")
+        self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.PRUNED)
 
     def _next_orphan(self) -> optuna.trial.FrozenTrial | None:
         """The first trial of the study no Tune trial of this search stands for (a failed attempt that was
@@ -175,7 +203,7 @@ class ConstrainedOptunaSearch(OptunaSearch):
         bound = {trial.number for trial in self._ot_trials.values()}
         trials = self._ot_study.get_trials(deepcopy=False, states=_ADOPTABLE)
         retried = {t.user_attrs.get(RETRY_ATTR) for t in trials}
-        for trial in trials:
+        for trial in (t for t in trials if SKIPPED_ATTR not in t.user_attrs):
             stands_for = trial.user_attrs.get(RETRY_ATTR, trial.number)
             if stands_for not in bound and trial.number not in bound and trial.number not in retried:
                 return trial

@@ -4,7 +4,8 @@ Built once from the baseline model (which layers each technique can act on, how 
 that, `define(trial)` — the define-by-run function Optuna calls — is pure and fast, and `policy(params)`
 turns a trial's parameters into a Policy. `families` picks which compressing techniques a trial combines
 (a non-empty combination such as `lowrank+quantization`, so the sampler never spends a trial on the
-uncompressed model); then `SETTING.GROUP` (e.g. `bits.fc1`, `bits.query.early`) per layer group of each
+uncompressed model; parameters that still compress nothing, every group "off", fail `compresses` and the
+searcher samples again); then `SETTING.GROUP` (e.g. `bits.fc1`, `bits.query.early`) per layer group of each
 technique picked (groups: `grouping.py`), and the global settings of the fine-tuning technique
 (`distill.temperature`, …). The baseline is the point `{"families": "none"}`, run by the driver outside the
 sampler.
@@ -175,6 +176,11 @@ class SearchSpace:
         if steps:
             steps += [technique.spec_type(**_globals(technique, params)) for technique in fine_tune]
         return Policy(tuple(steps), seed=self.seed)
+
+    def compresses(self, params: Mapping[str, Any]) -> bool:
+        """Whether a trial's parameters change the model: a family picked with every group "off" (or only layers
+        a student lacks) makes the baseline again, which the searcher skips instead of running."""
+        return bool(self.policy(params).steps)
 
     def parameter_names(self) -> list[str]:
         """Every parameter the space can suggest (per-layer ones only when their technique is picked)."""
