@@ -8,7 +8,7 @@ import re
 import typing
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 import torch
 from torch import nn
@@ -426,13 +426,28 @@ def rebuildable(cls: type[nn.Module]) -> type[nn.Module]:
 
     The class implements `rebuild_config() -> dict` (JSON-safe constructor arguments, shapes included)
     and `from_rebuild_config(config) -> module` (a module whose state_dict has the same keys and shapes,
-    ready for `load_state_dict`).
+    ready for `load_state_dict`); subclassing `RebuildableModule` gives the second and a `repr`.
     """
     for method in ("rebuild_config", "from_rebuild_config"):
         if not hasattr(cls, method):
             raise TypeError(f"{cls.__name__} must define {method}")
     _MODULE_TYPES[cls.__name__] = cls
     return cls
+
+
+class RebuildableModule(nn.Module):
+    """Base of the module types above: rebuilt empty from `rebuild_config()` as the constructor's keyword
+    arguments, and shown by them in `repr`."""
+
+    def rebuild_config(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    @classmethod
+    def from_rebuild_config(cls, config: dict[str, Any]) -> Self:
+        return cls(**config)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{key}={value}" for key, value in self.rebuild_config().items())
 
 
 def module_types() -> Mapping[str, type[nn.Module]]:

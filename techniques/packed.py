@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from techniques._base import rebuildable
+from techniques._base import RebuildableModule, rebuildable
 from techniques.packing import (
     code_range,
     pack_bits,
@@ -98,7 +98,7 @@ def fake_quantize_rows(x: torch.Tensor) -> torch.Tensor:
     return codes * scale
 
 
-class PackedLayer(nn.Module):
+class PackedLayer(RebuildableModule):
     """Storage, decoding and activation quantisation shared by PackedLinear and PackedConv2d."""
 
     # Registered buffers (`scale` only for quantised codes, `mask` only when sparse, `act_scale` only with
@@ -218,13 +218,6 @@ class PackedLayer(nn.Module):
             "act_dynamic": self.act_dynamic,
             "kernel": self.requested_kernel,
         }
-
-    @classmethod
-    def from_rebuild_config(cls, config: dict[str, Any]) -> PackedLayer:
-        return cls(**config)
-
-    def extra_repr(self) -> str:
-        return ", ".join(f"{key}={value}" for key, value in self.rebuild_config().items())
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(*args, **kwargs)

@@ -17,9 +17,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 
-from techniques._base import rebuildable
+from techniques._base import RebuildableModule, rebuildable
 from techniques.packed import dequantize, weight_codes
 from techniques.packing import pack_rows, packed_nbytes, split_bytes, unpack_rows
 
@@ -33,7 +32,7 @@ def _check_count(what: str, value: Any, low: int) -> None:
 
 
 @rebuildable
-class PackedEmbedding(nn.Module):
+class PackedEmbedding(RebuildableModule):
     """An Embedding with b-bit packed rows and per-row (or per-group) scales; a lookup decodes only its rows."""
 
     values: torch.Tensor  # (num_embeddings, ceil(dim*bits/8)) uint8 codes, or (num_embeddings, dim) float16
@@ -96,13 +95,6 @@ class PackedEmbedding(nn.Module):
             "group_size": self.group_size,
             "padding_idx": self.padding_idx,
         }
-
-    @classmethod
-    def from_rebuild_config(cls, config: dict[str, Any]) -> PackedEmbedding:
-        return cls(**config)
-
-    def extra_repr(self) -> str:
-        return ", ".join(f"{key}={value}" for key, value in self.rebuild_config().items())
 
     def decode_rows(self, ids: torch.Tensor) -> torch.Tensor:
         """The float32 rows at the flat index tensor `ids`, decoded from their packed bytes and scales alone.
