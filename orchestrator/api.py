@@ -12,7 +12,6 @@ import, `compress` runs `search.run`, `apply` runs `executor.apply`):
 from __future__ import annotations
 
 import copy
-import hashlib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from orchestrator.digest import model_fingerprint
 from orchestrator.executor import CompressedModel
 from orchestrator.executor import apply as apply_policy
 from orchestrator.policy import Policy
@@ -142,15 +142,6 @@ def apply(
         chosen = resolve_workload(chosen)
     loaded = policy if isinstance(policy, Policy) else Policy.load(policy)
     return apply_policy(loaded, chosen, seed=seed, device=device, target=target)
-
-
-def model_fingerprint(model: nn.Module) -> str:
-    """Identifies a model: its class, parameter names, shapes and values."""
-    digest = hashlib.sha256(type(model).__qualname__.encode())
-    for key, tensor in model.state_dict().items():
-        digest.update(f"{key}{tuple(tensor.shape)}{tensor.dtype}".encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 def _workload(

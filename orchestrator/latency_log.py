@@ -25,6 +25,7 @@ from typing import Any
 from torch import nn
 
 from orchestrator.artifacts.fs import cache_root, directory_lock, write_atomic
+from orchestrator.digest import model_fingerprint
 
 MAX_SAMPLES = 2000
 
@@ -47,12 +48,8 @@ def machine() -> dict[str, Any]:
 
 def describe(baseline: nn.Module, *, target: str, batch_size: int, threads: int, device: str) -> dict[str, Any]:
     """What a log is of: this baseline (its weights' digest), timed this way, on this machine."""
-    digest = hashlib.sha256()
-    for name, tensor in baseline.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().contiguous().cpu().numpy().tobytes())
     return {
-        "weights": digest.hexdigest()[:16],
+        "weights": model_fingerprint(baseline),
         "target": target,
         "batch_size": batch_size,
         "threads": threads,

@@ -45,9 +45,10 @@ def test_a_log_is_of_one_baseline_timed_one_way_on_one_machine(cache):
     with torch.no_grad():
         model.weight[0, 0] += 1  # a retrained baseline
     others.append(_described(model))
+    others.append(_described(model.to(torch.bfloat16)))  # the same weights in another dtype (numpy has no bf16)
     for other in others:
         assert latency_log.observed(other) == []
-    assert len({latency_log.key_of(d) for d in [described, *others]}) == 5
+    assert len({latency_log.key_of(d) for d in [described, *others]}) == 6
 
 
 def test_only_the_newest_samples_are_kept(cache, monkeypatch):

@@ -24,14 +24,6 @@ def cache_dir() -> Path:
     return cache_root() / "baselines"
 
 
-def tensor_digest(*tensors: torch.Tensor) -> str:
-    """A short sha256 of tensors' bytes (identifies a data set in a recipe)."""
-    digest = hashlib.sha256()
-    for tensor in tensors:
-        digest.update(tensor.contiguous().cpu().numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
 # Bump when the training procedure changes in a way the recipe does not show, so stale caches are not reused.
 TRAINER_VERSION = 2
 

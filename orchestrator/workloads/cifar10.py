@@ -15,8 +15,9 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from orchestrator.digest import tensor_digest
 from orchestrator.errors import UserError
-from orchestrator.workloads._baseline import cached_baseline, progress, recipe_hash, tensor_digest, train_classifier
+from orchestrator.workloads._baseline import cached_baseline, progress, recipe_hash, train_classifier
 from orchestrator.workloads._workload import Workload
 from orchestrator.workloads.data import Split
 

@@ -39,7 +39,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from orchestrator.workloads._baseline import cached_baseline, recipe_hash, tensor_digest, train_classifier
+from orchestrator.digest import tensor_digest
+from orchestrator.workloads._baseline import cached_baseline, recipe_hash, train_classifier
 from orchestrator.workloads._workload import Workload
 from orchestrator.workloads.data import Split
 
