@@ -3,7 +3,7 @@
     python -m bench.deploy --workload digits         # 32 trials as `make demo`, bench/spaces/digits_speed.json
     python -m bench.deploy --workload text           # 16 trials for ONNX Runtime (bench/spaces/text_onnxruntime.json)
     python -m bench.deploy --workload W --run DIR    # the front of a finished search instead of a new one
-    python -m bench.deploy --workload digits --quick # smoke run (4 trials, 3 timing rounds; JSON to the temp dir)
+    python -m bench.deploy --workload digits --quick # smoke run (4 trials, 2 epochs, 3 rounds; JSON to the temp dir)
 
 One process, one thread (as a search trial computes), in one run: the torch fp32 baseline; the Pareto front of a
 search (each point as its torch checkpoint and as the ONNX file the exporter writes, run by ONNX Runtime); torch
@@ -56,6 +56,7 @@ SPACES = Path(__file__).parent / "spaces"
 ORT_FP32, ORT_INT8 = "onnxruntime fp32", "onnxruntime dynamic int8"
 ONNX_REFERENCES = (ORT_FP32, ORT_INT8)  # what ONNX candidates are also timed beside
 MAX_DROP = 0.02  # the search's guard on validation; the claims are judged on the test split (within 1 point)
+QUICK_EPOCHS = (2,)  # distillation epochs of a smoke run (--quick)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,11 +110,21 @@ class SessionModel(nn.Module):
 # --------------------------------------------------------------------------- the search and its front
 
 
-def search_front(workload: Workload, preset: Preset, run_dir: str | None, storage: str, quick: bool) -> str:
+def bench_space(preset: Preset, quick: bool) -> SpaceOptions:
+    """The preset's search space; a smoke run's distils for QUICK_EPOCHS (it checks the pipeline, not accuracy)."""
+    space = load_space_file(preset.space_file) if preset.space_file else SpaceOptions()
+    if not quick or "epochs" not in space.ranges.get("distillation", {}):
+        return space
+    ranges = {**space.ranges, "distillation": {**space.ranges["distillation"], "epochs": QUICK_EPOCHS}}
+    return dataclasses.replace(space, ranges=ranges)
+
+
+def search_front(
+    workload: Workload, preset: Preset, space: SpaceOptions, run_dir: str | None, storage: str, quick: bool
+) -> str:
     """The run directory of the search whose front is benchmarked (a new search unless `run_dir` is given)."""
     if run_dir is not None:
         return run_dir
-    space = load_space_file(preset.space_file) if preset.space_file else SpaceOptions()
     config = SearchConfig(
         workload=workload.name,
         objectives=("accuracy", "size", "latency"),
@@ -383,9 +394,9 @@ def run(
     torch.set_num_threads(THREADS)
     workload = resolve_workload(workload_name)
     baseline = workload.load_baseline().eval()
-    run_dir = search_front(workload, preset, run_dir, storage, quick)
+    space = bench_space(preset, quick)
+    run_dir = search_front(workload, preset, space, run_dir, storage, quick)
     rows = front_rows(run_dir)
-    space = load_space_file(preset.space_file) if preset.space_file else SpaceOptions()
     budget = reference_budget(workload, space, baseline)
     base = torch_candidate("torch fp32 (baseline)", "baseline", baseline, store.measure_artifact(baseline), workload)
     candidates = [base, *front_candidates(workload, run_dir, rows), torch_dynamic_int8(baseline, workload)]
@@ -408,7 +419,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workload", choices=sorted(PRESETS), default="digits")
     parser.add_argument("--run", help="a finished search's run directory (its front is benchmarked; no new search)")
     parser.add_argument("--storage-path", default="runs", help="where the new search's run directory goes")
-    parser.add_argument("--quick", action="store_true", help="smoke run: 4 trials, 3 timing rounds, one grid point")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 4 trials, 2 epochs, 3 rounds, one grid point")
     parser.add_argument(
         "--target", choices=("torch", "onnxruntime"), help="the search's target (default: the preset's)"
     )
