@@ -436,8 +436,8 @@ def rebuildable(cls: type[nn.Module]) -> type[nn.Module]:
 
 
 class RebuildableModule(nn.Module):
-    """Base of the module types above: rebuilt empty from `rebuild_config()` as the constructor's keyword
-    arguments, and shown by them in `repr`."""
+    """Base for module types registered with `rebuildable`: rebuilt empty from `rebuild_config()` as the
+    constructor's keyword arguments, and shown by them in `repr`."""
 
     def rebuild_config(self) -> dict[str, Any]:
         raise NotImplementedError
