@@ -1,0 +1,53 @@
+"""The one place JSON the tool reads is parsed: a policy, a space file, a manifest, metrics, a finished
+record, run.json, the latency log. Whatever the bytes hold, the caller gets a value or one `UserError` line.
+
+Decisions: `json.loads` raises `ValueError` (not `JSONDecodeError`) for an integer of more than 4,300 digits
+and `RecursionError` for deep nesting, and it accepts `NaN`/`Infinity`, which are not JSON: all three are
+refused here, so no loader lets them escape as a traceback or a non-finite number.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from orchestrator.errors import UserError
+
+MAX_DEPTH = 64  # deeper nesting than any document this tool writes
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _depth(data: str) -> int:
+    """The deepest nesting of arrays/objects in `data`, outside strings (cheap, before the parser recurses)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for char in data:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth -= 1
+    return deepest
+
+
+def parse_json(data: bytes | str, what: str) -> Any:
+    """`data` parsed as strict JSON; `what` names the document in the one-line error ("policy file x.json")."""
+    try:
+        text = data.decode("utf-8") if isinstance(data, bytes) else data
+        if _depth(text) > MAX_DEPTH:
+            raise ValueError(f"nested more than {MAX_DEPTH} levels deep")
+        return json.loads(text, parse_constant=_refuse_constant)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise UserError(f"{what} is not valid JSON: {str(exc)[:200]}") from None
