@@ -180,8 +180,9 @@ def _init_ray(config: SearchConfig, configure_logging: bool) -> None:
 
 
 def build_tuner(config: SearchConfig, prepared: Prepared, storage_guard: Any = None) -> Any:
-    """A new Tuner for the search, or the restored one for `--resume`; `storage_guard` (a StopWhenStorageFull,
-    made here when not given) stops every trial once one failed for lack of space."""
+    """A new Tuner for the search; `--resume` too builds a new one over the run's journal and finished records
+    (Tune's own restore would unpickle `tuner.pkl`, and a run directory is input); `storage_guard` (a
+    StopWhenStorageFull, made here when not given) stops every trial once one failed for lack of space."""
     from ray import tune
 
     from orchestrator.search.progress import ProgressPrinter
@@ -202,9 +203,7 @@ def build_tuner(config: SearchConfig, prepared: Prepared, storage_guard: Any = N
         tune.with_parameters(run_trial, setup=setup), {"cpu": config.cpus_per_trial, "gpu": config.gpus_per_trial}
     )
     if config.resume:
-        restored = _restore(prepared, trainable)
-        if restored is not None:
-            return restored
+        print(f"resuming {prepared.run_dir} from its journal and finished trials", file=sys.stderr)
     storage_guard = storage_guard if storage_guard is not None else StopWhenStorageFull()
     run_config = tune.RunConfig(
         name=prepared.name,
@@ -230,41 +229,12 @@ def build_tuner(config: SearchConfig, prepared: Prepared, storage_guard: Any = N
     return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
 
 
-def _restore(prepared: Prepared, trainable: Any) -> Any | None:
-    """Tune's own restore, or None to resume with a new Tuner over the same journal and finished records,
-    which loses and repeats nothing: when Tune's state is missing or damaged (e.g. truncated by a full
-    disk), when the run stopped for lack of space (Tune's restored search would count as finished), or when
-    the run directory was moved (Tune would keep writing trials at the old place), or when `--num-trials`
-    extends the budget (Tune keeps the one it was first given)."""
-    from ray import tune
-
-    reason = None
-    if prepared.moved_from:
-        reason = f"it was moved from {prepared.moved_from}"
-    elif prepared.extended_from:
-        reason = f"its budget grows from {prepared.extended_from} to {prepared.num_trials} trials"
-    elif ran_out_of_space(prepared.run_dir):
-        reason = "it stopped when the disk was full"
-    elif not tune.Tuner.can_restore(prepared.run_dir):
-        return None
-    else:
-        try:
-            return tune.Tuner.restore(prepared.run_dir, trainable=trainable, resume_errored=False)
-        except (ModuleNotFoundError, AttributeError) as exc:  # Tune unpickles its searcher by class path
-            raise UserError(
-                f"{prepared.run_dir} was written by an older version of this tool and cannot be resumed ({exc})"
-            ) from None
-        except Exception as exc:  # noqa: BLE001 - any damage to Tune's files: rebuild from our own records
-            reason = f"Tune's state is unusable ({type(exc).__name__})"
-    print(f"resuming {prepared.run_dir} from its journal and finished trials: {reason}", file=sys.stderr)
-    return None
-
-
 def _searcher(config: SearchConfig, prepared: Prepared, concurrency: int) -> Any:
     """Optuna (through Tune) with the constraint, the baseline run outside the sampler, and the references."""
     from ray.tune.search import ConcurrencyLimiter
 
-    from orchestrator.search.sampler import AccuracyDropConstraint, ConstrainedOptunaSearch, make_sampler, study_exists
+    from orchestrator.search.sampler import AccuracyDropConstraint, sampler_recipe, study_exists
+    from orchestrator.search.searcher import JournalSearcher
 
     constraint = None
     if config.max_accuracy_drop is not None:
@@ -275,11 +245,12 @@ def _searcher(config: SearchConfig, prepared: Prepared, concurrency: int) -> Any
     references = references[: prepared.num_trials - len(unsampled)]
     if study_exists(prepared.journal, prepared.name):  # resumed from its journal: the references are in it
         references = []
-    searcher = ConstrainedOptunaSearch(
+    searcher = JournalSearcher(
         space=prepared.space.define,
         metric=list(config.metric_keys),
         mode=["max" if d == "maximize" else "min" for d in config.directions],
-        sampler=make_sampler(config.sampler, seed=config.seed, num_trials=prepared.num_trials),
+        sampler=sampler_recipe(config.sampler, num_trials=prepared.num_trials),
+        seed=config.seed,
         journal=prepared.journal,
         study_name=prepared.name,
         constraint=constraint,
