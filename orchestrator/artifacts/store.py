@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import shutil
 import tempfile
@@ -37,8 +38,9 @@ from safetensors.torch import load as load_safetensors
 from torch import nn
 
 from orchestrator.artifacts.fs import is_uri, read_bytes, resolve, write_atomic
+from orchestrator.artifacts.jsondoc import finite_json, parse_json
 from orchestrator.artifacts.structure import StructureError, describe, rebuild
-from orchestrator.artifacts.weights import save_weights
+from orchestrator.artifacts.weights import save_weights, tensor_shapes
 from orchestrator.errors import UserError
 from orchestrator.policy import Policy
 from orchestrator.workloads import Workload
@@ -55,7 +57,19 @@ WEIGHTS, STRUCTURE, POLICY, METRICS, MANIFEST = (
 )
 ARTIFACT_FILES = (WEIGHTS, STRUCTURE)
 FILES = (WEIGHTS, STRUCTURE, POLICY, METRICS)  # every file the loader reads; all listed in the manifest
-_PACKAGES = ("torch", "safetensors", "tensorly", "torch-pruning", "compression-orchestrator")
+_PACKAGES = (  # recorded in every manifest and run info (the exact pins are constraints.txt)
+    "compression-orchestrator",
+    "torch",
+    "ray",
+    "optuna",
+    "numpy",
+    "safetensors",
+    "tensorly",
+    "torch-pruning",
+    "transformers",
+    "onnx",
+    "onnxruntime",
+)
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _WRITE_ERRORS = (OSError, SafetensorError, pa.ArrowException)
 
@@ -89,7 +103,7 @@ class Verified:
 
 
 def _json_bytes(doc: Any) -> bytes:
-    return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
+    return (json.dumps(finite_json(doc), indent=2, sort_keys=True, allow_nan=False) + "\n").encode()
 
 
 def write_artifact(model: nn.Module, base: nn.Module, directory: Path) -> int:
@@ -103,9 +117,9 @@ def read_artifact(structure: bytes, weights: bytes, base: nn.Module) -> nn.Modul
     """The model the deployable files describe: `base` rebuilt from the structure record, weights loaded."""
     record = check_structure(_parse_json(structure, STRUCTURE))
     try:
-        model = rebuild(base, record)
+        model = rebuild(base, record, tensor_shapes(weights))  # claims checked against the file, then allocated
         model.load_state_dict(load_safetensors(weights), strict=True)
-    except (StructureError, SafetensorError, RuntimeError, LookupError, TypeError, ValueError) as exc:
+    except (UserError, StructureError, SafetensorError, RuntimeError, LookupError, TypeError, ValueError) as exc:
         raise CheckpointError(f"checkpoint does not rebuild: {_first_line(exc)}") from None
     return model.eval()
 
@@ -263,10 +277,7 @@ def _read_files(source: str) -> dict[str, bytes]:
 
 
 def _parse_json(data: bytes, name: str) -> Any:
-    try:
-        return json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
-        raise CheckpointError(f"{name} is not valid JSON") from None
+    return parse_json(data, name, error=CheckpointError)
 
 
 def _kind(value: Any) -> str:
@@ -344,13 +355,24 @@ def check_structure(doc: Any) -> list[dict[str, Any]]:
     return modules
 
 
+def _finite(value: Any) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer past float's range
+        return False
+
+
 def check_metrics(doc: Any) -> dict[str, Any]:
-    """`doc` if it is a metrics object whose recorded scores are numbers (or null)."""
+    """`doc` if it is a metrics object whose recorded scores are numbers (or null) and whose every number is
+    finite as a float (a table or a ratio computed from it stays finite)."""
     metrics = _object(doc, METRICS)
     for key in ("validation", "test", "size_bytes"):
         value = metrics.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
             raise CheckpointError(f"{METRICS}: {key!r} must be a number, not {_kind(value)}")
+    for key, value in metrics.items():
+        if isinstance(value, int | float) and not _finite(value):
+            raise CheckpointError(f"{METRICS}: {key!r} is not a finite number")
     return metrics
 
 
