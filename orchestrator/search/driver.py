@@ -28,6 +28,7 @@ from orchestrator.artifacts.store import CheckpointError
 from orchestrator.artifacts.tables import RunInfo
 from orchestrator.errors import StorageFull, UserError
 from orchestrator.search.config import SearchConfig, SearchOutcome
+from orchestrator.search.pause import pause_point
 from orchestrator.search.preflight import check_storage_writable
 from orchestrator.search.prepare import JOURNAL_FILE, Prepared, prepare, run_directory
 from orchestrator.search.space import SearchSpace
@@ -49,7 +50,9 @@ def run(config: SearchConfig) -> SearchOutcome:
             from orchestrator.search.stopping import StopWhenStorageFull
 
             guard = StopWhenStorageFull()
-            grid = _fit(build_tuner(config, prepared, guard), prepared, guard)
+            tuner = build_tuner(config, prepared, guard)  # the study exists, the references are enqueued
+            pause_point("before_first_trial")
+            grid = _fit(tuner, prepared, guard)
             return finish(config, prepared, grid)
     except LockHeld as exc:
         raise UserError(f"{exc}; wait for it, or choose another --name") from None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,10 +16,12 @@ from torch import nn
 
 from orchestrator import executor
 from orchestrator.artifacts.fs import LOCK_FILE, absolute, cache_root, is_uri, join, read_bytes, write_atomic
+from orchestrator.artifacts.jsondoc import parse_json
 from orchestrator.device import resolve_device
 from orchestrator.errors import UserError
 from orchestrator.runtime import DEFAULT_TARGET
 from orchestrator.search.config import DEFAULT_TRIALS, SearchConfig
+from orchestrator.search.sampler import repair_journal
 from orchestrator.search.space import SearchSpace, build_space
 from orchestrator.workloads import Workload, resolve_workload
 
@@ -51,7 +54,7 @@ class Prepared:
 def run_directory(config: SearchConfig) -> tuple[str, str, str]:
     """(storage path, experiment name, run directory); local paths are made absolute before trials start."""
     storage = absolute(config.storage_path)
-    label = config.workload if isinstance(config.workload, str) else config.workload.name
+    label = _workload_label(config)
     name = config.name or f"{re.sub(r'[^A-Za-z0-9_-]+', '-', label)}-{dt.datetime.now():%Y%m%d-%H%M%S}"
     return storage, name, join(storage, name)
 
@@ -67,6 +70,8 @@ def prepare(config: SearchConfig) -> Prepared:
     if not config.resume and _experiment_exists(run_dir):
         raise UserError(f"{run_dir} already holds a search; pass --resume to continue it, or a new --name")
     before = _recorded_run(run_dir, config)
+    if config.resume:
+        _settle_journal(journal_path(run_dir))
     workload = (
         resolve_workload(config.workload, data_dir=config.data_dir, weights=config.weights)
         if isinstance(config.workload, str)
@@ -89,14 +94,53 @@ def prepare(config: SearchConfig) -> Prepared:
 
 
 def _recorded_run(run_dir: str, config: SearchConfig) -> dict[str, Any]:
-    """What a resumed run's run.json records ({} for a new run); its deployment target must be the one asked
-    for, checked before any work (one front never mixes two runtimes' numbers)."""
-    data = read_bytes(run_dir, RUN_FILE) if config.resume else None
-    before = json.loads(data) if data else {}
+    """What a resumed run's run.json records ({} for a new run); its workload and deployment target must be
+    the ones asked for, checked before any work (one front never mixes two workloads or two runtimes)."""
+    before = read_run_record(run_dir) if config.resume else {}
     recorded = before.get("target", DEFAULT_TARGET) if before else config.target
     if recorded != config.target:
         raise UserError(f"this run measures for --target {recorded}; resume it with --target {recorded}")
+    label = _workload_label(config)
+    if before.get("workload", label) != label:
+        raise UserError(
+            f"this run searches workload {before['workload']!r}; resume it with --workload {before['workload']}"
+        )
     return before
+
+
+_RUN_FIELDS = {"run_dir": str, "num_trials": int, "target": str, "workload": str}
+
+
+def read_run_record(run_dir: str) -> dict[str, Any]:
+    """The run's run.json, checked field by field ({} when there is none); damage is one UserError line."""
+    data = read_bytes(run_dir, RUN_FILE)
+    if data is None:
+        return {}
+    what = f"{join(run_dir, RUN_FILE)}"
+    record = parse_json(data, what)
+    if not isinstance(record, dict):
+        raise UserError(f"{what} is damaged: not a JSON object; restore it, or start a new run with another --name")
+    for key, value in record.items():
+        kind = _RUN_FIELDS.get(key)
+        if kind is None or not isinstance(value, kind) or isinstance(value, bool):
+            raise UserError(
+                f"{what} is damaged: unexpected {key!r}; restore it, or start a new run with another --name"
+            )
+    if record.get("num_trials", 1) < 1:
+        raise UserError(f"{what} is damaged: num_trials {record['num_trials']}")
+    return record
+
+
+def _workload_label(config: SearchConfig) -> str:
+    return config.workload if isinstance(config.workload, str) else config.workload.name
+
+
+def _settle_journal(journal: str) -> None:
+    """Before a resume opens the journal: drop a torn last line (what a crash mid-write leaves, said once) and
+    refuse any other damage in one line."""
+    dropped = repair_journal(journal)
+    if dropped:
+        print(f"{journal}: dropped its torn last line ({dropped} bytes, a write cut off by a crash)", file=sys.stderr)
 
 
 def _run_record(run_dir: str, config: SearchConfig, before: dict[str, Any]) -> dict[str, Any]:
@@ -105,7 +149,7 @@ def _run_record(run_dir: str, config: SearchConfig, before: dict[str, Any]) -> d
     budget = config.num_trials or before.get("num_trials") or DEFAULT_TRIALS
     if budget < before.get("num_trials", 0):
         raise UserError(f"--num-trials {budget} is below this run's budget of {before['num_trials']} trials")
-    record = {"run_dir": run_dir, "num_trials": budget, "target": config.target}
+    record = {"run_dir": run_dir, "num_trials": budget, "target": config.target, "workload": _workload_label(config)}
     if record != before:
         write_atomic(run_dir, RUN_FILE, json.dumps(record).encode())
     moved = before.get("run_dir") not in (None, run_dir)
@@ -119,8 +163,7 @@ def _run_record(run_dir: str, config: SearchConfig, before: dict[str, Any]) -> d
 
 def recorded_target(run_dir: str) -> str:
     """The deployment target the run at `run_dir` measures for (its run.json; torch when it records none)."""
-    data = read_bytes(run_dir, RUN_FILE)
-    return str(json.loads(data).get("target", DEFAULT_TARGET)) if data else DEFAULT_TARGET
+    return str(read_run_record(run_dir).get("target", DEFAULT_TARGET))
 
 
 def journal_path(run_dir: str) -> str:

@@ -11,6 +11,7 @@ Decisions, for resuming after the driver died at any moment:
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,6 +129,37 @@ class AccuracyDropConstraint:
 
     def __call__(self, result: dict) -> float:
         return (self.baseline - result[self.metric]) - self.max_drop
+
+
+_ENTRY_START = b'{"op_code":'  # how Optuna's journal writes every entry
+
+
+def repair_journal(path: str | Path) -> int:
+    """Drop a torn last line of the Optuna journal at `path` (what a crash mid-append leaves; Optuna would
+    append after it and corrupt the next entry) and return its length in bytes (0: the journal is whole).
+    Any other damage (a line that is no journal entry, garbage appended) is one UserError line."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    data = path.read_bytes()
+    cut = data.rfind(b"\n") + 1
+    tail = data[cut:]
+    if tail and not (tail.startswith(_ENTRY_START) or _ENTRY_START.startswith(tail)):
+        cut = len(data)  # not the start of an entry: garbage, refused below
+    for number, line in enumerate(data[:cut].splitlines(), 1):
+        try:
+            entry = json.loads(line)
+        except (ValueError, RecursionError):
+            entry = None
+        if not isinstance(entry, dict) or not isinstance(entry.get("op_code"), int):
+            raise UserError(
+                f"{path} is damaged at line {number}: not an Optuna journal entry; restore it from a copy, or start "
+                "a new run with another --name"
+            )
+    if cut < len(data):
+        with open(path, "r+b") as handle:
+            handle.truncate(cut)
+    return len(data) - cut
 
 
 def study_exists(journal: str, study_name: str) -> bool:
