@@ -57,10 +57,12 @@ def _apply(args: argparse.Namespace) -> int:
     from orchestrator import executor
     from orchestrator.artifacts import store
     from orchestrator.device import resolve_device
-    from orchestrator.policy import Policy
+    from orchestrator.policy import Policy, check_seed
     from orchestrator.workloads import resolve_workload
 
     policy = Policy.load(args.policy)
+    if args.seed is not None:
+        check_seed(args.seed)
     if "://" not in args.out and Path(args.out).exists():
         raise UserError(f"{args.out} already exists; choose a new checkpoint directory")
     device = resolve_device(args.device)

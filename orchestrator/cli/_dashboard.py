@@ -82,13 +82,29 @@ def run_dashboard(args: argparse.Namespace) -> int:
         import optuna_dashboard
     except ImportError:
         raise UserError(INSTALL_HINT) from None
-    from orchestrator.search.sampler import journal_storage
-
     if not is_loopback(args.host):
         print(
             f"warning: listening on {args.host}, not a loopback address: anyone who can reach port {args.port} "
             "can read and edit this study (the dashboard has no login)",
             file=sys.stderr,
         )
-    serve(optuna_dashboard.wsgi(journal_storage(journal)), args.host, args.port)
+    serve(optuna_dashboard.wsgi(open_journal(journal)), args.host, args.port)
     return 0
+
+
+def open_journal(journal: Path) -> Any:
+    """The journal as an Optuna storage; one that Optuna cannot replay, or that holds no study although it is not
+    empty (Optuna skips a broken last line), is one UserError line."""
+    from orchestrator.search.sampler import journal_storage
+
+    hint = "is it a search's run directory, and was the journal written by this tool?"
+    try:
+        storage = journal_storage(journal)
+        studies = storage.get_all_studies()
+    except Exception as exc:  # noqa: BLE001 - whatever the bytes make Optuna's replay raise
+        raise UserError(
+            f"{journal} is not a readable Optuna journal ({type(exc).__name__}: {str(exc)[:200]}); {hint}"
+        ) from None
+    if not studies and journal.stat().st_size:
+        raise UserError(f"{journal} holds no Optuna study; {hint}")
+    return storage

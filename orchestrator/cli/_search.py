@@ -173,7 +173,7 @@ def config_from_args(args: argparse.Namespace) -> SearchConfig:
         raise UserError("--resume needs the --name of the run to continue")
     fields = {k: getattr(args, k) for k in (*_SETTINGS, *_RESOURCES, *_RUN)}
     if args.smoke_test:
-        fields["num_trials"] = min(args.num_trials or DEFAULT_TRIALS, SMOKE_TRIALS)
+        fields["num_trials"] = min(DEFAULT_TRIALS if args.num_trials is None else args.num_trials, SMOKE_TRIALS)
     return SearchConfig(**fields, space=space_options(args))
 
 

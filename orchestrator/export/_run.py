@@ -5,7 +5,9 @@ Decisions:
   runtime at batch sizes CHECK_BATCH and 1 and compared with the PyTorch model (every output tensor); only then
   are the artifact and the JSON report written, each atomically (temporary name, then a move), to a local path
   or a pyarrow URI. A check that fails still writes both (the report says `passed: false`), for inspection.
-- An existing `out` or report is refused before any work; so is an unknown format.
+- An existing `out` or report, or one in a directory this machine cannot write, is refused before any work; so
+  is an unknown format. The report is written after the artifact, and an artifact whose report cannot be written
+  is removed: an artifact is never left without its report.
 - The report lists every Linear/Conv2d/Embedding in model order with its weight shape (pruned and factored
   layers show their smaller shapes), the operator and kernel that runs it, the bits it is stored in, its
   fraction of zero weights, and notes (widened codes, no low-bit kernel, sparse layers run dense).
@@ -13,6 +15,7 @@ Decisions:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 from dataclasses import dataclass
@@ -22,7 +25,7 @@ from typing import Any
 from torch import nn
 
 from orchestrator.artifacts import store
-from orchestrator.artifacts.fs import exists, is_uri, write_atomic
+from orchestrator.artifacts.fs import exists, is_uri, resolve, write_atomic
 from orchestrator.errors import UserError
 from orchestrator.evaluate import recorded_workload
 from orchestrator.export import FORMATS
@@ -38,6 +41,7 @@ from orchestrator.export._onnx import export_onnx
 from orchestrator.export._onnx_layers import SPARSITY_NOTE
 from orchestrator.export._program import export_program
 from orchestrator.export._trace import Written
+from orchestrator.search.preflight import write_problem
 from orchestrator.workloads import Workload, resolve_workload
 from techniques.inputs import batch_length
 from techniques.packed import PackedLayer
@@ -119,9 +123,14 @@ def _destination(format: str, out: str, report: str | Path | None, int8_activati
     if int8_activations and format != "onnx":
         raise UserError("int8 activations (--int8-activations) are an ONNX Runtime option; use --format onnx")
     report_path = str(report) if report is not None else f"{out}.json"
-    for path in (out, report_path):
+    if report_path == out:
+        raise UserError(f"--report {report_path} is the --out path; give the report a path of its own")
+    for flag, path in (("--out", out), ("--report", report_path)):
         if _exists(path):
             raise UserError(f"{path} already exists; choose a new --out (or --report) path")
+        problem = "" if is_uri(path) else write_problem(str(Path(path).parent))
+        if problem:
+            raise UserError(f"{flag} {path}: {problem}; choose a path in a directory you can write to")
     return out, report_path
 
 
@@ -153,7 +162,6 @@ def _export(
         written = export_program(model, inputs)
     check = _check(model, workload, written, format, int8_activations)
     out, report_path = paths
-    write_atomic(*_split(out), written.data)
     report = {
         "format": format,
         "path": out,
@@ -168,8 +176,20 @@ def _export(
         **_layer_tables(model, written.layers),
         "check": check,
     }
-    write_atomic(*_split(report_path), (json.dumps(report, indent=2) + "\n").encode())
+    _write_both(out, written.data, report_path, (json.dumps(report, indent=2) + "\n").encode())
     return ExportResult(path=out, bytes=len(written.data), report=report, report_path=report_path)
+
+
+def _write_both(out: str, data: bytes, report_path: str, report: bytes) -> None:
+    """The artifact, then its report; an artifact whose report cannot be written is removed, never left alone."""
+    write_atomic(*_split(out), data)
+    try:
+        write_atomic(*_split(report_path), report)
+    except BaseException:
+        filesystem, path = resolve(out)
+        with contextlib.suppress(Exception):
+            filesystem.delete_file(path)
+        raise
 
 
 def _check(model: nn.Module, workload: Workload, written: Written, format: str, int8: bool) -> dict[str, Any]:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import math
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 from orchestrator.artifacts.fs import join
 from orchestrator.artifacts.tables import RunInfo, TrialRow
 from orchestrator.errors import UserError
+from orchestrator.policy import MAX_SEED
 from orchestrator.runtime import DEFAULT_TARGET, check_target
+from orchestrator.search.preflight import check_address, check_storage_path, check_tracking_uri
 from orchestrator.search.space_options import SpaceOptions
 from orchestrator.workloads import Workload
 
@@ -20,6 +24,8 @@ DIRECTIONS = {"validation": "maximize", "size_bytes": "minimize", "relative_late
 SAMPLERS = ("tpe", "nsga2", "random")
 DEFAULT_TRIALS = 32  # a new run's budget when none is given
 DEFAULT_MAX_DROP = 0.05  # the accuracy guard: by default a model 5 points below the baseline is never on the front
+MIN_SHARE = 0.01  # the smallest share of a CPU or GPU a trial may ask for (Ray counts in ten-thousandths)
+MAX_PER_TRIAL = 1024  # more CPUs or GPUs than one node has: Ray places a trial on one node
 
 
 @dataclass(frozen=True)
@@ -61,25 +67,46 @@ class SearchConfig:
         return tuple(DIRECTIONS[k] for k in self.metric_keys)
 
     def check(self) -> None:
-        """Raise UserError for a setting no search can run with."""
+        """Raise UserError for a setting no search can run with, before anything is created or Ray starts:
+        the values first, then the storage path, then whether the cluster and the tracking server answer."""
+        self._check_values()
+        check_storage_path(self.storage_path)
+        check_address(self.address)
+        check_tracking_uri(self.mlflow)
+
+    def _check_values(self) -> None:
         unknown = [o for o in self.objectives if o not in OBJECTIVE_KEYS]
         if unknown or not self.objectives:
             raise UserError(f"unknown objective(s) {', '.join(unknown)}; choose from {', '.join(OBJECTIVE_KEYS)}")
+        twice = [o for o, count in Counter(self.objectives).items() if count > 1]
+        if twice:
+            raise UserError(f"--objectives names {', '.join(twice)} more than once; name each objective once")
         if "accuracy" not in self.objectives:
             raise UserError("the objectives must include accuracy")
         if self.sampler not in SAMPLERS:
             raise UserError(f"unknown sampler {self.sampler!r}; one of {', '.join(SAMPLERS)}")
         if self.num_trials is not None and self.num_trials < 1:
             raise UserError("--num-trials must be at least 1")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
+            raise UserError(f"--seed must be an integer from 0 to {MAX_SEED} (2**32 - 1), got {self.seed!r}")
         if self.max_accuracy_drop is not None and not 0 <= self.max_accuracy_drop <= 1:
             raise UserError("--max-accuracy-drop is a fraction in [0, 1] (0.01 = one point)")
-        if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0:
-            raise UserError("--cpus-per-trial must be positive and --gpus-per-trial not negative")
+        _check_share("--cpus-per-trial", self.cpus_per_trial, "CPU cores")
+        _check_share("--gpus-per-trial", self.gpus_per_trial, "GPUs", none=True)
         if self.concurrency is not None and self.concurrency < 1:
             raise UserError("--concurrency must be at least 1")
         if self.latency_batch_size < 1:
             raise UserError("--latency-batch-size must be at least 1")
         check_target(self.target)
+
+
+def _check_share(flag: str, value: float, unit: str, *, none: bool = False) -> None:
+    """A number of CPUs or GPUs per trial: finite, from MIN_SHARE to MAX_PER_TRIAL (or 0 with `none`)."""
+    if none and value == 0:
+        return
+    if not (isinstance(value, int | float) and math.isfinite(value) and MIN_SHARE <= value <= MAX_PER_TRIAL):
+        allowed = f"{'0 or ' if none else ''}from {MIN_SHARE:g} to {MAX_PER_TRIAL} {unit}"
+        raise UserError(f"{flag} must be {allowed}, fractions allowed; got {value!r}")
 
 
 @dataclass

@@ -1,4 +1,9 @@
-"""Before the first trial: can every node of the cluster write to the run directory?
+"""Before the first trial: can the search run where it was told to, and can every node write its results?
+
+Before anything is created (`SearchConfig.check` calls these): the storage path is a directory this machine
+can write (`check_storage_path`), `--address` names a Ray cluster that answers (`check_address`), and an
+MLflow tracking URI is one MLflow reads and, for a server, answers (`check_tracking_uri`). Once Ray runs:
+some node can hold one trial (`check_trial_fits`), and every node can write to the run directory.
 
 A multi-node search whose workers cannot write (no S3 credentials, a local path that only the head has)
 otherwise fails trial by trial, after the baseline is measured. `check_storage_writable` runs one tiny
@@ -10,10 +15,17 @@ A single-node run on a local path starts nothing.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
+import os
+import re
+import socket
 import sys
+import tempfile
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from orchestrator.artifacts.fs import is_uri, join, read_bytes, resolve, write_atomic
 from orchestrator.errors import UserError
@@ -22,6 +34,11 @@ PREFLIGHT_DIR = ".preflight"
 TOKEN_FILE = "token"
 TIMEOUT_S = 60.0  # a node whose task has not run by then is reported on stderr, not failed
 DRIVER_HINT = "check the path, its permissions, and this machine's credentials for that storage"
+CONNECT_TIMEOUT_S = 5.0  # a Ray head or tracking server that is up accepts a TCP connection well within this
+# MLflow tracking URI schemes (a database's may name its driver: postgresql+psycopg2://)
+MLFLOW_SCHEMES = ("file", "http", "https", "databricks", "sqlite", "postgresql", "mysql", "mssql")
+_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?"  # one dot-separated part of a host name
+_HOST_NAME = re.compile(rf"{_LABEL}(\.{_LABEL})*")
 
 
 @dataclass(frozen=True)
@@ -172,3 +189,152 @@ def _remove_preflight(run_dir: str) -> None:
 def _first_line(exc: Any) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def write_problem(location: str) -> str:
+    """'' when this process can create files in the local directory `location` (made when missing), else why not.
+
+    The nearest existing directory on the way is probed with a real file: permissions alone do not say (root
+    passes them, /proc refuses root)."""
+    path = Path(os.path.abspath(location))
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        return f"{existing} is not a directory"
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".write-probe-", dir=existing)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as exc:
+        return f"cannot create files in {existing} ({exc.strerror or type(exc).__name__})"
+    return ""
+
+
+def check_storage_path(storage: str) -> None:
+    """Raise UserError when the local `--storage-path` is not a directory this machine can write (URIs are
+    checked once Ray runs, by `check_storage_writable`)."""
+    problem = "" if is_uri(storage) else write_problem(storage)
+    if problem:
+        raise UserError(f"--storage-path {storage}: {problem}; give a directory this machine can write to")
+
+
+def parse_address(address: str, flag: str = "--address") -> tuple[str, int]:
+    """(host, port) of `[ray://]host:port` (an IPv6 host in brackets); UserError naming `flag` when malformed."""
+    host, colon, port = address.removeprefix("ray://").rpartition(":")
+    bracketed = host.startswith("[") and host.endswith("]")
+    host = host[1:-1] if bracketed else host
+    valid_host = _valid_host(host) and (bracketed or ":" not in host)  # IPv6 only in brackets, as Ray reads it
+    if not colon or not port.isdigit() or not 1 <= int(port) <= 65535 or not valid_host:
+        raise UserError(
+            f"{flag} {address!r} is not HOST:PORT with a valid host and a port from 1 to 65535 (e.g. 10.0.0.5:6379 "
+            "or ray://10.0.0.5:10001); 'auto' joins the cluster this node belongs to"
+        )
+    return host, int(port)
+
+
+def _valid_host(host: str) -> bool:
+    """An IP address, or a host name that is not a malformed dotted quad (256.1.1.1)."""
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return bool(_HOST_NAME.fullmatch(host)) and not re.fullmatch(r"[\d.]+", host)
+
+
+def check_address(address: str | None, timeout_s: float = CONNECT_TIMEOUT_S, *, flag: str = "--address") -> None:
+    """Raise UserError unless `address` can be joined: None and 'local' (a private Ray) pass; 'auto' checks
+    RAY_ADDRESS when set (else Ray looks for a cluster on this node, and says at once when there is none);
+    `[ray://]host:port` must accept a TCP connection within `timeout_s` (Ray itself retries for minutes)."""
+    if address in (None, "local"):
+        return
+    if address == "auto":
+        from_environment = os.environ.get("RAY_ADDRESS", "")
+        if from_environment not in ("", "auto", "local"):
+            check_address(from_environment, timeout_s, flag="RAY_ADDRESS")
+        return
+    host, port = parse_address(address, flag)
+    problem = connect_problem(host, port, timeout_s)
+    if problem:
+        service = "Ray client server" if address.startswith("ray://") else "Ray head (GCS)"
+        raise UserError(
+            f"{flag} {address}: {problem}; start the cluster (ray start --head) or fix the address, "
+            f"and open port {port} of the {service} to this machine"
+        )
+
+
+def connect_problem(host: str, port: int, timeout_s: float) -> str:
+    """'' when host:port accepts a TCP connection within `timeout_s`, else why not, in a few words."""
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except socket.gaierror:
+        return f"cannot resolve {host}"
+    except TimeoutError:
+        return f"no answer within {timeout_s:g} s"
+    except OSError as exc:
+        return (exc.strerror or type(exc).__name__).lower()
+    return ""
+
+
+def check_tracking_uri(uri: str | None, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+    """Raise UserError for an `--mlflow` URI that cannot work: an unknown scheme, a server that does not accept a
+    connection within `timeout_s`, a local store this machine cannot write. None (no MLflow) and '' (mlruns/
+    beside the run directory, checked with the storage path) pass."""
+    if not uri:
+        return
+    parts = urlsplit(uri)
+    scheme = parts.scheme.split("+")[0].lower()
+    if scheme and scheme not in MLFLOW_SCHEMES:
+        raise UserError(
+            f"--mlflow {uri}: MLflow does not read {parts.scheme}:// URIs; give http(s)://HOST:PORT, a directory, "
+            f"or a {', '.join(s for s in MLFLOW_SCHEMES if s not in ('http', 'https'))} URI"
+        )
+    if scheme in ("http", "https"):
+        try:
+            host, port = parts.hostname, parts.port or (443 if scheme == "https" else 80)
+        except ValueError:  # a port that is not a number from 0 to 65535
+            host = None
+        problem = connect_problem(host, port, timeout_s) if host else "no HOST:PORT in it"
+        if problem:
+            raise UserError(f"--mlflow {uri}: {problem}; start the tracking server (mlflow server) or fix the URI")
+    elif scheme in ("", "file"):
+        problem = write_problem(parts.path if scheme else uri)
+        if problem:
+            raise UserError(f"--mlflow {uri}: {problem}; give a directory this machine can write to")
+
+
+def check_trial_fits(cpus_per_trial: float, gpus_per_trial: float) -> None:
+    """Raise UserError when no node of the running Ray cluster, nor any node type its autoscaler may start, has
+    the CPUs and GPUs one trial asks for: Tune would wait forever, saying so only in its log.
+
+    Node types are known from an autoscaler that publishes them (v2, KubeRay); a cluster started by the cluster
+    launcher (its bootstrap config on this head node, as Tune itself tests) is trusted to add what it can."""
+    import ray
+
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    if _fits(nodes, cpus_per_trial, gpus_per_trial) or _fits(_node_types(), cpus_per_trial, gpus_per_trial):
+        return
+    if Path("~/ray_bootstrap_config.yaml").expanduser().exists():
+        return
+    total = ray.cluster_resources()
+    most = {key: max((n.get(key, 0) for n in nodes), default=0) for key in ("CPU", "GPU")}
+    raise UserError(
+        f"a trial asks for {cpus_per_trial:g} CPUs and {gpus_per_trial:g} GPUs (--cpus-per-trial, --gpus-per-trial), "
+        f"but no node of the Ray cluster has them: {len(nodes)} node{'s' if len(nodes) != 1 else ''} with "
+        f"{total.get('CPU', 0):g} CPUs and {total.get('GPU', 0):g} GPUs in all, at most {most['CPU']:g} CPUs and "
+        f"{most['GPU']:g} GPUs on one; ask for less per trial, or add a node that has them"
+    )
+
+
+def _fits(nodes: list[dict[str, float]], cpus: float, gpus: float) -> bool:
+    return any(node.get("CPU", 0) >= cpus and node.get("GPU", 0) >= gpus for node in nodes)
+
+
+def _node_types() -> list[dict[str, float]]:
+    """The resources of each node type the autoscaler may still start, when it publishes them (else [])."""
+    try:
+        from ray._private.state import state
+
+        config = state.get_cluster_config()
+    except Exception:  # noqa: BLE001 - a private API that may move: then no node types are known
+        return []
+    groups = config.node_group_configs if config is not None else []
+    return [dict(group.resources) for group in groups if group.max_count != 0]
