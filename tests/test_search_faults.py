@@ -108,9 +108,96 @@ def clean_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return storage / "clean"
 
 
+@pytest.fixture
+def cpu_load():
+    """A process burning a core beside the test: the faults must hold on a loaded machine."""
+    burner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        yield
+    finally:
+        burner.kill()
+        burner.wait()
+
+
+def wait_for(predicate, process: subprocess.Popen, what: str, ceiling_s: float = 900) -> None:
+    """Wait for an event of the run (never a fixed time); the ceiling only stops a hung run."""
+    deadline = time.monotonic() + ceiling_s
+    while not predicate():
+        if process.poll() is not None:
+            raise AssertionError(f"the search ended before {what}: {process.stderr.read()[-4000:]}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no {what} after {ceiling_s} s")
+        time.sleep(0.1)
+
+
+def records(run_dir: Path) -> int:
+    return len(list((run_dir / "finished").glob("*/final_result.json")))
+
+
+def malicious_pickle(marker: Path) -> bytes:
+    """A pickle that runs code when it is loaded: what a tampered tuner.pkl or searcher state would be."""
+    import pickle
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    return pickle.dumps(Payload())
+
+
+def damage_tunes_state(run_dir: Path, marker: Path) -> None:
+    """What a kill while Tune writes its state leaves, at worst: no experiment state, and pickles that are cut
+    short or (copied from someone) run code when loaded."""
+    for state in run_dir.glob("experiment_state-*.json"):
+        state.unlink()
+    (run_dir / "tuner.pkl").write_bytes(malicious_pickle(marker))
+    for searcher_state in run_dir.glob("searcher-state-*"):
+        searcher_state.write_bytes(malicious_pickle(marker)[:7])
+
+
+def torn_journal(run_dir: Path) -> None:
+    """What a kill in the middle of an append to the journal leaves."""
+    with open(run_dir / "optuna-journal.log", "ab") as journal:
+        journal.write(b'{"op_code":6,"worker_id":"cut sh')
+
+
+PHASES = {  # where the kill lands: (the pause point it waits at, or None; what to wait for; what it leaves)
+    "before the first trial": ("before_first_trial", None, None),
+    "between a trial's record and Tune hearing of it": ("trial_recorded", None, None),
+    "while Tune writes its state": (None, 3, damage_tunes_state),
+    "while the journal is appended to": (None, 2, lambda run_dir, marker: torn_journal(run_dir)),
+    "during collect": ("collect", None, None),
+}
+
+
 @pytest.mark.slow
 @pytest.mark.ray
-def test_sigkill_at_random_moments_then_resume_gives_the_clean_runs_trials(tmp_path, clean_run):
+@pytest.mark.parametrize("phase", PHASES)
+def test_sigkill_at_each_phase_then_resume_gives_the_clean_runs_trials(tmp_path, clean_run, cpu_load, phase):
+    place, after_records, damage = PHASES[phase]
+    storage, marker, paused = tmp_path / "runs", tmp_path / "code-ran", tmp_path / "paused"
+    run_dir = storage / "faulty"
+    env = {**os.environ, "ORCHESTRATOR_PAUSE_AT": place or "", "ORCHESTRATOR_PAUSE_FILE": str(paused)}
+    process = subprocess.Popen(
+        search_args(storage, "faulty"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True, env=env,
+    )  # fmt: skip
+    if place is not None:
+        wait_for(paused.exists, process, f"the pause at {place}")
+    else:
+        wait_for(lambda: records(run_dir) >= after_records, process, f"{after_records} finished records")
+    kill_group(process)
+    if damage is not None:
+        damage(run_dir, marker)
+    finished = subprocess.run(search_args(storage, "faulty", "--resume"), capture_output=True, text=True, timeout=900)
+    assert finished.returncode == 0, finished.stderr[-4000:]
+    assert not marker.exists(), "resuming ran code from the run directory"
+    check_resumed_run(run_dir, "faulty", clean_run)
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_sigkill_at_random_moments_under_load_then_resume_gives_the_clean_runs_trials(tmp_path, clean_run, cpu_load):
     rng = random.Random(20261201)
     storage = tmp_path / "runs"
     run_dir = storage / "faulty"
@@ -130,14 +217,27 @@ def test_sigkill_at_random_moments_then_resume_gives_the_clean_runs_trials(tmp_p
 
 @pytest.mark.slow
 @pytest.mark.ray
+def test_sigterm_stops_like_ctrl_c_with_exit_143_and_no_stack_dump(tmp_path, clean_run):
+    storage = tmp_path / "runs"
+    process = launch(search_args(storage, "termed"))
+    wait_for(lambda: records(storage / "termed") >= 3, process, "3 finished records")
+    process.send_signal(signal.SIGTERM)  # what `timeout` or a scheduler sends: to the driver alone
+    _, stderr = process.communicate(timeout=600)
+    kill_group(process)
+    assert process.returncode == 143, stderr[-4000:]
+    assert "--resume --name termed" in stderr and "SIGTERM received" not in stderr and "Traceback" not in stderr
+    resumed = subprocess.run(search_args(storage, "termed", "--resume"), capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    check_resumed_run(storage / "termed", "termed", clean_run)
+
+
+@pytest.mark.slow
+@pytest.mark.ray
 def test_ctrl_c_leaves_partial_tables_and_a_moved_run_resumes(tmp_path, clean_run):
     storage = tmp_path / "first"
     process = launch(search_args(storage, "moved"))
-    deadline = time.time() + 300
-    records = storage / "moved" / "finished"  # each trial writes its record as it ends (Tune's files sync later)
-    while len(list(records.glob("*/final_result.json"))) < 3 and time.time() < deadline and process.poll() is None:
-        time.sleep(0.1)
-    assert process.poll() is None, "the search ended before it could be interrupted"
+    # each trial writes its record as it ends (Tune's files sync later)
+    wait_for(lambda: records(storage / "moved") >= 3, process, "3 finished records")
     os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends
     _, stderr = process.communicate(timeout=300)
     assert process.returncode == 130, stderr[-4000:]

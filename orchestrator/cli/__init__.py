@@ -98,8 +98,15 @@ def _report(args: argparse.Namespace) -> int:
 
 def _search(args: argparse.Namespace) -> int:
     from orchestrator.search.driver import run
+    from orchestrator.search.signals import Interrupted
 
-    outcome = run(config_from_args(args))
+    try:
+        outcome = run(config_from_args(args))
+    except Interrupted as stop:  # SIGTERM: stopped like Ctrl-C, with its own exit code
+        if stop.outcome is None:
+            raise
+        print_outcome(stop.outcome)
+        return stop.exit_code
     print_outcome(outcome)
     return EXIT_INTERRUPTED if outcome.interrupted else 0
 
@@ -209,6 +216,6 @@ def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
         where = f" writing {exc.filename}" if exc.filename else ""
         print(f"error: no space left on the device{where}; free space and run the command again", file=sys.stderr)
         return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (signals.Interrupted: exit 143)
+        print(f"interrupted{f' ({exc})' if str(exc) else ''}", file=sys.stderr)
+        return getattr(exc, "exit_code", EXIT_INTERRUPTED)

@@ -18,7 +18,8 @@ exit codes:
   0    success
   1    unexpected internal error (a bug: please report it)
   2    bad input or a condition you can fix (one `error:` line)
-  130  interrupted (Ctrl-C; a search is resumable with --resume)"""
+  130  interrupted (Ctrl-C; a search is resumable with --resume)
+  143  stopped by SIGTERM (as by Ctrl-C: resumable with --resume)"""
 _NEGATIVE_NUMBER = re.compile(r"^-\d+$|^-\d*\.\d+$")  # a value, not an option (argparse's own test)
 
 

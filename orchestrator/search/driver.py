@@ -14,6 +14,7 @@ import datetime as dt
 import logging
 import os
 import pickle
+import signal
 import sys
 import tempfile
 import warnings
@@ -29,8 +30,9 @@ from orchestrator.artifacts.tables import RunInfo
 from orchestrator.errors import StorageFull, UserError
 from orchestrator.search.config import SearchConfig, SearchOutcome
 from orchestrator.search.pause import pause_point
-from orchestrator.search.preflight import check_storage_writable
+from orchestrator.search.preflight import check_storage_writable, check_trial_fits
 from orchestrator.search.prepare import JOURNAL_FILE, Prepared, prepare, run_directory
+from orchestrator.search.signals import Interrupted, stop_requests
 from orchestrator.search.space import SearchSpace
 from orchestrator.search.stopping import out_of_space, ran_out_of_space
 from orchestrator.search.trial import TrialSetup, run_trial
@@ -43,17 +45,23 @@ def run(config: SearchConfig) -> SearchOutcome:
     config.check()
     _quiet()
     try:
-        with directory_lock(run_directory(config)[2]):
+        with directory_lock(run_directory(config)[2]), stop_requests() as requests:
             prepared = prepare(config)
             start_ray(config, log_file=_log_file(prepared))
+            requests.install()  # after Ray, whose driver's own SIGTERM handler prints a C++ stack dump
+            check_trial_fits(config.cpus_per_trial, config.gpus_per_trial)
             check_storage_writable(prepared.run_dir, address_given=bool(config.address))
             from orchestrator.search.stopping import StopWhenStorageFull
 
             guard = StopWhenStorageFull()
             tuner = build_tuner(config, prepared, guard)  # the study exists, the references are enqueued
             pause_point("before_first_trial")
-            grid = _fit(tuner, prepared, guard)
-            return finish(config, prepared, grid)
+            with requests.fit():
+                grid = _fit(tuner, prepared, guard)
+            outcome = finish(config, prepared, grid)
+            if requests.terminated:
+                raise Interrupted(signal.SIGTERM, outcome)
+            return outcome
     except LockHeld as exc:
         raise UserError(f"{exc}; wait for it, or choose another --name") from None
 
