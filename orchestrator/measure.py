@@ -7,7 +7,9 @@ metrics.json, trial results and the tables share.
 Decisions: what is timed is a torch module or a model `Deployed` in another runtime (an ONNX Runtime session,
 `orchestrator.runtime`); both become a zero-argument forward on fixed inputs, so one timing implementation
 (`time_latency`, `time_paired`) serves every target. A deployed model's size is its runtime's file; the
-checkpoint's own bytes are kept beside it as `checkpoint_bytes`. FLOPs are always the torch model's.
+checkpoint's own bytes are kept beside it as `checkpoint_bytes`. FLOPs are always the torch model's. The clock is
+injectable (`clock=`, default `time.perf_counter`) so that tests check the arithmetic of timing with exact, fake
+durations instead of asserting how fast the machine happens to be.
 """
 
 from __future__ import annotations
@@ -55,6 +57,8 @@ class Deployed(Protocol):
 
 
 Timed = nn.Module | Deployed  # what the timing functions run
+# Seconds from an arbitrary origin, as `time.perf_counter` returns them (tests pass a fake one).
+Clock = Callable[[], float]
 
 
 @dataclass(frozen=True)
@@ -210,22 +214,24 @@ def _forward(timed: Timed, inputs: Inputs) -> Callable[[], object]:
     return synchronised
 
 
-def time_latency(model: Timed, example_inputs: Inputs, *, warmup: int = 10, runs: int = 50) -> Latency:
+def time_latency(
+    model: Timed, example_inputs: Inputs, *, warmup: int = 10, runs: int = 50, clock: Clock = time.perf_counter
+) -> Latency:
     """Median wall time of `runs` forward passes after `warmup`, in inference mode, on the inputs' device (a
     `Deployed` model: in its own runtime)."""
     forward = _forward(model, example_inputs)
     with torch.inference_mode():
-        _timed_block(forward, warmup)
-        times = _timed_block(forward, runs)
+        _timed_block(forward, warmup, clock)
+        times = _timed_block(forward, runs, clock)
     return _latency_of(times, warmup, batch_length(example_inputs))
 
 
-def _timed_block(forward: Callable[[], object], runs: int) -> list[float]:
+def _timed_block(forward: Callable[[], object], runs: int, clock: Clock) -> list[float]:
     times = []
     for _ in range(runs):
-        start = time.perf_counter()
+        start = clock()
         forward()
-        times.append((time.perf_counter() - start) * 1000.0)
+        times.append((clock() - start) * 1000.0)
     return times
 
 
@@ -256,6 +262,7 @@ def time_paired(
     runs: int = 20,
     warmup: int = 5,
     across_runtimes: bool = False,
+    clock: Clock = time.perf_counter,
 ) -> tuple[Latency, Latency, Speedup]:
     """Time `model` and `baseline` (torch modules, or both deployed in one runtime; `across_runtimes` allows one
     of each, as a deployment benchmark compares them) in alternating blocks of at least `runs` forwards and
@@ -268,11 +275,11 @@ def time_paired(
     theirs: list[float] = []
     ratios = []
     with torch.inference_mode():
-        counts = {key: _block_runs(_timed_block(forward, warmup), runs) for key, forward in forwards.items()}
+        counts = {key: _block_runs(_timed_block(forward, warmup, clock), runs) for key, forward in forwards.items()}
         for index in range(rounds):
             first, second = (model, baseline) if index % 2 == 0 else (baseline, model)
-            blocks = {id(first): _timed_block(forwards[id(first)], counts[id(first)])}
-            blocks.setdefault(id(second), _timed_block(forwards[id(second)], counts[id(second)]))
+            blocks = {id(first): _timed_block(forwards[id(first)], counts[id(first)], clock)}
+            blocks.setdefault(id(second), _timed_block(forwards[id(second)], counts[id(second)], clock))
             mine, base = blocks[id(model)], blocks[id(baseline)]
             ours += mine
             theirs += base
@@ -319,6 +326,7 @@ def measure(
     deployed: Deployed | None = None,
     warmup: int = 10,
     runs: int = 50,
+    clock: Clock = time.perf_counter,
 ) -> Measurements:
     """Size (the artifact written against the `base` architecture), latency, parameters and FLOPs of `model`;
     with `beside` (its baseline), the latency is timed in rounds paired with it and the speedup kept.
@@ -329,9 +337,9 @@ def measure(
     timed: Timed = model if deployed is None else deployed
     paired = None
     if beside is None:
-        latency = time_latency(timed, example_inputs, warmup=warmup, runs=runs)
+        latency = time_latency(timed, example_inputs, warmup=warmup, runs=runs, clock=clock)
     else:
-        latency, baseline, speedup = time_paired(timed, beside, example_inputs)
+        latency, baseline, speedup = time_paired(timed, beside, example_inputs, clock=clock)
         paired = (baseline, speedup)
     checkpoint_bytes = measure_artifact(model, base)
     return Measurements(

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from orchestrator import latency_log
+from tests.waiting import HANG_S
 
 
 @pytest.fixture
@@ -88,8 +89,8 @@ def test_processes_appending_at_once_lose_nothing(cache):
     for worker in workers:
         worker.start()
     for worker in workers:
-        worker.join(60)
-    assert [w.exitcode for w in workers] == [0] * 4
+        worker.join(HANG_S)
+    assert [w.exitcode for w in workers] == [0] * 4, "None: a worker still running at the hang ceiling"
     assert sorted(latency_log.observed(described)) == sorted(w * 100.0 + i + 1 for w in range(4) for i in range(20))
 
 

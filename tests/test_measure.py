@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -63,33 +65,79 @@ def test_latency_and_environment_are_recorded():
     assert metrics["size_bytes"] == measure_artifact(model) and metrics["compression_ratio"] == 1.0
 
 
-def test_paired_timing_reports_the_ratio_with_its_spread():
-    from orchestrator.measure import time_paired
+class FakeClock:
+    """A clock that moves only when a model it charges runs a forward: exact timings however busy the machine is."""
 
-    torch.manual_seed(0)
-    small = nn.Linear(64, 8)
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.ran: list[str] = []  # which charged model ran each forward, in order
+
+    def __call__(self) -> float:
+        return self.now
+
+    def charge(self, model: nn.Module, seconds: float, name: str) -> nn.Module:
+        """`model`, each forward of which takes `seconds` on this clock (a power of two: sums stay exact)."""
+
+        def tick(*_: object) -> None:
+            self.now += seconds
+            self.ran.append(name)
+
+        model.register_forward_pre_hook(tick)
+        return model
+
+
+FAST_S, SLOW_S = 2.0**-11, 2.0**-8  # a 0.49 ms model beside a 3.9 ms baseline: exactly 8x faster
+
+
+def test_paired_timing_reports_the_ratio_with_its_spread():
+    """The arithmetic of paired timing, on a fake clock (how fast real models run here is bench/deploy.py's)."""
+    from orchestrator.measure import MIN_BLOCK_S, time_paired
+
+    clock = FakeClock()
+    fast_model = clock.charge(nn.Linear(16, 8), FAST_S, "model")
+    baseline = clock.charge(nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 8)), SLOW_S, "baseline")
+    x = torch.randn(4, 16)
+    fast, slow, speedup = time_paired(fast_model, baseline, x, rounds=5, runs=5, warmup=3, clock=clock)
+    assert (speedup.median, speedup.rounds) == (SLOW_S / FAST_S, 5) == (8.0, 5)
+    assert (speedup.low, speedup.high) == (8.0 / (1 + REPRODUCIBILITY), 8.0 * (1 + REPRODUCIBILITY))  # no spread
+    assert speedup.measurable
+    assert (fast.median_ms, fast.p10_ms, fast.p90_ms) == (FAST_S * 1000,) * 3 and slow.median_ms == SLOW_S * 1000
+    assert fast.batch_size == slow.batch_size == 4 and fast.warmup == 3
+    # blocks last at least MIN_BLOCK_S: 52 forwards of the fast model, 7 of the slow one (above `runs`) per round
+    per_block = {name: math.ceil(MIN_BLOCK_S / s) for name, s in [("model", FAST_S), ("baseline", SLOW_S)]}
+    assert (fast.runs, slow.runs) == (5 * per_block["model"], 5 * per_block["baseline"]) == (5 * 52, 5 * 7)
+    # each warmed up, then blocks in an order that flips every round, so both see the same moments of the machine
+    expected = ["model"] * 3 + ["baseline"] * 3
+    for index in range(5):
+        for name in ("model", "baseline") if index % 2 == 0 else ("baseline", "model"):
+            expected += [name] * per_block[name]
+    assert clock.ran == expected
     big = nn.Sequential(*[nn.Linear(512, 512) for _ in range(8)], nn.Linear(512, 8))
-    x = torch.randn(16, 512)
-    fast, slow, speedup = time_paired(nn.Sequential(nn.Linear(512, 64), small), big, x, rounds=5, runs=5)
-    assert speedup.rounds == 5 and speedup.low <= speedup.median <= speedup.high
-    assert speedup.median > 2 and speedup.measurable  # eight 512-wide layers against two small ones
-    assert fast.median_ms < slow.median_ms and fast.runs % 5 == slow.runs % 5 == 0 and slow.runs >= 25
-    assert fast.runs > slow.runs  # blocks last at least MIN_BLOCK_S: the faster model runs more forwards in each
-    _, _, itself = time_paired(big, big, x, rounds=3, runs=3)  # a model beside itself: exactly no change
+    _, _, itself = time_paired(big, big, torch.randn(16, 512), rounds=3, runs=3)  # the real clock: exactly 1.0
     assert (itself.median, itself.low, itself.high) == (1.0, 1 / (1 + REPRODUCIBILITY), 1 + REPRODUCIBILITY)
     assert not itself.measurable
 
 
+def test_latency_on_a_fake_clock_is_exact():
+    clock = FakeClock()
+    model = clock.charge(nn.Linear(8, 8), SLOW_S, "model")
+    latency = time_latency(model, torch.randn(3, 8), warmup=2, runs=7, clock=clock)
+    assert (latency.median_ms, latency.p10_ms, latency.p90_ms) == (SLOW_S * 1000,) * 3
+    assert (latency.runs, latency.warmup, latency.batch_size) == (7, 2, 3) and len(clock.ran) == 9
+
+
 def test_measurements_timed_beside_a_baseline_carry_the_paired_speedup():
-    torch.manual_seed(0)
-    model, baseline = nn.Linear(32, 8), nn.Sequential(*[nn.Linear(32, 32) for _ in range(6)], nn.Linear(32, 8))
-    measured = measure(model, torch.randn(4, 32), beside=baseline)
-    metrics = measured.metrics(reference=measure(baseline, torch.randn(4, 32)))
-    assert metrics["speedup"] == measured.paired[1].median
+    clock = FakeClock()
+    model = clock.charge(nn.Linear(32, 8), FAST_S, "model")
+    baseline = clock.charge(nn.Sequential(*[nn.Linear(32, 32) for _ in range(6)], nn.Linear(32, 8)), SLOW_S, "base")
+    measured = measure(model, torch.randn(4, 32), beside=baseline, clock=clock)
+    metrics = measured.metrics(reference=measure(baseline, torch.randn(4, 32), clock=clock))
+    assert metrics["speedup"] == measured.paired[1].median == 8.0
     assert metrics["speedup_low"] <= metrics["speedup"] <= metrics["speedup_high"]
-    assert metrics["baseline_latency_ms"] == measured.paired[0].median_ms and metrics["speedup_rounds"] == 7
+    assert metrics["baseline_latency_ms"] == measured.paired[0].median_ms == SLOW_S * 1000
+    assert metrics["latency_ms"] == FAST_S * 1000 and metrics["speedup_rounds"] == 7
     # the search's latency objective is this paired ratio (the model's time as a fraction of the baseline's)
-    assert metrics["relative_latency"] == 1.0 / metrics["speedup"] < 1.0
+    assert metrics["relative_latency"] == 1.0 / metrics["speedup"] == 0.125
     config = SearchConfig(objectives=("accuracy", "latency"))
     assert config.metric_keys == ("validation", "relative_latency") and config.directions[1] == "minimize"
 

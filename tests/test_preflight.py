@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from orchestrator.errors import UserError
 from orchestrator.search import preflight
 from orchestrator.search.preflight import alive_nodes, check_storage_writable, setup_hint, verify_nodes
+from tests.waiting import HANG_S, simulated_cluster
 
 UNWRITABLE = "unwritable_storage"  # a custom resource marking the simulated node that cannot write
 
@@ -17,13 +16,9 @@ UNWRITABLE = "unwritable_storage"  # a custom resource marking the simulated nod
 def cluster():
     """A CPU-less head and two workers on this machine (they share its disk, as NFS nodes would)."""
     import ray
-    from ray.cluster_utils import Cluster
 
     ray.shutdown()
-    simulated = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-    simulated.add_node(num_cpus=1)
-    simulated.add_node(num_cpus=1, resources={UNWRITABLE: 1})
-    simulated.wait_for_nodes()
+    simulated = simulated_cluster({"num_cpus": 1}, {"num_cpus": 1, "resources": {UNWRITABLE: 1}})
     ray.init(address=simulated.address, include_dashboard=False, log_to_driver=False)
     yield simulated
     ray.shutdown()
@@ -38,6 +33,12 @@ def unwritable_node() -> dict:
 
 def refuse(*args, **kwargs):
     raise AssertionError("Ray was asked")
+
+
+@pytest.fixture
+def every_node_answers(monkeypatch):
+    """The checks wait for every node's answer: a loaded machine may take minutes to start a node's worker."""
+    monkeypatch.setattr(preflight, "TIMEOUT_S", HANG_S)
 
 
 def test_single_node_local_run_starts_nothing(tmp_path, monkeypatch):
@@ -75,11 +76,22 @@ def test_single_node_local_ray_starts_no_task(tmp_path, monkeypatch):
 
 
 @pytest.mark.ray
-def test_shared_local_path_passes_on_every_node_and_leaves_nothing(cluster, tmp_path):
+def test_shared_local_path_passes_on_every_node_and_leaves_nothing(cluster, tmp_path, monkeypatch, every_node_answers):
     assert len(alive_nodes()) == 3
-    started = time.perf_counter()
+    ran, check = tmp_path / "ran", preflight.write_marker
+    ran.mkdir()
+
+    def recorded(run_dir: str, node_id: str, token: str, **kwargs) -> str:  # on the node: where it really ran
+        import ray
+
+        (ran / node_id).write_text(ray.get_runtime_context().get_node_id())
+        return check(run_dir, node_id, token, **kwargs)
+
+    monkeypatch.setattr(preflight, "write_marker", recorded)
     check_storage_writable(str(tmp_path / "run"), address_given=True)
-    assert time.perf_counter() - started < 30  # one zero-CPU task per node
+    # one zero-CPU task per node, pinned to it: the CPU-less head ran its check too (a task asking for a CPU would
+    # never start there, and this test would stop at the hang ceiling with the head's record missing)
+    assert {p.name: p.read_text() for p in ran.iterdir()} == {n.node_id: n.node_id for n in alive_nodes()}
     assert list((tmp_path / "run").iterdir()) == []  # the markers and the token are gone
 
 
@@ -91,7 +103,7 @@ def test_remote_uri_is_checked_on_every_node(cluster, tmp_path):
 
 
 @pytest.mark.ray
-def test_a_node_that_cannot_write_is_named_in_one_line(cluster, tmp_path):
+def test_a_node_that_cannot_write_is_named_in_one_line(cluster, tmp_path, every_node_answers):
     node = unwritable_node()
     run_dir = str(tmp_path / "run")
     with pytest.raises(UserError) as raised:
