@@ -21,6 +21,7 @@ from typing import Any
 from torch import nn
 
 import techniques
+from orchestrator.artifacts.jsondoc import parse_json
 from orchestrator.errors import UserError
 from techniques import LAYER_DEFAULT, SpecError, TechniqueSpec
 
@@ -96,13 +97,7 @@ class Policy:
 
     @classmethod
     def loads(cls, text: str) -> Policy:
-        try:
-            doc = json.loads(text, parse_constant=_reject_constant)
-        except json.JSONDecodeError as exc:
-            raise PolicyError(f"policy is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
-        except RecursionError:
-            raise PolicyError("policy is nested too deeply") from None
-        return cls.from_json(doc)
+        return cls.from_json(parse_json(text, "policy", error=PolicyError))
 
     @classmethod
     def load(cls, path: str | Path) -> Policy:
@@ -113,11 +108,6 @@ class Policy:
         except UnicodeDecodeError:
             raise PolicyError(f"policy {path} is not text") from None
         return cls.loads(text)
-
-
-def _reject_constant(name: str) -> Any:
-    """JSON has no NaN or Infinity; Python's parser accepts them unless told otherwise."""
-    raise PolicyError(f"policy is not valid JSON: {name} is not a number JSON allows")
 
 
 def check_seed(seed: Any) -> int:

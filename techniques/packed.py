@@ -42,6 +42,7 @@ from techniques.packing import (
     pack_bits,
     pack_mask,
     packed_nbytes,
+    popcount,
     split_bytes,
     unpack_bits,
     unpack_mask,
@@ -98,6 +99,25 @@ def fake_quantize_rows(x: torch.Tensor) -> torch.Tensor:
     return codes * scale
 
 
+def _is_int(value: Any, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _check_storage(shape: tuple[int, ...], bits: Any, group_size: Any, sparse: Any, nnz: Any, act_bits: Any) -> None:
+    """The storage a (hand-editable) rebuild config describes is one this module can decode (ValueError if not)."""
+    numel = math.prod(shape)
+    if not shape or not all(_is_int(size, 1) for size in shape):
+        raise ValueError(f"weight shape must be positive integers, got {list(shape)}")
+    if not _is_int(bits, 2) or not (bits <= 8 or bits in FLOAT_BITS):
+        raise ValueError(f"bits must be an integer in [2, 8], 16 or 32, got {bits!r}")
+    if group_size is not None and (not _is_int(group_size, 1) or (numel // shape[0]) % group_size):
+        raise ValueError(f"group_size {group_size!r} does not divide a weight row of {numel // shape[0]}")
+    if not isinstance(sparse, bool) or not _is_int(nnz, 0) or nnz > numel or (not sparse and nnz != numel):
+        raise ValueError(f"sparse={sparse!r} with nnz={nnz!r} does not describe {numel} weights")
+    if act_bits not in (None, 8) or isinstance(act_bits, bool):
+        raise ValueError(f"act_bits must be 8 or null, got {act_bits!r}")
+
+
 class PackedLayer(RebuildableModule):
     """Storage, decoding and activation quantisation shared by PackedLinear and PackedConv2d."""
 
@@ -127,7 +147,7 @@ class PackedLayer(RebuildableModule):
         super().__init__()
         if act_dynamic is not False and (act_dynamic is not True or act_bits != 8):
             raise ValueError(f"act_dynamic must be a bool, and true only with act_bits=8; got {act_dynamic!r}")
-        self.weight_shape = tuple(int(s) for s in weight_shape)
+        self.weight_shape = tuple(weight_shape)
         self.bits = bits
         self.group_size = group_size
         self.sparse = sparse
@@ -135,7 +155,8 @@ class PackedLayer(RebuildableModule):
         self.act_dynamic = act_dynamic
         self.requested_kernel = kernel
         numel = math.prod(self.weight_shape)
-        self.nnz = numel if nnz is None else int(nnz)
+        self.nnz = numel if nnz is None else nnz
+        _check_storage(self.weight_shape, bits, group_size, sparse, self.nnz, act_bits)
         count = self.nnz if sparse else numel
         if bits in FLOAT_BITS:
             self.register_buffer("values", torch.zeros(count, dtype=torch.float16 if bits == 16 else torch.float32))
@@ -219,9 +240,15 @@ class PackedLayer(RebuildableModule):
             "kernel": self.requested_kernel,
         }
 
-    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        super()._load_from_state_dict(*args, **kwargs)
+    def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any) -> None:
+        errors: list[str] = args[-1]  # (local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        reported = len(errors)
+        super()._load_from_state_dict(state_dict, prefix, *args)
         self._dense = self._wt_int8 = self._plan = None
+        if self.sparse and len(errors) == reported and f"{prefix}mask" in state_dict:
+            kept = popcount(self.mask)  # the mask must place exactly the values stored, or decoding fails
+            if kept != self.nnz:
+                raise ValueError(f"{prefix}mask keeps {kept} weights where the layer records {self.nnz}")
 
     def _decode_flat(self) -> torch.Tensor:
         """All weight values (float32 or int8 codes), zeros at masked positions, as a flat tensor."""

@@ -176,3 +176,14 @@ def pack_mask(mask: torch.Tensor) -> torch.Tensor:
 def unpack_mask(packed: torch.Tensor, n: int) -> torch.Tensor:
     """The flat boolean mask of `n` elements that `pack_mask` stored."""
     return _unpack_unsigned(packed, 1, n).to(torch.bool)
+
+
+_BYTE_POPCOUNT = [bin(value).count("1") for value in range(256)]
+
+
+def popcount(packed: torch.Tensor) -> int:
+    """How many bits are set in a uint8 tensor (a packed mask's kept elements, padding bits included)."""
+    if packed.dtype != torch.uint8:
+        raise ValueError(f"packed data must be a uint8 tensor, got {packed.dtype}")
+    table = torch.tensor(_BYTE_POPCOUNT, dtype=torch.int64, device=packed.device)
+    return int(table.index_select(0, packed.reshape(-1).to(torch.int64)).sum())

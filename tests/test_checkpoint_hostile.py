@@ -227,6 +227,41 @@ HOSTILE: dict[str, tuple[Callable[[Path], dict[str, bytes | None]], Callable[[An
         None,
         "bad structure entry 'fc1.0'",
     ),
+    "manifest-5000-digit-integer": (
+        lambda s: {store.MANIFEST: b'{"format": ' + b"9" * 5000 + b"}"},
+        None,
+        "manifest.json is not valid JSON: Exceeds the limit",
+    ),
+    "metrics-5000-digit-integer": (
+        lambda s: {store.METRICS: b'{"validation": ' + b"9" * 5000 + b"}"},
+        None,
+        "metrics.json is not valid JSON",
+    ),
+    "metrics-400-digit-integer": (
+        lambda s: {store.METRICS: b'{"validation": 0.5, "speedup": ' + b"9" * 400 + b"}"},
+        None,
+        "metrics.json: 'speedup' is not a finite number",
+    ),
+    "metrics-nan": (lambda s: {store.METRICS: b'{"validation": NaN}'}, None, "NaN is not a number JSON allows"),
+    "structure-5000-digit-integer": (
+        lambda s: {
+            store.STRUCTURE: _structure(s, _set("modules/4/config/in_features", "@"))[store.STRUCTURE].replace(
+                b'"@"', b"9" * 5000
+            )
+        },
+        None,
+        "structure.json is not valid JSON",
+    ),  # fmt: skip
+    "structure-400-digit-size": (
+        lambda s: _structure(s, _set("modules/4/config/in_features", 10**400)),
+        None,
+        "bad structure entry 'fc1.0'",
+    ),
+    "policy-5000-digit-seed": (
+        lambda s: {store.POLICY: json.dumps(POLICY).replace('"seed": 0', '"seed": ' + "9" * 5000).encode()},
+        None,
+        "policy.json is not valid JSON",
+    ),
     "policy-a-list": (lambda s: {store.POLICY: b"[1]"}, None, "policy.json is not a valid policy"),
     "policy-steps-string": (
         lambda s: {store.POLICY: json.dumps({**POLICY, "steps": "x"}).encode()},

@@ -9,6 +9,7 @@ refused here, so no loader lets them escape as a traceback or a non-finite numbe
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from orchestrator.errors import UserError
@@ -17,7 +18,7 @@ MAX_DEPTH = 64  # deeper nesting than any document this tool writes
 
 
 def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON number")
+    raise ValueError(f"{name} is not a number JSON allows")
 
 
 def _depth(data: str) -> int:
@@ -42,12 +43,24 @@ def _depth(data: str) -> int:
     return deepest
 
 
-def parse_json(data: bytes | str, what: str) -> Any:
-    """`data` parsed as strict JSON; `what` names the document in the one-line error ("policy file x.json")."""
+def parse_json(data: bytes | str, what: str, *, error: type[UserError] = UserError) -> Any:
+    """`data` parsed as strict JSON; `what` names the document in the one-line error ("policy file x.json"),
+    raised as `error` (a UserError kind: PolicyError, CheckpointError...)."""
     try:
         text = data.decode("utf-8") if isinstance(data, bytes) else data
         if _depth(text) > MAX_DEPTH:
-            raise ValueError(f"nested more than {MAX_DEPTH} levels deep")
+            raise ValueError(f"nested too deeply (more than {MAX_DEPTH} levels)")
         return json.loads(text, parse_constant=_refuse_constant)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise UserError(f"{what} is not valid JSON: {str(exc)[:200]}") from None
+        raise error(f"{what} is not valid JSON: {str(exc)[:200]}") from None
+
+
+def finite_json(doc: Any) -> Any:
+    """`doc` with every non-finite float (NaN, ±inf) replaced by None: what this tool writes, `parse_json` reads."""
+    if isinstance(doc, float):
+        return doc if math.isfinite(doc) else None
+    if isinstance(doc, dict):
+        return {key: finite_json(value) for key, value in doc.items()}
+    if isinstance(doc, list | tuple):
+        return [finite_json(value) for value in doc]
+    return doc

@@ -9,16 +9,26 @@ attention's `num_attention_heads` and `all_head_size`): those are recorded as `{
 "config": {attribute: value}}`, for an allow-list of attribute names (`ATTRIBUTES`) and only where the value
 differs from the base's same-named module. Rebuilding sets them after checking each is allow-listed, a positive
 int, and an int attribute the module already has.
+
+A record is input, so what it claims is checked against what it can be checked against before it is believed:
+`rebuild` builds each recorded module on the meta device first (nothing allocated) and compares every tensor it
+would hold with the weights file's header, so a small file cannot make the loader allocate gigabytes; an
+embedding keeps the rows of the one it replaces (no technique shrinks a vocabulary, and a missing row is an
+IndexError at the first lookup); a module's recorded attributes must fit its tensors (no head larger than every
+weight, heads × head size = what the query projection yields).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+import torch
 from torch import nn
 
 import techniques
+from techniques.head_pruning import HEAD_COUNTS, HEAD_SIZES, PROJECTIONS, TOTALS
 
 
 def _conv_config(m: nn.Conv2d) -> dict[str, Any]:
@@ -211,20 +221,98 @@ def set_attributes(model: nn.Module, name: str, config: dict[str, Any]) -> None:
         setattr(module, key, value)
 
 
-def rebuild(base: nn.Module, record: list[dict[str, Any]]) -> nn.Module:
-    """Apply a structure record to a freshly built base architecture (in place; returns it)."""
-    for entry in record:
-        name = entry.get("name") if isinstance(entry, dict) else None
-        try:
+@contextlib.contextmanager
+def _entry(name: Any) -> Iterator[None]:
+    """Errors from one record entry as one StructureError naming it."""
+    try:
+        yield
+    except StructureError as exc:
+        raise StructureError(f"bad structure entry {name!r}: {exc}") from None
+    except _BUILD_ERRORS as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise StructureError(f"bad structure entry {name!r}: {reason}") from None
+
+
+def _name(entry: Any) -> Any:
+    return entry.get("name") if isinstance(entry, dict) else None
+
+
+def _check_claims(entry: dict[str, Any], held: Mapping[str, tuple[int, ...]], replaced: tuple[str, ...]) -> None:
+    """Every tensor the entry's module would hold has the shape the weights file records for it (the module is
+    built on the meta device: nothing is allocated); tensors under `replaced` (names later entries rebuild) aside."""
+    with torch.device("meta"):
+        module = build_module(entry["type"], entry["config"])
+    for key, tensor in module.state_dict().items():
+        key = f"{entry['name']}.{key}"
+        if not key.startswith(replaced) and held.get(key) != tuple(tensor.shape):
+            found = f"shape {list(held[key])}" if key in held else "no such tensor"
+            raise StructureError(f"it gives {key} shape {list(tensor.shape)}; the weights hold {found}")
+
+
+def _existing(model: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+def _check_rows(original: nn.Module | None, module: nn.Module) -> None:
+    """An embedding keeps the rows of the one it replaces: every id the model is fed must have a row."""
+    rows, before = getattr(module, "num_embeddings", None), getattr(original, "num_embeddings", None)
+    if isinstance(before, int) and rows != before:
+        raise StructureError(f"an embedding of {rows} rows replaces one of {before}; no technique removes rows")
+
+
+def _outputs(module: nn.Module | None) -> Any:
+    """The output width a projection yields: its own `out_features`, or the last layer's of a factored one."""
+    if isinstance(module, nn.Sequential) and len(module):
+        module = module[-1]
+    return getattr(module, "out_features", None)
+
+
+def check_attributes(module: nn.Module, recorded: Mapping[str, Any]) -> None:
+    """Recorded attributes fit the module's tensors: none exceeds every tensor dimension, and its head count ×
+    head size is its `all_head_size` and what its query projection yields."""
+    widest = max((size for t in [*module.parameters(), *module.buffers()] for size in t.shape), default=0)
+    for key, value in recorded.items():
+        if value > widest:
+            raise StructureError(f"attribute {key!r} = {value} exceeds every dimension of the module's weights")
+    held = _int_attributes(module)
+    count = next((held[k] for k in HEAD_COUNTS if k in held), None)
+    size = next((held[k] for k in HEAD_SIZES if k in held), None)
+    if count is None or size is None:
+        return
+    children = dict(module.named_children())
+    totals = {key: held[key] for key in TOTALS if key in held}
+    query = next((_outputs(children[t[0]]) for t in PROJECTIONS if t[0] in children), None)
+    if query is not None:
+        totals["the query projection's outputs"] = query
+    for key, total in totals.items():
+        if total != count * size:
+            raise StructureError(f"{count} heads of size {size} do not make {key} = {total}")
+
+
+def rebuild(
+    base: nn.Module, record: list[dict[str, Any]], held: Mapping[str, tuple[int, ...]] | None = None
+) -> nn.Module:
+    """Apply a structure record to a freshly built base architecture (in place; returns it).
+
+    With `held` (each tensor's shape in the weights file), a recorded module is built only once the file holds
+    every tensor it claims, so a small file cannot make the loader allocate what it does not back."""
+    names = [f"{_name(entry)}." for entry in record]
+    for index, entry in enumerate(record):
+        with _entry(_name(entry)):
             if entry["type"] == ATTRIBUTES_TYPE:
                 set_attributes(base, entry["name"], entry["config"])
                 continue
             _check_place(base, entry["name"])
+            if held is not None:
+                _check_claims(entry, held, tuple(names[index + 1 :]))
             module = build_module(entry["type"], entry["config"])
+            _check_rows(_existing(base, entry["name"]), module)
             techniques.set_module(base, entry["name"], module)
-        except StructureError as exc:
-            raise StructureError(f"bad structure entry {name!r}: {exc}") from None
-        except _BUILD_ERRORS as exc:
-            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise StructureError(f"bad structure entry {name!r}: {reason}") from None
+    for entry in record:  # once every module is in place: a pruned attention's projections come after it
+        if entry["type"] == ATTRIBUTES_TYPE:
+            with _entry(entry["name"]):
+                check_attributes(base.get_submodule(entry["name"]), entry["config"])
     return base

@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from orchestrator.artifacts.fs import join, read_bytes, write_atomic
+from orchestrator.artifacts.jsondoc import parse_json
 from orchestrator.errors import UserError
 
 TRIALS_FILE = "trials.parquet"
@@ -165,7 +166,7 @@ def read_table(location: str, name: str) -> tuple[list[dict[str, Any]], dict[str
     metadata = (table.schema.metadata or {}).get(METADATA_KEY)
     if metadata is None:
         raise ResultsError(f"{join(location, name)} was not written by this tool (no run metadata)")
-    try:
-        return table.to_pylist(), json.loads(metadata)
-    except json.JSONDecodeError:
-        raise ResultsError(f"{join(location, name)} has unreadable run metadata") from None
+    facts = parse_json(metadata, f"the run metadata of {join(location, name)}", error=ResultsError)
+    if not isinstance(facts, dict):
+        raise ResultsError(f"{join(location, name)} has unreadable run metadata (not a JSON object)")
+    return table.to_pylist(), facts

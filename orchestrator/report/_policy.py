@@ -6,13 +6,14 @@ instead of failing; validation belongs to `orchestrator.policy`, not here.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import techniques
+from orchestrator.artifacts.jsondoc import parse_json
+from orchestrator.errors import UserError
 
 
 def layer_settings() -> dict[str, tuple[str, str]]:
@@ -30,12 +31,17 @@ _DIGITS = re.compile(r"(\d+)")
 _ENERGY = re.compile(r"^energy:([0-9.eE+-]+)$")
 
 
+def _document(policy_json: str | None) -> Any:
+    """The parsed policy document; None when it is missing or not strict JSON (a report never fails on it)."""
+    try:
+        return parse_json(policy_json or "{}", "policy")
+    except (UserError, TypeError):
+        return None
+
+
 def steps(policy_json: str | None) -> list[tuple[str, dict[str, Any]]]:
     """(step type, step data) of each step, in order; [] for a missing or malformed document."""
-    try:
-        doc = json.loads(policy_json or "{}")
-    except (TypeError, ValueError):
-        return []
+    doc = _document(policy_json)
     raw = doc.get("steps") if isinstance(doc, dict) else None
     if not isinstance(raw, list):
         return []
@@ -44,10 +50,7 @@ def steps(policy_json: str | None) -> list[tuple[str, dict[str, Any]]]:
 
 def policy_name(policy_json: str | None) -> str | None:
     """The policy's optional `name` (reference policies have one, e.g. "int8"), or None."""
-    try:
-        doc = json.loads(policy_json or "{}")
-    except (TypeError, ValueError):
-        return None
+    doc = _document(policy_json)
     name = doc.get("name") if isinstance(doc, dict) else None
     return str(name) if name else None
 

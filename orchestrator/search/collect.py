@@ -29,6 +29,7 @@ from orchestrator.measure import drift_widened, latency_range, torch_threads
 from orchestrator.pareto import feasible_pareto_front
 from orchestrator.policy import Policy
 from orchestrator.search.config import SearchConfig, SearchOutcome
+from orchestrator.search.pause import pause_point
 from orchestrator.search.prepare import Prepared
 from orchestrator.search.sampler import RECORDED
 from orchestrator.search.space import SearchSpace
@@ -158,8 +159,11 @@ def checkpoint_front(
             workload, prepared.baseline, prepared.device, latency_batch_size=config.latency_batch_size,
             target=prepared.reference.target,
         )  # fmt: skip
-        earlier = latency_log.observed(reference.timings, before=prepared.started) if reference.timings else []
-        moved = latency_range([*baseline_ms, reference.measurements.latency.median_ms, *earlier])
+        now_ms = reference.measurements.latency.median_ms
+        earlier: list[float] = []
+        if reference.timings:  # the baseline's earlier speeds on this machine, if they are plausible beside now's
+            earlier = latency_log.observed(reference.timings, before=prepared.started, near=now_ms)
+        moved = latency_range([*baseline_ms, now_ms, *earlier])
         for row, result in zip(rows, results, strict=True):
             if result.checkpoint is None:  # interrupted before Tune registered it: a resume collects it again
                 continue
@@ -230,6 +234,7 @@ def collect(grid: Any, *, config: SearchConfig, prepared: Prepared, run_info: Ru
     front = mark_front(rows, run_info.objectives, run_info.directions)
     baseline_ms = [(result.metrics or {}).get("baseline_latency_ms") for result in results]
     checkpoint_front([rows[i] for i in front], [results[i] for i in front], prepared, config, baseline_ms)
+    pause_point("collect")  # Pareto checkpoints written, tables not yet
     run_info = dataclasses.replace(
         run_info,
         baseline=_baseline_info(prepared, rows),

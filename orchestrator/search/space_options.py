@@ -13,7 +13,6 @@ same ranges under flat keys (`{"distill.lr": [1e-5, 1e-4]}`, read by `flat_range
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Mapping
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import techniques
+from orchestrator.artifacts.jsondoc import parse_json
 from orchestrator.errors import UserError
 
 GROUPINGS = ("auto", "layer", "block", "type")
@@ -219,12 +219,7 @@ def load_space_file(path: str | Path) -> SpaceOptions:
         raise SpaceError(f"cannot read search-space file {path}: {exc.strerror}") from None
     except UnicodeDecodeError:
         raise SpaceError(f"search-space file {path} is not UTF-8 text") from None
-    try:
-        doc = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise SpaceError(f"search-space file {path} is not valid JSON: {exc.msg} at line {exc.lineno}") from None
-    except RecursionError:
-        raise SpaceError(f"search-space file {path} is nested too deeply") from None
+    doc = parse_json(text, f"search-space file {path}", error=SpaceError)
     try:
         return options_from_json(doc)
     except SpaceError as exc:
