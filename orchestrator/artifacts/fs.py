@@ -125,6 +125,21 @@ def publish_directory(local: Path, location: str, *, last: str) -> None:
         raise
 
 
+def set_aside(location: str, mark: str) -> str:
+    """Take a published directory out of use; return where it went. Locally it is renamed to a hidden sibling
+    (kept for whoever wants to look); remotely, where a directory cannot be renamed, its completion mark `mark`
+    (see `publish_directory`) is deleted, and publishing there again overwrites it. Gone already: a no-op."""
+    if is_uri(location):
+        filesystem, root = resolve(location)
+        _remove_quietly(filesystem, f"{root}/{mark}")
+        return f"{location} without {mark}"
+    target = Path(location)
+    aside = target.with_name(f".{target.name}.set-aside-{uuid.uuid4().hex[:8]}")
+    with contextlib.suppress(FileNotFoundError):  # another process set it aside first
+        target.rename(aside)
+    return str(aside)
+
+
 def upload_file(local: str | os.PathLike[str], location: str, name: str) -> str:
     """Copy a local file to `location/name` atomically."""
     return write_atomic(location, name, Path(local).read_bytes())

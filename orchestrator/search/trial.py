@@ -5,8 +5,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,8 +17,11 @@ import torch
 
 from orchestrator import executor
 from orchestrator.artifacts import store
-from orchestrator.artifacts.fs import join, publish_directory, read_bytes, resolve
+from orchestrator.artifacts.fs import join, publish_directory, read_bytes, resolve, set_aside
+from orchestrator.artifacts.jsondoc import finite_json, parse_json
+from orchestrator.errors import UserError
 from orchestrator.policy import Policy
+from orchestrator.search.pause import pause_point
 from orchestrator.search.prepare import recorded_target
 from orchestrator.search.space import SearchSpace
 from orchestrator.workloads import Workload
@@ -99,16 +104,76 @@ def finished_record(run_dir: str, config: dict[str, Any]) -> str:
     return join(run_dir, f"{FINISHED_DIR}/{digest}")
 
 
-def _report_finished(record: str) -> bool:
-    """Report a finished record again (marked `restored`); False when there is none."""
+def _count(value: Any, most: float) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value <= most
+
+
+# The fields of a finished result its checkpoint does not determine, and what each may hold.
+_FREE: dict[str, Callable[[Any], bool]] = {
+    "node_id": lambda v: isinstance(v, str),
+    "device": lambda v: isinstance(v, str),
+    "checkpoint_path": lambda v: isinstance(v, str),
+    "policy_json": lambda v: isinstance(v, str),  # compared with the checkpoint's policy as a policy
+    "wall_s": lambda v: _count(v, 1e9),
+    "epoch": lambda v: isinstance(v, int) and _count(v, 1e6),
+}
+
+
+def _expected(verified: store.Verified) -> dict[str, Any]:
+    """The fields of a finished trial's result that its verified checkpoint determines (see `_compress`)."""
+    metrics, policy = verified.metrics, verified.policy
+    expected = {k: v for k, v in metrics.items() if k not in ("kernels", "techniques")}
+    expected |= {"techniques": ",".join(policy.techniques()), "final": True}
+    expected["kernels_json"] = json.dumps(metrics.get("kernels"), sort_keys=True)
+    if policy.fine_tune_epochs() is not None:
+        expected["epoch"] = policy.fine_tune_epochs()
+    return expected
+
+
+def restored_result(record: str, data: bytes, policy: Policy, workload: Workload) -> dict[str, Any]:
+    """The result a finished record holds, once it agrees with the checkpoint beside it, which the checkpoint's
+    manifest digests (every number its metrics record, the policy, the kernels), and that checkpoint is of
+    `policy` (the trial's configuration) on `workload` (UserError saying why not)."""
+    where = join(record, RESULT_FILE)
+    result = parse_json(data, where)
+    if not isinstance(result, dict):
+        raise UserError(f"{where} is not a JSON object")
+    verified = store.read_verified(join(record, CHECKPOINT_SUBDIR))
+    if verified.policy != policy or verified.manifest["workload_fingerprint"] != workload.fingerprint:
+        raise UserError(f"{join(record, CHECKPOINT_SUBDIR)} is not of this trial's policy and workload")
+    expected = _expected(verified)
+    wrong = [key for key, value in expected.items() if key not in result or result[key] != value]
+    wrong += [key for key, valid in _FREE.items() if key not in expected and not valid(result.get(key))]
+    wrong += [key for key in result if key not in expected and key not in _FREE]
+    if wrong:
+        raise UserError(f"{where} disagrees with its checkpoint on {', '.join(sorted(wrong)[:4])}")
+    try:
+        same = Policy.loads(result["policy_json"]) == verified.policy
+    except UserError:
+        same = False
+    if not same:
+        raise UserError(f"{where} disagrees with its checkpoint on policy_json")
+    return {**result, "checkpoint_path": join(record, CHECKPOINT_SUBDIR)}  # where the checkpoint is now
+
+
+def _report_finished(record: str, policy: Policy, workload: Workload) -> bool:
+    """Report a finished record of `policy` again (marked `restored`); False when there is none, or when it is
+    damaged or forged: then it is set aside (said on stderr) and the trial computed again."""
     from ray import tune
 
     data = read_bytes(record, RESULT_FILE)
     if data is None:
         return False
+    try:
+        result = restored_result(record, data, policy, workload)
+    except UserError as exc:
+        aside = set_aside(record, RESULT_FILE)
+        print(f"note: computing a finished trial again, its record is not believed: {exc} (kept as {aside})",
+              file=sys.stderr, flush=True)  # fmt: skip
+        return False
     filesystem, path = resolve(record)
     checkpoint = tune.Checkpoint(path=path, filesystem=filesystem)
-    tune.report({**json.loads(data), "restored": True}, checkpoint=checkpoint)
+    tune.report({**result, "restored": True}, checkpoint=checkpoint)
     return True
 
 
@@ -122,23 +187,24 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     from ray import tune
 
     record = finished_record(setup.run_dir, config)
-    if _report_finished(record):
+    policy = setup.space.policy(config)
+    if _report_finished(record, policy, setup.workload):
         return
     torch.set_num_threads(max(1, int(setup.cpus_per_trial)))
     started = time.perf_counter()
     device = _device()
-    policy = setup.space.policy(config)
     result, outcome = _compress(policy, setup, device)
     result["wall_s"] = time.perf_counter() - started
     result["checkpoint_path"] = join(record, CHECKPOINT_SUBDIR)
     _check_finite(result, setup.objectives)
     with tempfile.TemporaryDirectory(prefix="trial-") as tmp:
         store.save(outcome.model, policy, outcome.metrics, setup.workload, str(Path(tmp) / CHECKPOINT_SUBDIR))
-        (Path(tmp) / RESULT_FILE).write_text(json.dumps(result))
+        (Path(tmp) / RESULT_FILE).write_text(json.dumps(finite_json(result), allow_nan=False))
         try:
             publish_directory(Path(tmp), record, last=RESULT_FILE)
         except FileExistsError:  # the same configuration finished meanwhile: its record stands
             pass
+        pause_point("trial_recorded")  # its record is kept; Tune has not heard of it yet
         tune.report(result, checkpoint=tune.Checkpoint.from_directory(tmp))
 
 
