@@ -161,36 +161,44 @@ def torn_journal(run_dir: Path) -> None:
         journal.write(b'{"op_code":6,"worker_id":"cut sh')
 
 
-PHASES = {  # where the kill lands: (the pause point it waits at, or None; what to wait for; what it leaves)
-    "before the first trial": ("before_first_trial", None, None),
-    "between a trial's record and Tune hearing of it": ("trial_recorded", None, None),
-    "while Tune writes its state": (None, 3, damage_tunes_state),
-    "while the journal is appended to": (None, 2, lambda run_dir, marker: torn_journal(run_dir)),
-    "during collect": ("collect", None, None),
-}
+def launch_paused(args: list[str], place: str | None, paused: Path) -> subprocess.Popen:
+    """`launch`, asking the run to hold still at the pause point `place` (see orchestrator/search/pause.py)."""
+    env = {**os.environ, "ORCHESTRATOR_PAUSE_AT": place or "", "ORCHESTRATOR_PAUSE_FILE": str(paused)}
+    paused.unlink(missing_ok=True)
+    return subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, env=env
+    )
 
 
 @pytest.mark.slow
 @pytest.mark.ray
-@pytest.mark.parametrize("phase", PHASES)
-def test_sigkill_at_each_phase_then_resume_gives_the_clean_runs_trials(tmp_path, clean_run, cpu_load, phase):
-    place, after_records, damage = PHASES[phase]
+def test_sigkill_at_each_phase_then_resume_gives_the_clean_runs_trials(tmp_path, clean_run, cpu_load):
+    """One run killed at each of the driver's phases in turn, resumed after each kill, ends as the clean run."""
     storage, marker, paused = tmp_path / "runs", tmp_path / "code-ran", tmp_path / "paused"
     run_dir = storage / "faulty"
-    env = {**os.environ, "ORCHESTRATOR_PAUSE_AT": place or "", "ORCHESTRATOR_PAUSE_FILE": str(paused)}
-    process = subprocess.Popen(
-        search_args(storage, "faulty"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        start_new_session=True, env=env,
-    )  # fmt: skip
-    if place is not None:
-        wait_for(paused.exists, process, f"the pause at {place}")
-    else:
-        wait_for(lambda: records(run_dir) >= after_records, process, f"{after_records} finished records")
-    kill_group(process)
-    if damage is not None:
-        damage(run_dir, marker)
+    said = []
+    for step, (place, damage) in enumerate(
+        [
+            ("before_first_trial", None),  # the study exists, no trial has run
+            ("trial_recorded", None),  # a trial's record is kept, Tune has not heard of it
+            (None, damage_tunes_state),  # killed while Tune writes its state, which runs code if unpickled
+            (None, lambda run_dir, marker: torn_journal(run_dir)),  # killed in the middle of a journal append
+            ("collect", None),  # every trial ended, Pareto checkpoints written, tables not yet
+        ]
+    ):
+        process = launch_paused(search_args(storage, "faulty", *(["--resume"] if step else [])), place, paused)
+        if place is not None:
+            wait_for(paused.exists, process, f"the pause at {place}")
+        else:
+            done = records(run_dir)
+            wait_for(lambda: records(run_dir) > done, process, "one more finished record")  # noqa: B023
+        kill_group(process)
+        said.append(process.stderr.read())
+        if damage is not None:
+            damage(run_dir, marker)
     finished = subprocess.run(search_args(storage, "faulty", "--resume"), capture_output=True, text=True, timeout=900)
     assert finished.returncode == 0, finished.stderr[-4000:]
+    assert "dropped its torn last line" in said[-1]  # the resume after the torn append said so
     assert not marker.exists(), "resuming ran code from the run directory"
     check_resumed_run(run_dir, "faulty", clean_run)
 
