@@ -223,33 +223,29 @@ def test_sigkill_at_random_moments_under_load_then_resume_gives_the_clean_runs_t
     check_resumed_run(storage / "faulty", "faulty", clean_run)
 
 
-@pytest.mark.slow
-@pytest.mark.ray
-def test_sigterm_stops_like_ctrl_c_with_exit_143_and_no_stack_dump(tmp_path, clean_run):
-    storage = tmp_path / "runs"
-    process = launch(search_args(storage, "termed"))
-    wait_for(lambda: records(storage / "termed") >= 3, process, "3 finished records")
-    process.send_signal(signal.SIGTERM)  # what `timeout` or a scheduler sends: to the driver alone
-    _, stderr = process.communicate(timeout=600)
-    kill_group(process)
-    assert process.returncode == 143, stderr[-4000:]
-    assert "--resume --name termed" in stderr and "SIGTERM received" not in stderr and "Traceback" not in stderr
-    resumed = subprocess.run(search_args(storage, "termed", "--resume"), capture_output=True, text=True, timeout=900)
-    assert resumed.returncode == 0, resumed.stderr[-4000:]
-    check_resumed_run(storage / "termed", "termed", clean_run)
+def send_to_group(process: subprocess.Popen, sig: int) -> None:
+    os.killpg(process.pid, sig)
 
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_ctrl_c_leaves_partial_tables_and_a_moved_run_resumes(tmp_path, clean_run):
+@pytest.mark.parametrize(
+    ("sig", "send", "code"),
+    [
+        (signal.SIGINT, send_to_group, 130),  # Ctrl-C in a terminal: the whole process group
+        (signal.SIGTERM, subprocess.Popen.send_signal, 143),  # `timeout`, a scheduler: the driver alone
+    ],
+)
+def test_a_stop_signal_leaves_partial_tables_and_a_moved_run_resumes(tmp_path, clean_run, sig, send, code):
     storage = tmp_path / "first"
     process = launch(search_args(storage, "moved"))
     # each trial writes its record as it ends (Tune's files sync later)
     wait_for(lambda: records(storage / "moved") >= 3, process, "3 finished records")
-    os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends
-    _, stderr = process.communicate(timeout=300)
-    assert process.returncode == 130, stderr[-4000:]
-    assert "--resume --name moved" in stderr
+    send(process, sig)
+    _, stderr = process.communicate(timeout=600)
+    kill_group(process)
+    assert process.returncode == code, stderr[-4000:]
+    assert "--resume --name moved" in stderr and "SIGTERM received" not in stderr and "Traceback" not in stderr
     trials, info = read_table(str(storage / "moved"), TRIALS_FILE)
     assert info["complete"] is False and {t["status"] for t in trials} <= {"completed", "interrupted"}
     assert 3 <= sum(t["status"] == "completed" for t in trials) < TRIALS
