@@ -9,7 +9,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 import types
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +21,7 @@ from orchestrator.cli import build_parser, main, search_main
 from orchestrator.cli._search import config_from_args
 from orchestrator.errors import UserError
 from orchestrator.search.config import DEFAULT_MAX_DROP
+from tests.waiting import HANG_S, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 EXIT_CODE_LINES = [
@@ -44,7 +44,7 @@ COMMANDS = {
 @pytest.fixture(scope="module")
 def ran() -> dict[str, subprocess.CompletedProcess]:
     def run(args: list[str]) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, timeout=300)
+        return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, timeout=HANG_S)
 
     with ThreadPoolExecutor(min(len(COMMANDS), os.cpu_count() or 1)) as pool:
         return dict(zip(COMMANDS, pool.map(run, COMMANDS.values()), strict=True))
@@ -238,7 +238,7 @@ def tiny_journal(run_dir: Path) -> None:
 
 def studies(port: int) -> list[str] | None:
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=2) as response:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=60) as response:
             return [s["study_name"] for s in json.load(response)["study_summaries"]]
     except OSError:
         return None
@@ -252,14 +252,18 @@ def test_the_dashboard_serves_the_runs_study(tmp_path):
     command = [sys.executable, "-m", "orchestrator", "dashboard", str(tmp_path), "--port", str(port)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    found = None
+
+    def answered() -> bool:  # the server answers, or has exited: either way, waiting longer would not help
+        nonlocal found
+        found = studies(port)
+        return found is not None or process.poll() is not None
+
     try:
-        deadline, found = time.monotonic() + 120, None
-        while found is None and time.monotonic() < deadline and process.poll() is None:
-            found = studies(port)
-            time.sleep(0.5)
-        assert found == ["tiny"], process.poll()
+        wait_for(answered, f"the dashboard to answer on port {port}", poll_s=0.5)
+        assert found == ["tiny"], f"served {found}; exit code {process.poll()}"
     finally:
         process.terminate()
-        out, err = process.communicate(timeout=30)
+        out, err = process.communicate(timeout=HANG_S)
     assert f"optuna-dashboard on http://127.0.0.1:{port}/" in out
     assert "warning" not in err
