@@ -243,6 +243,7 @@ HOSTILE: dict[str, tuple[Callable[[Path], dict[str, bytes | None]], Callable[[An
         "metrics.json: 'speedup' is not a finite number",
     ),
     "metrics-nan": (lambda s: {store.METRICS: b'{"validation": NaN}'}, None, "NaN is not a number JSON allows"),
+    "metrics-1e400": (lambda s: {store.METRICS: b'{"validation": 1e400}'}, None, "1e400 is past a float's range"),
     "structure-5000-digit-integer": (
         lambda s: {
             store.STRUCTURE: _structure(s, _set("modules/4/config/in_features", "@"))[store.STRUCTURE].replace(

@@ -57,15 +57,15 @@ def setup(tmp_path_factory) -> trial.TrialSetup:
     return trial_setup(str(tmp_path_factory.mktemp("run")))
 
 
-def _config(setup: trial.TrialSetup) -> dict[str, Any]:
+def int8_config(setup: trial.TrialSetup) -> dict[str, Any]:
     return next(params for name, _, params in setup.space.fixed_points() if name == "uniform int8")
 
 
 def finished(setup: trial.TrialSetup, reports: list[dict[str, Any]]) -> tuple[Path, dict[str, Any]]:
     """The record of the int8 trial (computed once per module) and its computed result."""
-    record = Path(trial.finished_record(setup.run_dir, _config(setup)))
+    record = Path(trial.finished_record(setup.run_dir, int8_config(setup)))
     if not (record / trial.RESULT_FILE).exists():
-        trial.run_trial(_config(setup), setup)
+        trial.run_trial(int8_config(setup), setup)
         assert not reports.pop().get("restored")
     return record, json.loads((record / trial.RESULT_FILE).read_text())
 
@@ -81,7 +81,7 @@ def _forge(record: Path, data: bytes) -> Path:
 
 def test_an_untouched_record_is_reported_again_not_recomputed(setup, reports):
     record, computed = finished(setup, reports)
-    trial.run_trial(_config(setup), setup)
+    trial.run_trial(int8_config(setup), setup)
     (restored,) = reports
     assert restored["restored"] is True
     assert {k: v for k, v in restored.items() if k != "restored"} == computed
@@ -116,16 +116,17 @@ def test_a_forged_or_damaged_record_is_computed_again_and_said_once(case, setup,
     record, computed = finished(setup, reports)
     original = _forge(record, FORGERIES[case](computed))
     try:
-        trial.run_trial(_config(setup), setup)
+        trial.run_trial(int8_config(setup), setup)
         (result,) = reports
         assert not result.get("restored") and result["final"] is True
         for key in ("validation", "size_bytes", "policy_json"):
             assert result[key] == computed[key]
         notes = [line for line in capsys.readouterr().err.splitlines() if "not believed" in line]
         assert len(notes) == 1 and trial.RESULT_FILE in notes[0]
+        assert trial.RESULT_FILE in result[trial.NOT_BELIEVED]  # for the driver to say on the console
         assert json.loads((record / trial.RESULT_FILE).read_text())["validation"] == computed["validation"]
         assert len(list(record.parent.glob(f".{record.name}.set-aside-*"))) >= 1  # kept for whoever looks
-        trial.run_trial(_config(setup), setup)  # the record written again is believed
+        trial.run_trial(int8_config(setup), setup)  # the record written again is believed
         assert reports[-1]["restored"] is True
     finally:
         shutil.rmtree(record, ignore_errors=True)
@@ -142,7 +143,7 @@ def test_a_true_record_of_another_configuration_copied_in_is_not_believed(setup,
     shutil.rmtree(record)
     shutil.copytree(copied, record)
     try:
-        trial.run_trial(_config(setup), setup)
+        trial.run_trial(int8_config(setup), setup)
         assert reports[-1]["policy_json"] == computed["policy_json"] and not reports[-1].get("restored")
         assert "is not of this trial's policy and workload" in capsys.readouterr().err
     finally:
@@ -157,9 +158,51 @@ def test_a_record_whose_checkpoint_metrics_were_edited_too_is_not_believed(setup
     metrics = record / trial.CHECKPOINT_SUBDIR / "metrics.json"
     metrics.write_text(json.dumps({**json.loads(metrics.read_text()), "validation": 0.9999}))
     try:
-        trial.run_trial(_config(setup), setup)
+        trial.run_trial(int8_config(setup), setup)
         assert reports[-1]["validation"] == computed["validation"] and not reports[-1].get("restored")
         assert "metrics.json is corrupted" in capsys.readouterr().err
     finally:
         shutil.rmtree(record, ignore_errors=True)
         shutil.copytree(original, record)
+
+
+def test_the_driver_says_which_trials_were_computed_again(capsys):
+    from orchestrator.search.collect import _say_not_believed
+
+    why = "its finished record is not believed: x"
+    computed_again = SimpleNamespace(metrics={trial.NOT_BELIEVED: why}, path="/r/t1")
+    kept = SimpleNamespace(metrics={"restored": True}, path="/r/t2")
+    _say_not_believed([computed_again, kept, SimpleNamespace(metrics=None, path="/r/t3")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"note: trial t1 was computed again: {why}"]
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_forged_records_then_resume_keep_their_numbers_out_of_the_tables(tmp_path):
+    """The issue's own steps: a search, every finished record edited to a better trial, then `--resume`."""
+    import subprocess
+
+    from orchestrator.artifacts.tables import PARETO_FILE, TRIALS_FILE, read_table
+    from tests.test_search_faults import search_args
+
+    storage = tmp_path / "runs"
+    done = subprocess.run(search_args(storage, "forged", "--num-trials", "3"), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run_dir = storage / "forged"
+    before, _ = read_table(str(run_dir), TRIALS_FILE)
+    forged = list((run_dir / trial.FINISHED_DIR).glob(f"*/{trial.RESULT_FILE}"))
+    assert forged
+    for path in forged:
+        path.write_text(json.dumps({**json.loads(path.read_text()), "validation": 0.9999, "size_bytes": 1000}))
+    again = subprocess.run(
+        search_args(storage, "forged", "--num-trials", "3", "--resume"), capture_output=True, text=True
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stderr.count("was computed again") == len(forged), again.stderr[-3000:]
+    for table in (TRIALS_FILE, PARETO_FILE):
+        rows, _ = read_table(str(run_dir), table)
+        assert rows and not any(r["validation"] == 0.9999 or r["size_bytes"] == 1000 for r in rows)
+    after, _ = read_table(str(run_dir), TRIALS_FILE)
+    numbers = sorted((r["policy_json"], r["validation"], r["size_bytes"]) for r in after)
+    assert numbers == sorted((r["policy_json"], r["validation"], r["size_bytes"]) for r in before)

@@ -1,7 +1,8 @@
-"""A fuzzer over everything the project loads from a user: policy documents, search-space files and
-checkpoints. Only the project's own errors (UserError and its kinds) may come out, and what a loader accepts
-must work: an accepted policy applies to the digits model, an accepted space builds, samples and gives
-policies that validate, an accepted checkpoint rebuilds a model that runs."""
+"""A fuzzer over everything the project loads from a user: policy documents, search-space files, checkpoints,
+finished trial records and the latency log. Only the project's own errors (UserError and its kinds) may come out,
+and what a loader accepts must work: an accepted policy applies to the digits model, an accepted space builds,
+samples and gives policies that validate, an accepted checkpoint rebuilds a model that runs, an accepted finished
+record carries its checkpoint's numbers, an accepted latency log holds only plausible latencies."""
 
 from __future__ import annotations
 
@@ -256,3 +257,86 @@ def test_forged_checkpoints_load_or_are_refused_in_one_line(data, saved, digits,
         with torch.no_grad():
             out = checkpoint.model(digits.example_inputs(2))
         assert out.shape == (2, 10)
+
+
+# ----------------------------------------------------------------------------- finished records and the latency log
+
+# JSON text json.dumps never writes, and numbers past what a float or Python's parser takes
+RAW_NUMBERS = [b"NaN", b"-Infinity", b"1e400", b"-1e400", b"9" * 400, b"9" * 5000, b"[" * 1000 + b"]" * 1000]
+
+
+def with_raw(doc: object, raw: bytes) -> bytes:
+    """`doc` as JSON with the string "@raw@" (if it holds one) written as the text `raw`."""
+    return json.dumps(doc).encode().replace(b'"@raw@"', raw)
+
+
+@pytest.fixture(scope="module")
+def record(tmp_path_factory):
+    """(record directory, its true result, the trial's policy and workload) of a finished int8 trial."""
+    from orchestrator.search import trial
+    from tests.test_finished_records import finished, int8_config, outside_ray, trial_setup
+
+    with pytest.MonkeyPatch.context() as patch:
+        setup = trial_setup(str(tmp_path_factory.mktemp("run")))
+        directory, result = finished(setup, outside_ray(patch))
+    return directory, result, setup.space.policy(int8_config(setup)), setup.workload, trial
+
+
+@st.composite
+def forged_results(draw, true: dict) -> bytes:
+    """A finished result with a few fields removed or replaced by anything (raw numbers included); one in ten
+    is any JSON, one in ten any bytes."""
+    kind = draw(st.integers(0, 9))
+    if kind == 9:
+        return draw(st.binary(max_size=64))
+    if kind == 8:
+        return json.dumps(draw(JSON)).encode()
+    doc = dict(true)
+    for key in draw(st.lists(st.sampled_from([*sorted(true), "pareto"]), unique=True, max_size=3)):
+        if draw(st.booleans()):
+            doc.pop(key, None)
+        else:
+            doc[key] = draw(st.one_of(SCALARS, JSON, st.just("@raw@"), st.sampled_from(list(true.values()))))
+    return with_raw(doc, draw(st.sampled_from(RAW_NUMBERS)))
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data())
+def test_an_accepted_finished_record_carries_its_checkpoints_numbers(data, record):
+    directory, true, policy, workload, trial = record
+    forged = data.draw(forged_results(true))
+    result = load_or_refuse(lambda d: trial.restored_result(str(directory), d, policy, workload), forged)
+    if result is None:
+        return
+    free = {"node_id", "device", "wall_s", "checkpoint_path"}
+    assert set(result) == set(true)
+    assert {k: v for k, v in result.items() if k not in free} == {k: v for k, v in true.items() if k not in free}
+    assert math.isfinite(result["wall_s"]) and isinstance(result["device"], str)
+
+
+@st.composite
+def latency_logs(draw) -> bytes:
+    """Logs of [time, ms] pairs, mostly sensible numbers, now and then anything (raw numbers, strings, lists);
+    one in ten is any JSON."""
+    if draw(st.integers(0, 9)) == 9:
+        return with_raw(draw(JSON), draw(st.sampled_from(RAW_NUMBERS)))
+    sensible = st.one_of(st.floats(1e-7, 1e8), st.integers(1, 10**6), st.floats(0.5, 50.0))
+    value = st.one_of(sensible, sensible, SCALARS, st.just("@raw@"))
+    pair = st.one_of(st.lists(value, min_size=2, max_size=2), st.lists(value, max_size=3), JSON)
+    return with_raw({"baseline": {}, "samples": draw(st.lists(pair, max_size=8))}, draw(st.sampled_from(RAW_NUMBERS)))
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=latency_logs())
+def test_a_latency_log_reads_as_plausible_latencies_or_none(text):
+    from orchestrator import latency_log
+
+    described = {"fuzz": True}
+    path = latency_log.log_dir() / f"{latency_log.key_of(described)}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(text)
+    found = latency_log.observed(described)
+    low, high = latency_log.PLAUSIBLE_MS
+    assert all(isinstance(ms, float) and low <= ms <= high for ms in found)
+    assert not found or max(found) <= min(found) * latency_log.SPREAD
+    assert all(ms in found for ms in latency_log.observed(described, near=10.0))

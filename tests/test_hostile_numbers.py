@@ -82,6 +82,7 @@ HOSTILE_LOGS = {
     "deep nesting": "[" * 100_000 + "]" * 100_000,
     "deep nesting inside": '{"samples": ' + "[" * 100_000 + "]" * 100_000 + "}",
     "nan": _samples(("1.0", "NaN")),
+    "a float past its range": _samples(("1.0", "2.0"), ("2.0", "1e400")),
     "a femtosecond and a day": _samples(("1.0", "1e-9"), ("2.0", "1e9")),
     "spread over a million times": _samples(("1.0", "0.001"), ("2.0", "1000.0")),
     "a string": _samples(("1.0", '"fast"')),

@@ -3,7 +3,8 @@ record, run.json, the latency log. Whatever the bytes hold, the caller gets a va
 
 Decisions: `json.loads` raises `ValueError` (not `JSONDecodeError`) for an integer of more than 4,300 digits
 and `RecursionError` for deep nesting, and it accepts `NaN`/`Infinity`, which are not JSON: all three are
-refused here, so no loader lets them escape as a traceback or a non-finite number.
+refused here, as is a float literal past a float's range (`1e400`, which Python reads as inf), so no loader lets
+them escape as a traceback or a non-finite number. `finite_json` makes what the tool writes readable by it.
 """
 
 from __future__ import annotations
@@ -19,6 +20,14 @@ MAX_DEPTH = 64  # deeper nesting than any document this tool writes
 
 def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a number JSON allows")
+
+
+def _finite_float(text: str) -> float:
+    """A JSON number with a fraction or exponent, refused when it overflows a float (1e400 reads as inf)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text[:20]} is past a float's range")
+    return value
 
 
 def _depth(data: str) -> int:
@@ -50,7 +59,7 @@ def parse_json(data: bytes | str, what: str, *, error: type[UserError] = UserErr
         text = data.decode("utf-8") if isinstance(data, bytes) else data
         if _depth(text) > MAX_DEPTH:
             raise ValueError(f"nested too deeply (more than {MAX_DEPTH} levels)")
-        return json.loads(text, parse_constant=_refuse_constant)
+        return json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise error(f"{what} is not valid JSON: {str(exc)[:200]}") from None
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,7 @@ from orchestrator.search.pause import pause_point
 from orchestrator.search.prepare import Prepared
 from orchestrator.search.sampler import RECORDED
 from orchestrator.search.space import SearchSpace
-from orchestrator.search.trial import CHECKPOINT_SUBDIR
+from orchestrator.search.trial import CHECKPOINT_SUBDIR, NOT_BELIEVED
 
 PARETO_DIR = "pareto"
 # The row fields a trial's final report carries under the same names.
@@ -226,9 +227,19 @@ def _baseline_info(prepared: Prepared, rows: list[TrialRow]) -> BaselineInfo:
     )
 
 
+def _say_not_believed(results: list[Any]) -> None:
+    """One line for each trial computed again because its finished record was not believed (the trial said it
+    in its worker's log, which the console does not show)."""
+    for result in results:
+        why = (result.metrics or {}).get(NOT_BELIEVED)
+        if why:
+            print(f"note: trial {_trial_id(result)} was computed again: {why}", file=sys.stderr, flush=True)
+
+
 def collect(grid: Any, *, config: SearchConfig, prepared: Prepared, run_info: RunInfo) -> SearchOutcome:
     """Rows, front, checkpoints, Parquet tables and (optionally) the report."""
     results = list(grid)
+    _say_not_believed(results)
     context = RowContext(prepared.space, prepared.reference.metric, config.max_accuracy_drop, run_info.complete)
     rows = trial_rows(results, context)
     front = mark_front(rows, run_info.objectives, run_info.directions)

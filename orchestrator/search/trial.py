@@ -29,6 +29,7 @@ from orchestrator.workloads import Workload
 CHECKPOINT_SUBDIR = "model"
 RESULT_FILE = "final_result.json"  # beside the model in a trial's only checkpoint: the trial is done
 FINISHED_DIR = "finished"  # in the run directory: one record per finished configuration
+NOT_BELIEVED = "record_not_believed"  # in a final report: why the trial's finished record was computed again
 
 
 @dataclass(frozen=True)
@@ -156,25 +157,24 @@ def restored_result(record: str, data: bytes, policy: Policy, workload: Workload
     return {**result, "checkpoint_path": join(record, CHECKPOINT_SUBDIR)}  # where the checkpoint is now
 
 
-def _report_finished(record: str, policy: Policy, workload: Workload) -> bool:
-    """Report a finished record of `policy` again (marked `restored`); False when there is none, or when it is
-    damaged or forged: then it is set aside (said on stderr) and the trial computed again."""
+def _report_finished(record: str, policy: Policy, workload: Workload) -> str | None:
+    """Report a finished record of `policy` again (marked `restored`) and return None; else return "" when there
+    is none, or why it is not believed when it is damaged or forged (then it is set aside, and said on stderr)."""
     from ray import tune
 
     data = read_bytes(record, RESULT_FILE)
     if data is None:
-        return False
+        return ""
     try:
         result = restored_result(record, data, policy, workload)
     except UserError as exc:
-        aside = set_aside(record, RESULT_FILE)
-        print(f"note: computing a finished trial again, its record is not believed: {exc} (kept as {aside})",
-              file=sys.stderr, flush=True)  # fmt: skip
-        return False
+        reason = f"its finished record is not believed: {exc} (kept as {set_aside(record, RESULT_FILE)})"
+        print(f"note: computing a trial again, {reason}", file=sys.stderr, flush=True)
+        return reason
     filesystem, path = resolve(record)
     checkpoint = tune.Checkpoint(path=path, filesystem=filesystem)
     tune.report({**result, "restored": True}, checkpoint=checkpoint)
-    return True
+    return None
 
 
 def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
@@ -182,13 +182,15 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
 
     Only the final report carries a checkpoint, and the finished trial is also kept under
     `finished/` in the run directory, so a trial Tune restarts after the driver died is reported again
-    instead of being recomputed.
+    instead of being recomputed. A trial computed again because its record was not believed says why in its
+    final report (`NOT_BELIEVED`), which the driver prints.
     """
     from ray import tune
 
     record = finished_record(setup.run_dir, config)
     policy = setup.space.policy(config)
-    if _report_finished(record, policy, setup.workload):
+    why = _report_finished(record, policy, setup.workload)
+    if why is None:
         return
     torch.set_num_threads(max(1, int(setup.cpus_per_trial)))
     started = time.perf_counter()
@@ -205,7 +207,8 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
         except FileExistsError:  # the same configuration finished meanwhile: its record stands
             pass
         pause_point("trial_recorded")  # its record is kept; Tune has not heard of it yet
-        tune.report(result, checkpoint=tune.Checkpoint.from_directory(tmp))
+        said = {NOT_BELIEVED: why} if why else {}
+        tune.report({**result, **said}, checkpoint=tune.Checkpoint.from_directory(tmp))
 
 
 def _compress(policy: Policy, setup: TrialSetup, device: torch.device) -> tuple[dict[str, Any], Any]:
