@@ -340,3 +340,73 @@ def test_a_latency_log_reads_as_plausible_latencies_or_none(text):
     assert all(isinstance(ms, float) and low <= ms <= high for ms in found)
     assert not found or max(found) <= min(found) * latency_log.SPREAD
     assert all(ms in found for ms in latency_log.observed(described, near=10.0))
+
+
+@st.composite
+def run_records(draw) -> bytes:
+    """run.json documents: the right fields with values of any kind, any JSON, raw numbers, or random bytes."""
+    kind = draw(st.integers(0, 9))
+    if kind == 9:
+        return draw(st.binary(max_size=64))
+    if kind == 8:
+        return with_raw(draw(JSON), draw(st.sampled_from(RAW_NUMBERS)))
+    value = st.one_of(SCALARS, st.just("@raw@"), st.text(max_size=8), JSON)
+    fields = st.sampled_from(["run_dir", "num_trials", "target", "workload", "extra"])
+    return with_raw(draw(st.dictionaries(fields, value, max_size=5)), draw(st.sampled_from(RAW_NUMBERS)))
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=run_records())
+def test_a_run_json_reads_as_typed_fields_or_is_refused_in_one_line(data):
+    from orchestrator.search.prepare import RUN_FILE, read_run_record
+
+    with tempfile.TemporaryDirectory() as run_dir:
+        (Path(run_dir) / RUN_FILE).write_bytes(data)
+        try:
+            record = read_run_record(run_dir)
+        except UserError as exc:
+            assert "\n" not in str(exc) and RUN_FILE in str(exc)
+            return
+    kinds = {"run_dir": str, "num_trials": int, "target": str, "workload": str}
+    assert set(record) <= set(kinds) and all(type(record[k]) is kinds[k] for k in record)
+    assert record.get("num_trials", 1) >= 1
+
+
+@pytest.fixture(scope="module")
+def whole_journal(tmp_path_factory) -> bytes:
+    """A journal of a study with a few trials, as Optuna writes it."""
+    from orchestrator.search.sampler import journal_storage
+
+    path = tmp_path_factory.mktemp("journal") / "journal.log"
+    study = optuna.create_study(study_name="run", storage=journal_storage(path), directions=["maximize", "minimize"])
+    for value in range(3):
+        trial = study.ask()
+        trial.suggest_categorical("bits", [4, 8])
+        trial.set_user_attr("note", "x" * value)
+        study.tell(trial, [value / 3, 10.0 - value])
+    return path.read_bytes()
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cut=st.integers(0, 10**6), tail=st.one_of(st.just(b""), st.binary(max_size=40)), newline=st.booleans())
+def test_a_journal_cut_anywhere_or_with_bytes_appended_resumes_or_is_refused(whole_journal, cut, tail, newline):
+    """A crash cuts the journal at any byte (the torn last line is dropped); bytes appended are refused, and
+    the journal is left as it was; what is kept loads in Optuna as a prefix of the study's history."""
+    from orchestrator.search.sampler import journal_storage, repair_journal
+
+    cut %= len(whole_journal) + 1
+    damaged = whole_journal[:cut] + tail + (b"\n" if newline and tail else b"")
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "journal.log"
+        path.write_bytes(damaged)
+        try:
+            dropped = repair_journal(path)
+        except UserError as exc:
+            assert "\n" not in str(exc) and path.read_bytes() == damaged
+            return
+        kept = path.read_bytes()
+        assert kept == damaged[: len(damaged) - dropped] and (not kept or kept.endswith(b"\n"))
+        assert whole_journal.startswith(kept) or tail  # a torn line of ours, or whole lines someone appended
+        if kept.startswith(b'{"op_code":0'):  # the study was created before the cut
+            study = optuna.load_study(study_name="run", storage=journal_storage(path))
+            assert len(study.trials) <= 3
