@@ -30,6 +30,7 @@ EXIT_CODE_LINES = [
     "  1    unexpected internal error (a bug: please report it)",
     "  2    bad input or a condition you can fix (one `error:` line)",
     "  130  interrupted (Ctrl-C; a search is resumable with --resume)",
+    "  143  stopped by SIGTERM (as by Ctrl-C: resumable with --resume)",
 ]
 # Each command line runs once, all at once (each start imports torch, a few seconds).
 COMMANDS = {
