@@ -87,12 +87,12 @@ def test_help_shows_concrete_defaults():
 
 
 def test_top_level_and_search_help_end_with_the_exit_codes(capsys):
-    assert build_parser().format_help().rstrip().splitlines()[-5:] == EXIT_CODE_LINES
+    assert build_parser().format_help().rstrip().splitlines()[-len(EXIT_CODE_LINES) :] == EXIT_CODE_LINES
     with pytest.raises(SystemExit) as exit_:
         search_main(["--help"])
     out = capsys.readouterr().out
     assert exit_.value.code == 0 and out.startswith("usage: python search.py")
-    assert out.rstrip().splitlines()[-5:] == EXIT_CODE_LINES
+    assert out.rstrip().splitlines()[-len(EXIT_CODE_LINES) :] == EXIT_CODE_LINES
 
 
 @pytest.mark.parametrize(
