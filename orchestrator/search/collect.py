@@ -244,7 +244,8 @@ def collect(grid: Any, *, config: SearchConfig, prepared: Prepared, run_info: Ru
     rows = trial_rows(results, context)
     front = mark_front(rows, run_info.objectives, run_info.directions)
     baseline_ms = [(result.metrics or {}).get("baseline_latency_ms") for result in results]
-    checkpoint_front([rows[i] for i in front], [results[i] for i in front], prepared, config, baseline_ms)
+    if run_info.complete:  # a stopped run ends promptly: its resume re-times and checkpoints the front
+        checkpoint_front([rows[i] for i in front], [results[i] for i in front], prepared, config, baseline_ms)
     pause_point("collect")  # Pareto checkpoints written, tables not yet
     run_info = dataclasses.replace(
         run_info,
