@@ -330,33 +330,47 @@ def test_a_second_search_of_the_same_name_is_refused_while_the_first_runs(tmp_pa
 
 START_RAY = (
     "import ray\nfrom orchestrator.search import SearchConfig\nfrom orchestrator.search.driver import start_ray\n"
-    "start_ray(SearchConfig())\nprint(ray.get_runtime_context().gcs_address, flush=True)\nray.shutdown()"
+    "start_ray(SearchConfig(address={address!r}))\nprint(ray.get_runtime_context().gcs_address, flush=True)\n"
+    "ray.shutdown()"
 )
 
 
 @pytest.mark.ray
-def test_a_local_search_never_joins_another_ray_cluster(tmp_path):
-    dead = {**os.environ, "RAY_ADDRESS": "127.0.0.1:1"}  # a cluster that died: ray.init() would hang or fail
-    own = subprocess.run([sys.executable, "-c", START_RAY], env=dead, capture_output=True, text=True, timeout=180)
-    assert own.returncode == 0, own.stderr[-3000:]
+def test_a_local_search_joins_another_ray_cluster_only_when_told(tmp_path):
+    """A Ray cluster merely running on the machine is never joined; RAY_ADDRESS is honoured as Ray's own tools
+    honour it (set: join that cluster); `--address local` forces a private Ray, over RAY_ADDRESS too."""
     other = subprocess.Popen(
         [
             sys.executable,
             "-c",
             "import ray, time\nray.init(address='local', num_cpus=1, include_dashboard=False)\n"
-            "print(ray.get_runtime_context().gcs_address, flush=True)\ntime.sleep(120)",
+            "print(ray.get_runtime_context().gcs_address, flush=True)\ntime.sleep(300)",
         ],
         stdout=subprocess.PIPE,
         text=True,
         start_new_session=True,
     )
+    environ = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+
+    def gcs_of(address: str | None, **variables: str) -> str:
+        ours = subprocess.run(
+            [sys.executable, "-c", START_RAY.format(address=address)],
+            env={**environ, **variables},
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert ours.returncode == 0, ours.stderr[-3000:]
+        return ours.stdout.strip()
+
     try:
         address = other.stdout.readline().strip()
         assert address
-        live = {**os.environ, "RAY_ADDRESS": address}
-        ours = subprocess.run([sys.executable, "-c", START_RAY], env=live, capture_output=True, text=True, timeout=180)
-        assert ours.returncode == 0, ours.stderr[-3000:]
-        assert ours.stdout.strip() and ours.stdout.strip() != address
+        assert gcs_of(None) not in ("", address)  # running on the machine: left alone
+        # RAY_ADDRESS set (as Ray Jobs and KubeRay set it): joined; that cluster asks for its token (Ray 2.60)
+        assert gcs_of(None, RAY_ADDRESS=address, RAY_AUTH_MODE="token") == address
+        assert gcs_of("local", RAY_ADDRESS=address, RAY_AUTH_MODE="token") not in ("", address)
+        assert gcs_of(None, RAY_ADDRESS="local") not in ("", address)
     finally:
         kill_group(other)
 

@@ -114,8 +114,8 @@ def _add_how_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue the interrupted run --name")
     parser.add_argument(
         "--address",
-        help="Ray cluster to join ('auto' on a cluster's head node); default: start a private Ray locally "
-        "(an existing cluster, or RAY_ADDRESS, is never joined without this flag)",
+        help="Ray cluster to join ('auto': the one on this node), or 'local' for a private Ray; default: "
+        "RAY_ADDRESS when set (Ray Jobs, KubeRay and cluster.yaml's head set it), else a private local Ray",
     )
     parser.add_argument(
         "--max-failures", type=int, default=1, metavar="N", help="retries of a trial lost to a node or error"

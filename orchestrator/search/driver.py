@@ -1,24 +1,21 @@
 """The search driver: Ray Tune + Optuna over combined policies, then the front, checkpoints and tables.
 
-`run(config)` is what `python search.py` and `ray submit cluster.yaml search.py` call, in four steps:
-`prepare` (run directory, workload, baseline, search space), `start_ray`, `build_tuner`, then `collect`
-after `Tuner.fit`. Locally it starts its own Ray in-process (`address="local"`, a private temp dir, the
-dashboard off), so it never joins another cluster on the machine; with `address` it joins that cluster.
+`run(config)` is what `python search.py`, `ray submit cluster.yaml search.py` and `ray job submit -- python
+search.py` call, in four steps: `prepare` (run directory, workload, baseline, search space), `start_ray`,
+`build_tuner`, then `collect` after `Tuner.fit`. Where the trials run follows Ray's convention (`ray_session`):
+`--address`, else `RAY_ADDRESS`, else a private Ray started in-process that never joins another cluster; one
+console line says which.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime as dt
-import logging
 import os
 import pickle
 import signal
 import sys
-import tempfile
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +27,15 @@ from orchestrator.artifacts.tables import RunInfo
 from orchestrator.errors import StorageFull, UserError
 from orchestrator.search.config import SearchConfig, SearchOutcome
 from orchestrator.search.pause import pause_point
-from orchestrator.search.preflight import check_storage_writable, check_trial_fits
+from orchestrator.search.preflight import check_address, check_storage_writable, check_trial_fits, run_checked_trial
 from orchestrator.search.prepare import JOURNAL_FILE, Prepared, prepare, run_directory
+from orchestrator.search.ray_session import ADDRESS_VARIABLE, ray_target, route_ray_logs, start_ray, where_trials_run
 from orchestrator.search.signals import Interrupted, stop_requests
 from orchestrator.search.space import SearchSpace
 from orchestrator.search.stopping import out_of_space, ran_out_of_space
-from orchestrator.search.trial import TrialSetup, run_trial
+from orchestrator.search.trial import TrialSetup
+
+__all__ = ["build_tuner", "finish", "route_ray_logs", "run", "run_info", "start_ray", "trial_dirname"]
 
 LOG_FILE = "search.log"
 
@@ -43,27 +43,45 @@ LOG_FILE = "search.log"
 def run(config: SearchConfig) -> SearchOutcome:
     """Run (or resume) a search and leave trials.parquet, pareto.parquet, Pareto checkpoints and a report."""
     config.check()
+    target = ray_target(config.address)
+    if target.source == ADDRESS_VARIABLE:  # --address was checked with the other flags
+        check_address(target.address, flag=ADDRESS_VARIABLE)
     _quiet()
     try:
         with directory_lock(run_directory(config)[2]), stop_requests() as requests:
             prepared = prepare(config)
-            start_ray(config, log_file=_log_file(prepared))
+            target = start_ray(config, log_file=_log_file(prepared))
             requests.install()  # after Ray, whose driver's own SIGTERM handler prints a C++ stack dump
+            print(where_trials_run(target), file=sys.stderr, flush=True)
             check_trial_fits(config.cpus_per_trial, config.gpus_per_trial)
-            check_storage_writable(prepared.run_dir, address_given=bool(config.address))
-            from orchestrator.search.stopping import StopWhenStorageFull
+            check_storage_writable(prepared.run_dir, address_given=not target.private)
+            from orchestrator.search.stopping import StopOnFatalTrialError
 
-            guard = StopWhenStorageFull()
+            guard = StopOnFatalTrialError()
             tuner = build_tuner(config, prepared, guard)  # the study exists, the references are enqueued
+            _mirror_journal(prepared)
             pause_point("before_first_trial")
             with requests.fit():
                 grid = _fit(tuner, prepared, guard)
             outcome = finish(config, prepared, grid)
+            if guard.unwritable:
+                raise UserError(
+                    f"{guard.unwritable}; the search stopped there: once fixed, continue with --resume --name "
+                    f"{prepared.name} (finished trials are kept)"
+                )
             if requests.terminated:
                 raise Interrupted(signal.SIGTERM, outcome)
             return outcome
     except LockHeld as exc:
         raise UserError(f"{exc}; wait for it, or choose another --name") from None
+
+
+def _mirror_journal(prepared: Prepared) -> None:
+    """A run on remote storage: its journal goes to the run directory now, before any trial (and after each)."""
+    if is_uri(prepared.run_dir):
+        from orchestrator.search.journal_sync import push_journal
+
+        push_journal(prepared.journal, prepared.run_dir)
 
 
 def finish(config: SearchConfig, prepared: Prepared, grid: Any) -> SearchOutcome:
@@ -128,76 +146,16 @@ def _log_file(prepared: Prepared) -> Path:
     return Path(prepared.run_dir) / LOG_FILE
 
 
-class _LogFileHandler(logging.FileHandler):
-    """A log file that drops a line it cannot write (a full disk) instead of printing a traceback to the console:
-    the search itself reports the full disk in one line."""
-
-    def handleError(self, record: logging.LogRecord) -> None:
-        return None
-
-
-def route_ray_logs(log_file: Path) -> None:
-    """Send the `ray` loggers (Ray, Tune, and their warnings) to `log_file` instead of the console."""
-    log_file.parent.mkdir(parents=True, exist_ok=True)
-    handler = _LogFileHandler(log_file)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logger = logging.getLogger("ray")
-    for old in list(logger.handlers):
-        logger.removeHandler(old)
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
-
-
-def start_ray(config: SearchConfig, *, log_file: Path | None = None) -> None:
-    """Join `config.address`, or start a private local Ray (never an existing cluster by accident); Ray's own
-    log lines, those it writes while starting included, go to `log_file` when one is given."""
-    import ray
-
-    if not ray.is_initialized():
-        with _to_log(log_file):
-            _init_ray(config, log_file is None)
-    if log_file is not None:
-        route_ray_logs(log_file)
-
-
-@contextlib.contextmanager
-def _to_log(log_file: Path | None) -> Iterator[None]:
-    """Python-level stderr into the log while Ray starts (it clears its loggers' handlers as it does)."""
-    if log_file is None:
-        yield
-        return
-    log_file.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_file, "a") as log, contextlib.redirect_stderr(log):
-        yield
-
-
-def _init_ray(config: SearchConfig, configure_logging: bool) -> None:
-    import ray
-
-    if config.address:
-        ray.init(address=config.address, **config.extra_ray_init)
-        return
-    ray.init(
-        address="local",
-        _temp_dir=tempfile.mkdtemp(prefix="ray-"),
-        dashboard_host="127.0.0.1",
-        include_dashboard=False,
-        log_to_driver=False,
-        configure_logging=configure_logging,
-        logging_level="WARNING",
-        **config.extra_ray_init,
-    )
-
-
 def build_tuner(config: SearchConfig, prepared: Prepared, storage_guard: Any = None) -> Any:
     """A new Tuner for the search; `--resume` too builds a new one over the run's journal and finished records
     (Tune's own restore would unpickle `tuner.pkl`, and a run directory is input); `storage_guard` (a
-    StopWhenStorageFull, made here when not given) stops every trial once one failed for lack of space."""
+    StopOnFatalTrialError, made here when not given) stops every trial once one failed for lack of space or on a
+    node that cannot write the run directory; on remote storage the journal is uploaded after every trial."""
     from ray import tune
 
+    from orchestrator.search.journal_sync import JournalMirror
     from orchestrator.search.progress import ProgressPrinter
-    from orchestrator.search.stopping import StopWhenStorageFull
+    from orchestrator.search.stopping import StopOnFatalTrialError
     from orchestrator.search.tracking import tracking_callbacks
 
     setup = TrialSetup(
@@ -211,11 +169,13 @@ def build_tuner(config: SearchConfig, prepared: Prepared, storage_guard: Any = N
         target=config.target,
     )
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, setup=setup), {"cpu": config.cpus_per_trial, "gpu": config.gpus_per_trial}
+        tune.with_parameters(run_checked_trial, setup=setup),
+        {"cpu": config.cpus_per_trial, "gpu": config.gpus_per_trial},
     )
     if config.resume:
         print(f"resuming {prepared.run_dir} from its journal and finished trials", file=sys.stderr)
-    storage_guard = storage_guard if storage_guard is not None else StopWhenStorageFull()
+    storage_guard = storage_guard if storage_guard is not None else StopOnFatalTrialError()
+    mirror = [JournalMirror(prepared.journal, prepared.run_dir)] if is_uri(prepared.run_dir) else []
     run_config = tune.RunConfig(
         name=prepared.name,
         storage_path=prepared.storage,
@@ -225,6 +185,7 @@ def build_tuner(config: SearchConfig, prepared: Prepared, storage_guard: Any = N
         callbacks=[
             ProgressPrinter(prepared.num_trials, config.metric_keys),
             storage_guard,
+            *mirror,
             *tracking_callbacks(config, prepared),
         ],
         verbose=0,

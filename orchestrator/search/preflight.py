@@ -10,6 +10,12 @@ otherwise fails trial by trial, after the baseline is measured. `check_storage_w
 task pinned to each alive node that reads a token the driver wrote (so the node sees the driver's files)
 and writes and deletes a marker under `RUN/.preflight/`; the first node that cannot is one UserError line.
 A single-node run on a local path starts nothing.
+
+Nodes that join later (autoscaled workers: with a CPU-less head, every worker) are checked where it matters, in
+the trial: Tune runs `run_checked_trial`, which has the node read the run's `run.json` and write a marker beside
+it once per worker process before any work. A node that cannot raises `NodeCannotWrite`, one line naming it and
+the fix; the driver's stopper (`stopping.StopOnFatalTrialError`) then stops the search instead of letting every
+later trial there fail the same way.
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ from orchestrator.errors import UserError
 
 PREFLIGHT_DIR = ".preflight"
 TOKEN_FILE = "token"
+# Fault tests set this in a node's environment: that node's in-trial storage check fails as a denied write would.
+SIMULATE_UNWRITABLE = "ORCHESTRATOR_SIMULATE_UNWRITABLE_STORAGE"
 TIMEOUT_S = 60.0  # a node whose task has not run by then is reported on stderr, not failed
 DRIVER_HINT = "check the path, its permissions, and this machine's credentials for that storage"
 CONNECT_TIMEOUT_S = 5.0  # a Ray head or tracking server that is up accepts a TCP connection well within this
@@ -144,6 +152,54 @@ def write_marker(run_dir: str, node_id: str, token: str, *, simulate_failure: bo
         if simulate_failure:
             raise PermissionError(f"[simulated] permission denied: {join(where, node_id)}")
         filesystem, path = resolve(write_atomic(where, node_id, token.encode()))
+        filesystem.delete_file(path)
+    except Exception as exc:  # noqa: BLE001 - any storage error (OSError, ArrowException, botocore…) is the answer
+        return f"{type(exc).__name__}: {_first_line(exc)}"
+    return ""
+
+
+class NodeCannotWrite(RuntimeError):
+    """The node a trial runs on cannot write to the run directory (one line: the node, the reason, the fix)."""
+
+
+_WRITTEN_FROM_HERE: set[str] = set()  # run directories this worker process has checked (a process is on one node)
+
+
+def run_checked_trial(config: dict[str, Any], setup: Any) -> None:
+    """Tune's trainable: the storage check of this node (once per worker process), then the trial itself."""
+    from orchestrator.search.trial import run_trial
+
+    check_this_node(setup.run_dir)
+    run_trial(config, setup)
+
+
+def check_this_node(run_dir: str) -> None:
+    """Raise NodeCannotWrite unless the node this process runs on sees the run directory the driver wrote and
+    can write to it (checked once per process)."""
+    if run_dir in _WRITTEN_FROM_HERE:
+        return
+    import ray
+
+    node_id = ray.get_runtime_context().get_node_id()
+    reason = node_problem(run_dir, node_id)
+    if reason:
+        ip = ray.util.get_node_ip_address()
+        raise NodeCannotWrite(f"node {node_id} ({ip}) cannot write to {run_dir}: {reason}; {setup_hint(run_dir)}")
+    _WRITTEN_FROM_HERE.add(run_dir)
+
+
+def node_problem(run_dir: str, node_id: str) -> str:
+    """'' when this process reads the run's run.json and writes (then deletes) a marker under `RUN/.preflight/`;
+    else why not, in a few words."""
+    from orchestrator.search.prepare import RUN_FILE
+
+    try:
+        if read_bytes(run_dir, RUN_FILE) is None:
+            return f"it does not see the run's {RUN_FILE} there (not the same storage as the driver's)"
+        marker = f"{node_id}-{uuid.uuid4().hex[:8]}"
+        if os.environ.get(SIMULATE_UNWRITABLE):
+            raise PermissionError(f"[simulated] permission denied: {join(join(run_dir, PREFLIGHT_DIR), marker)}")
+        filesystem, path = resolve(write_atomic(join(run_dir, PREFLIGHT_DIR), marker, node_id.encode()))
         filesystem.delete_file(path)
     except Exception as exc:  # noqa: BLE001 - any storage error (OSError, ArrowException, botocore…) is the answer
         return f"{type(exc).__name__}: {_first_line(exc)}"

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from orchestrator import executor
-from orchestrator.artifacts.fs import LOCK_FILE, absolute, cache_root, is_uri, join, read_bytes, write_atomic
+from orchestrator.artifacts.fs import LOCK_FILE, absolute, cache_root, exists, is_uri, join, read_bytes, write_atomic
 from orchestrator.artifacts.jsondoc import parse_json
 from orchestrator.device import resolve_device
 from orchestrator.errors import UserError
@@ -70,6 +70,8 @@ def prepare(config: SearchConfig) -> Prepared:
     if not config.resume and _experiment_exists(run_dir):
         raise UserError(f"{run_dir} already holds a search; pass --resume to continue it, or a new --name")
     before = _recorded_run(run_dir, config)
+    if is_uri(run_dir):
+        _local_journal(run_dir, resume=config.resume)
     if config.resume:
         _settle_journal(journal_path(run_dir))
     workload = (
@@ -135,6 +137,21 @@ def _workload_label(config: SearchConfig) -> str:
     return config.workload if isinstance(config.workload, str) else config.workload.name
 
 
+def _local_journal(run_dir: str, *, resume: bool) -> None:
+    """A run on remote storage keeps its journal in the local cache, mirrored to the run directory: a resume
+    starts from the newer copy (a fresh head has none of its own), a new run from none (an earlier run's of the
+    same name is set aside)."""
+    from orchestrator.search.journal_sync import pull_journal, set_aside
+
+    local = journal_path(run_dir)
+    if resume:
+        pull_journal(run_dir, local)
+        return
+    aside = set_aside(local)
+    if aside:
+        print(f"note: an earlier run's journal for {run_dir} on this machine is kept as {aside}", file=sys.stderr)
+
+
 def _settle_journal(journal: str) -> None:
     """Before a resume opens the journal: drop a torn last line (what a crash mid-write leaves, said once) and
     refuse any other damage in one line."""
@@ -167,15 +184,19 @@ def recorded_target(run_dir: str) -> str:
 
 
 def journal_path(run_dir: str) -> str:
-    """The Optuna journal beside the results (a local file; remote runs keep it in the local cache)."""
+    """The Optuna journal beside the results (a local file; remote runs keep it in the local cache and mirror it to
+    the run directory, see `journal_sync`)."""
     if not is_uri(run_dir):
         return str(Path(run_dir) / JOURNAL_FILE)
     return str(cache_root() / "journals" / (run_dir.replace("://", "_").replace("/", "_") + ".log"))
 
 
 def _experiment_exists(run_dir: str) -> bool:
+    """Whether `run_dir` holds a search. On remote storage: its run.json or journal (on the storage as the run
+    goes, so a run whose head died before Tune saved its own state is found), or Tune's state."""
     if is_uri(run_dir):
         from ray import tune
 
-        return tune.Tuner.can_restore(run_dir)
+        found = exists(run_dir, RUN_FILE) or exists(run_dir, JOURNAL_FILE)
+        return found or tune.Tuner.can_restore(run_dir)
     return Path(run_dir).exists() and any(p.name != LOCK_FILE for p in Path(run_dir).iterdir())
