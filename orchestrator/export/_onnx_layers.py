@@ -14,8 +14,10 @@ Decisions (the speeds are ONNX Runtime 1.31 on x86 CPUs, measured here):
   than the GEMM saves); other 5-8-bit layers run 8-bit MatMulNBits.
 - The int8 kernel (8-bit weights, 8-bit static activations) becomes Div, Round, Clip to +-127 (PyTorch's
   arithmetic, so the codes are the same; `QuantizeLinear` rounds a few boundary values the other way), +128 and
-  a Cast to uint8, then `MatMulInteger` (u8 x s8 -> int32 with zero point 128: 1.3-3.4x faster than fp32; int8
-  activations take a slow path, 10-25x slower) + rescale + bias: the same integers as `torch._int_mm`.
+  a Cast to uint8, then `MatMulInteger` (u8 x u8 -> int32, both zero points 128; int8 activations take a slow
+  path) + rescale + bias: the same integers as `torch._int_mm`. Weights are shifted to uint8 too: ONNX Runtime's
+  u8 x s8 kernel on AVX2 without VNNI sums pairs of products in saturating int16 (`vpmaddubsw`; its docs
+  suggest u8 x u8 or reduced-range weights), which put outputs off by up to 4 on such a CPU.
 - With dynamic per-row activations (bits "w8a8-dynamic") the scale is computed in the graph as PyTorch does:
   ReduceMax(Abs(x)) over the last axis, Div by 127, Where(> 0, ., 1); then the same Div, Round, Clip, uint8
   shift and `MatMulInteger`, its float result multiplied by the row scales, then by the channel scales (1.9x
@@ -219,21 +221,29 @@ def _runtime_int8(module: PackedLinear) -> bool:
 
 def _dynamic_int8_linear(module: PackedLinear, built: Built, x: str, y: str) -> Built:
     """ORT's own dynamic int8 kernel (one fused DynamicQuantizeMatMul: x quantised per tensor to uint8 at run
-    time, u8 x s8 GEMM, rescaled by x's scale and the per-channel weight scales, bias added)."""
-    weight = built.add("qweight_t", _row_codes(module).T.astype(np.int8))
+    time, u8 x u8 GEMM with the weights shifted around 128, rescaled by x's scale and the per-channel weight
+    scales, bias added)."""
+    weight = built.add("qweight_t", _unsigned_codes(module))
     inputs = [x, weight, built.add("weight_scale", module.scale[:, 0].numpy().astype(np.float32))]
+    inputs.append(built.add("weight_zero_point", np.array(128, np.uint8)))
     if module.bias is not None:
-        inputs += ["", built.add("bias", module.bias.numpy())]
+        inputs.append(built.add("bias", module.bias.numpy()))
     built.node("DynamicQuantizeMatMul", inputs, y, domain=MSFT)
     kernel = "DynamicQuantizeMatMul (per-tensor uint8 activations quantised at run time by ORT x int8 weights)"
     built.describe(module, f"{MSFT}.DynamicQuantizeMatMul", 8, kernel, low_bit=True)
     return built
 
 
+def _unsigned_codes(module: PackedLinear) -> np.ndarray:
+    """The weight codes transposed to (in, out) and shifted to uint8 around the zero point 128: ORT's u8 x u8
+    integer GEMM is exact everywhere, its u8 x s8 one saturates on AVX2 without VNNI (see the module's notes)."""
+    return (_row_codes(module).T.astype(np.int16) + 128).astype(np.uint8)
+
+
 def _int8_linear(module: PackedLinear, built: Built, x: str, y: str) -> Built:
     """The int8 kernel: x quantised as PyTorch does (divide by the static or per-row scale, round half to even,
-    clamp to +-127) and shifted to uint8 around 128, u8 x s8 GEMM, rescaled by act scale x weight scale, bias
-    added."""
+    clamp to +-127), x and the weights shifted to uint8 around 128, u8 x u8 GEMM (exact on every CPU), rescaled
+    by act scale x weight scale, bias added."""
     if module.act_dynamic:
         act_scale = _row_scales(built, x)
     else:
@@ -243,8 +253,10 @@ def _int8_linear(module: PackedLinear, built: Built, x: str, y: str) -> Built:
     shifted = built.node("Add", [built.node("Clip", [steps, *limits]), built.add("act_offset", np.float32(128))])
     codes = built.node("Cast", [shifted], to=TensorProto.UINT8)
     zero = built.add("act_zero_point", np.array(128, np.uint8))
-    weight = built.add("qweight_t", _row_codes(module).T.astype(np.int8))
-    acc = built.node("Cast", [built.node("MatMulInteger", [codes, weight, zero])], to=TensorProto.FLOAT)
+    weight = built.add("qweight_t", _unsigned_codes(module))
+    weight_zero = built.add("weight_zero_point", np.array(128, np.uint8))
+    product = built.node("MatMulInteger", [codes, weight, zero, weight_zero])
+    acc = built.node("Cast", [product], to=TensorProto.FLOAT)
     if module.act_dynamic:  # row scales first, never their product with the channel scales (see above)
         rows = built.node("Mul", [acc, act_scale])
         scaled = built.node("Mul", [rows, built.add("weight_scale", module.scale[:, 0].numpy())])
@@ -252,7 +264,7 @@ def _int8_linear(module: PackedLinear, built: Built, x: str, y: str) -> Built:
         scaled = built.node("Mul", [acc, built.add("rescale", (module.act_scale * module.scale[:, 0]).numpy())])
     _add_bias(built, module, scaled, y)
     how = "dynamic per-row" if module.act_dynamic else "static"
-    kernel = f"MatMulInteger ({how} uint8 activations x int8 weights -> int32)"
+    kernel = f"MatMulInteger ({how} uint8 activations x int8 weights stored as uint8 -> int32)"
     built.describe(module, "MatMulInteger", 8, kernel, low_bit=True)
     return built
 
