@@ -12,7 +12,6 @@ from orchestrator.artifacts.tables import RunInfo, TrialRow
 from orchestrator.errors import UserError
 from orchestrator.policy import MAX_SEED
 from orchestrator.runtime import DEFAULT_TARGET, check_target
-from orchestrator.search.preflight import check_address, check_storage_path, check_tracking_uri
 from orchestrator.search.space_options import SpaceOptions
 from orchestrator.workloads import Workload
 
@@ -67,14 +66,8 @@ class SearchConfig:
         return tuple(DIRECTIONS[k] for k in self.metric_keys)
 
     def check(self) -> None:
-        """Raise UserError for a setting no search can run with, before anything is created or Ray starts:
-        the values first, then the storage path, then whether the cluster and the tracking server answer."""
-        self._check_values()
-        check_storage_path(self.storage_path)
-        check_address(self.address)
-        check_tracking_uri(self.mlflow)
-
-    def _check_values(self) -> None:
+        """Raise UserError for a value no search can run with (`preflight.check_search` also checks the storage
+        path, the cluster and the tracking server, before anything is created or Ray starts)."""
         unknown = [o for o in self.objectives if o not in OBJECTIVE_KEYS]
         if unknown or not self.objectives:
             raise UserError(f"unknown objective(s) {', '.join(unknown)}; choose from {', '.join(OBJECTIVE_KEYS)}")

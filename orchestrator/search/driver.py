@@ -27,7 +27,13 @@ from orchestrator.artifacts.tables import RunInfo
 from orchestrator.errors import StorageFull, UserError
 from orchestrator.search.config import SearchConfig, SearchOutcome
 from orchestrator.search.pause import pause_point
-from orchestrator.search.preflight import check_address, check_storage_writable, check_trial_fits, run_checked_trial
+from orchestrator.search.preflight import (
+    check_address,
+    check_search,
+    check_storage_writable,
+    check_trial_fits,
+    run_checked_trial,
+)
 from orchestrator.search.prepare import JOURNAL_FILE, Prepared, prepare, run_directory
 from orchestrator.search.ray_session import ADDRESS_VARIABLE, ray_target, route_ray_logs, start_ray, where_trials_run
 from orchestrator.search.signals import Interrupted, stop_requests
@@ -42,7 +48,7 @@ LOG_FILE = "search.log"
 
 def run(config: SearchConfig) -> SearchOutcome:
     """Run (or resume) a search and leave trials.parquet, pareto.parquet, Pareto checkpoints and a report."""
-    config.check()
+    check_search(config)
     target = ray_target(config.address)
     if target.source == ADDRESS_VARIABLE:  # --address was checked with the other flags
         check_address(target.address, flag=ADDRESS_VARIABLE)

@@ -35,6 +35,7 @@ from urllib.parse import urlsplit
 
 from orchestrator.artifacts.fs import is_uri, join, read_bytes, resolve, write_atomic
 from orchestrator.errors import UserError
+from orchestrator.search.config import SearchConfig
 
 PREFLIGHT_DIR = ".preflight"
 TOKEN_FILE = "token"
@@ -156,6 +157,15 @@ def write_marker(run_dir: str, node_id: str, token: str, *, simulate_failure: bo
     except Exception as exc:  # noqa: BLE001 - any storage error (OSError, ArrowException, botocore…) is the answer
         return f"{type(exc).__name__}: {_first_line(exc)}"
     return ""
+
+
+def check_search(config: SearchConfig) -> None:
+    """Raise UserError for a search that cannot run, before anything is created or Ray starts: the values
+    first, then the storage path, then whether the cluster and the tracking server answer."""
+    config.check()
+    check_storage_path(config.storage_path)
+    check_address(config.address)
+    check_tracking_uri(config.mlflow)
 
 
 class NodeCannotWrite(RuntimeError):
