@@ -23,7 +23,8 @@ from typing import Any
 from ray.tune import Callback
 
 from orchestrator.artifacts.fs import read_bytes, upload_file
-from orchestrator.search.prepare import JOURNAL_FILE
+
+JOURNAL_FILE = "optuna-journal.log"  # beside the results (optuna-dashboard opens it)
 
 
 def push_journal(local: str, run_dir: str) -> None:

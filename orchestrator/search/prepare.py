@@ -21,11 +21,11 @@ from orchestrator.device import resolve_device
 from orchestrator.errors import UserError
 from orchestrator.runtime import DEFAULT_TARGET
 from orchestrator.search.config import DEFAULT_TRIALS, SearchConfig
+from orchestrator.search.journal_sync import JOURNAL_FILE
 from orchestrator.search.sampler import repair_journal
 from orchestrator.search.space import SearchSpace, build_space
 from orchestrator.workloads import Workload, resolve_workload
 
-JOURNAL_FILE = "optuna-journal.log"
 RUN_FILE = "run.json"  # the run directory's place, its trial budget and deployment target (see _run_record)
 
 
