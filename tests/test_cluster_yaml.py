@@ -221,3 +221,35 @@ def test_workers_declare_the_instance_profile_that_lets_them_write_results(raw, 
         assert raw["available_node_types"][name]["node_config"]["IamInstanceProfile"] == profile
     head = raw["available_node_types"][raw["head_node_type"]]["node_config"]
     assert "IamInstanceProfile" not in head  # `ray up` creates and attaches the head's own role
+
+
+def test_what_ray_submit_runs_on_the_head_joins_the_cluster_with_its_token(cfg, tmp_path):
+    """The head's set-up exports RAY_ADDRESS=auto and RAY_AUTH_MODE=token into ~/.bashrc, once however often `ray up`
+    runs it, and the login shell Ray wraps every `ray submit`/`ray exec` command in (its own function) sees both."""
+    import os
+    import subprocess
+
+    from ray.autoscaler._private.command_runner import _with_interactive
+
+    exports = [c for c in cfg["head_setup_commands"] if "RAY_ADDRESS" in c]
+    assert len(exports) == 1
+    assert not any("RAY_ADDRESS" in c for c in cfg["worker_setup_commands"])  # workers join by $RAY_HEAD_IP
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | {"HOME": str(tmp_path)}
+    for _ in range(2):
+        subprocess.run(["bash", "-c", exports[0]], env=environ, check=True, timeout=60)
+    assert (tmp_path / ".bashrc").read_text().count("RAY_ADDRESS") == 1
+    command = " ".join(_with_interactive('echo "[$RAY_ADDRESS $RAY_AUTH_MODE]"'))
+    shown = subprocess.run(["bash", "-c", command], env=environ, capture_output=True, text=True, timeout=60)
+    assert "[auto token]" in shown.stdout
+    header = CLUSTER_YAML.read_text().split("cluster_name:")[0]
+    assert "ray submit cluster.yaml search.py -- --storage-path" in header  # the headline needs no --address
+
+
+def test_every_node_starts_ray_with_token_authentication_and_the_one_token(cfg):
+    starts = [c for c in cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"] if "ray start" in c]
+    assert len(starts) == 2
+    assert all("RAY_AUTH_MODE=token ray start" in c for c in starts)
+    # the token Ray reads by default (~/.ray/auth_token, the image's user is ray) comes from the user's machine
+    mounts = {remote: local for remote, local in cfg["file_mounts"].items() if remote.endswith("/.ray/auth_token")}
+    assert mounts == {"/home/ray/.ray/auth_token": "~/.ray/auth_token"}
+    assert "ray get-auth-token --generate" in CLUSTER_YAML.read_text().split("cluster_name:")[0]
