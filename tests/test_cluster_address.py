@@ -276,3 +276,17 @@ def test_a_cluster_that_refuses_this_process_is_one_line(monkeypatch):
     monkeypatch.setattr(ray, "init", no_token)
     with pytest.raises(UserError, match=r"^--address 10\.0\.0\.5:6379: this cluster uses token authentication"):
         ray_session._init_ray(config, RayTarget("10.0.0.5:6379", "--address"), False)
+
+
+def test_a_full_disk_is_not_taken_for_a_node_set_up_wrong(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    (tmp_path / "run.json").write_text("{}")
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(preflight, "write_atomic", full)
+    with pytest.raises(OSError, match="No space left on device"):  # the full-disk path handles it, as before
+        preflight.node_problem(str(tmp_path), "n1")

@@ -21,6 +21,7 @@ later trial there fail the same way.
 from __future__ import annotations
 
 import contextlib
+import errno
 import ipaddress
 import os
 import re
@@ -41,6 +42,7 @@ PREFLIGHT_DIR = ".preflight"
 TOKEN_FILE = "token"
 # Fault tests set this in a node's environment: that node's in-trial storage check fails as a denied write would.
 SIMULATE_UNWRITABLE = "ORCHESTRATOR_SIMULATE_UNWRITABLE_STORAGE"
+NO_SPACE = os.strerror(errno.ENOSPC)  # "No space left on device"
 TIMEOUT_S = 60.0  # a node whose task has not run by then is reported on stderr, not failed
 DRIVER_HINT = "check the path, its permissions, and this machine's credentials for that storage"
 CONNECT_TIMEOUT_S = 5.0  # a Ray head or tracking server that is up accepts a TCP connection well within this
@@ -212,6 +214,8 @@ def node_problem(run_dir: str, node_id: str) -> str:
         filesystem, path = resolve(write_atomic(join(run_dir, PREFLIGHT_DIR), marker, node_id.encode()))
         filesystem.delete_file(path)
     except Exception as exc:  # noqa: BLE001 - any storage error (OSError, ArrowException, botocore…) is the answer
+        if NO_SPACE in str(exc):  # a full disk, not a node set up wrong: the search's full-disk handling says so
+            raise
         return f"{type(exc).__name__}: {_first_line(exc)}"
     return ""
 

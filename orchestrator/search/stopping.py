@@ -10,7 +10,6 @@ only to fail the same way and the budget is not burnt; the driver then reports t
 from __future__ import annotations
 
 import errno
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -18,9 +17,8 @@ from typing import Any
 from ray.tune import Callback
 from ray.tune.stopper import Stopper
 
-from orchestrator.search.preflight import NodeCannotWrite
+from orchestrator.search.preflight import NO_SPACE, NodeCannotWrite
 
-NO_SPACE = os.strerror(errno.ENOSPC)  # "No space left on device"
 _UNWRITABLE = re.compile(rf"{NodeCannotWrite.__name__}: (?P<line>node .*)")
 
 
