@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.artifacts.store import measure_artifact
+from tests.waiting import HANG_S
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMON_KEYS = {"command", "date", "machine", "torch", "threads", "seed"}
@@ -97,7 +98,7 @@ def test_bench_quick_mode(bench: str, keys: set[str], check: Callable, tmp_path:
         env=os.environ,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=HANG_S,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "|---" in proc.stdout
@@ -116,7 +117,7 @@ def test_bench_quick_mode(bench: str, keys: set[str], check: Callable, tmp_path:
 def check_retime(deployed: dict, out: Path) -> None:
     run = deployed["run_dir"]
     args = [sys.executable, "-m", "bench.retime", run, "--out", str(out)]
-    proc = subprocess.run(args, cwd=ROOT, env=os.environ, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(args, cwd=ROOT, env=os.environ, capture_output=True, text=True, timeout=HANG_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
     checks = json.loads(out.read_text())["runs"][run]
     assert [c["trial_id"] for c in checks] == [c["trial_id"] for c in deployed["evaluate_retiming"]]

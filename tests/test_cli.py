@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from orchestrator.cli import main
+from tests.waiting import HANG_S
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -18,7 +19,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
         capture_output=True,
         text=True,
         env=os.environ,
-        timeout=300,
+        timeout=HANG_S,
     )
 
 

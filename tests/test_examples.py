@@ -19,6 +19,7 @@ from orchestrator.policy import validate_for_model
 from orchestrator.search.space import build_space
 from orchestrator.search.space_options import load_space_file
 from orchestrator.workloads.digits import DigitsCNN
+from tests.waiting import HANG_S
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
@@ -36,10 +37,10 @@ MLP_POLICY = {
 }
 
 
-def run_from_repo(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def run_from_repo(*args: str) -> subprocess.CompletedProcess:
     """A command run as a user would, from the repository root, with the tests' isolated cache."""
     return subprocess.run(
-        [sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout, env=os.environ
+        [sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=HANG_S, env=os.environ
     )
 
 
@@ -76,7 +77,7 @@ def test_search_space_example_builds_for_digits():
 def test_search_space_example_runs_a_search(tmp_path, digits_baseline):
     searched = run_from_repo(
         "search.py", "--search-space", "examples/search_space.json", "--num-trials", "3", "--storage-path",
-        str(tmp_path), "--name", "ex", "--no-report", timeout=600,
+        str(tmp_path), "--name", "ex", "--no-report",
     )  # fmt: skip
     assert searched.returncode == 0, searched.stderr[-3000:]
     trials, _ = read_table(str(tmp_path / "ex"), TRIALS_FILE)
@@ -85,7 +86,7 @@ def test_search_space_example_runs_a_search(tmp_path, digits_baseline):
 
 @pytest.mark.slow
 def test_my_workload_baseline_from_the_command_line():
-    measured = run_from_repo("-m", "orchestrator", "baseline", "--workload", MY_WORKLOAD, "--json", timeout=120)
+    measured = run_from_repo("-m", "orchestrator", "baseline", "--workload", MY_WORKLOAD, "--json")
     assert measured.returncode == 0, measured.stderr[-3000:]
     metrics = json.loads(measured.stdout)
     assert metrics["validation"] > 0.85 and metrics["test"] > 0.85
@@ -180,7 +181,7 @@ def test_notebook_example_is_under_15_lines_uses_public_names_and_is_the_readme_
 @pytest.mark.ray
 def test_notebook_example_runs_a_search_on_a_dataloader(tmp_path):
     ran = subprocess.run(
-        [sys.executable, str(EXAMPLES / "notebook.py")], cwd=tmp_path, capture_output=True, text=True, timeout=600
+        [sys.executable, str(EXAMPLES / "notebook.py")], cwd=tmp_path, capture_output=True, text=True, timeout=HANG_S
     )
     assert ran.returncode == 0, ran.stderr[-3000:]
     found = re.search(r"(\d+) models on the front: \[(.*)\]", ran.stdout)

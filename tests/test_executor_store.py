@@ -17,6 +17,7 @@ from orchestrator import executor
 from orchestrator.artifacts import store
 from orchestrator.policy import Policy
 from tests.test_policy import FULL
+from tests.waiting import HANG_S
 
 pytestmark = pytest.mark.slow
 
@@ -74,7 +75,7 @@ def test_reload_in_a_fresh_process_gives_bitwise_equal_test_logits(applied, save
             save_file({{"logits": checkpoint.model(x)}}, {str(tmp_path / "logits.safetensors")!r})
         """
     )
-    subprocess.run([sys.executable, "-c", script], check=True, env=os.environ, timeout=300)
+    subprocess.run([sys.executable, "-c", script], check=True, env=os.environ, timeout=HANG_S)
     reloaded = load_file(tmp_path / "logits.safetensors")["logits"]
     assert torch.equal(reloaded, expected)
 

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from orchestrator import Policy, apply, load_checkpoint, save_checkpoint
 from orchestrator.workloads import resolve_workload
 from techniques.inputs import call_model
+from tests.waiting import HANG_S
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,7 +63,7 @@ with torch.inference_mode():
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=HANG_S)
 
 
 @pytest.mark.slow

@@ -25,6 +25,7 @@ from orchestrator.report._figures import front_figure
 from orchestrator.report._png import front_plot
 from orchestrator.report._points import hover_text
 from orchestrator.report._policy import layer_table, summary
+from tests.waiting import HANG_S
 
 CHROMIUM = Path("/usr/bin/chromium")
 BASE_SIZE, BASE_LATENCY = 71_680, 0.84
@@ -584,7 +585,7 @@ def chromium(*args: str, profile: Path) -> subprocess.CompletedProcess:
         f"--user-data-dir={profile}",
         *args,
     ]
-    return subprocess.run(command, capture_output=True, text=True, timeout=60, check=True)
+    return subprocess.run(command, capture_output=True, text=True, timeout=HANG_S, check=True)
 
 
 @pytest.mark.slow

@@ -20,6 +20,7 @@ from orchestrator.errors import UserError
 from orchestrator.workloads import Workload, resolve_workload
 from orchestrator.workloads.cifar10 import load_splits, make_cifar10, read_batch
 from tests.test_workloads import write_cifar_dir
+from tests.waiting import HANG_S
 
 REPO = Path(__file__).resolve().parents[1]
 _serial = itertools.count()
@@ -182,7 +183,7 @@ def test_cli_prints_one_error_line_and_exits_2_for_a_module_that_raises(tmp_path
         text=True,
         env=env,
         cwd=tmp_path,
-        timeout=300,
+        timeout=HANG_S,
     )
     assert done.returncode == 2, done.stderr
     lines = done.stderr.splitlines()
