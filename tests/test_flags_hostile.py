@@ -174,7 +174,6 @@ def test_a_node_type_the_autoscaler_may_start_is_enough(cluster, tmp_path):
 def test_a_real_local_ray_reports_what_it_has(monkeypatch, tmp_path):
     import ray
 
-    monkeypatch.setenv("HOME", str(tmp_path))
     ray.shutdown()
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
