@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import socket
-import time
 from types import SimpleNamespace
 
 import pytest
@@ -65,10 +64,8 @@ def test_a_hostile_search_flag_is_one_line_before_anything_starts(flags, named, 
     file.write_text("")
     flags = [flag.format(file=file, closed=closed_port()) for flag in flags]
     storage = [] if "--storage-path" in flags else ["--storage-path", str(tmp_path / "runs")]
-    started = time.monotonic()
     assert search_main([*flags, *storage]) == 2
     assert named in one_error_line(capsys)
-    assert time.monotonic() - started < 30
     assert not (tmp_path / "runs").exists()
 
 
