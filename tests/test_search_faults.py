@@ -405,6 +405,18 @@ def test_rows_of_trials_that_failed_before_reporting_or_were_cut_off():
         assert rows[0].error == "RuntimeError: boom" and json.loads(rows[0].policy_json)["steps"] == []
 
 
+def test_a_failed_trials_row_keeps_the_exceptions_own_line_after_a_long_remote_traceback():
+    """Ray's errors carry the remote traceback before the exception's line; a long one (deep install paths, as in
+    CI) must not cut that line off the row."""
+    from orchestrator.search.collect import ERROR_CHARS, error_summary
+
+    frames = "".join(f'  File "/a/long/install/path/{i}/module.py", line {i}, in f\n    g()\n' for i in range(200))
+    error = RuntimeError(f"Traceback (most recent call last):\n{frames}ValueError: the exception's own line")
+    summary = error_summary(error)
+    assert len(summary) == ERROR_CHARS and summary.endswith("ValueError: the exception's own line")
+    assert error_summary(RuntimeError("boom")) == "RuntimeError: boom" and error_summary(None) is None
+
+
 class _TruncatedErrorTuner:
     """Tune's `fit` as it fails when a full disk left a trial's pickled error empty."""
 

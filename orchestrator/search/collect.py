@@ -89,6 +89,18 @@ class RowContext:
         return self.max_drop is None or (self.baseline_metric - validation) <= self.max_drop + 1e-12
 
 
+ERROR_CHARS = 2000
+
+
+def error_summary(error: BaseException | None) -> str | None:
+    """A failed trial's error for its row: the end of the text, where the exception's own line is (Ray's wrapped
+    errors put the remote traceback first); the whole traceback stays in the trial's error.txt."""
+    if not error:
+        return None
+    text = f"{type(error).__name__}: {error}".rstrip()
+    return text if len(text) <= ERROR_CHARS else "…" + text[-(ERROR_CHARS - 1):]
+
+
 def trial_row(result: Any, number: int, role: str, name: str | None, context: RowContext) -> TrialRow:
     """One trial's row from its Tune result."""
     metrics = dict(result.metrics or {})
@@ -104,7 +116,7 @@ def trial_row(result: Any, number: int, role: str, name: str | None, context: Ro
         pareto=False,
         epochs_completed=metrics.get("epoch"),
         policy_json=dataclasses.replace(policy, name=name).dumps() if name else policy.dumps(),
-        error=None if not result.error else f"{type(result.error).__name__}: {result.error}"[:2000],
+        error=error_summary(result.error),
     )
 
 
