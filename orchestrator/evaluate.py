@@ -7,7 +7,8 @@ trial's. A checkpoint is re-measured for the deployment target and at the latenc
 record (unless told otherwise): for onnxruntime it is exported again and timed beside the baseline's fp32 ONNX
 session, so the speedup is comparable with the one the search recorded; and with the torch thread count they
 record (at most this machine's cores), as the search re-timed its Pareto checkpoints; the result says
-whether the re-timed speedup falls inside the spread the checkpoint recorded.
+whether the re-timed speedup falls inside the spread the checkpoint recorded. Metrics are scored as trials score
+them (`executor.scores`): for onnxruntime, the ONNX session's validation and test metrics, PyTorch's beside them.
 """
 
 from __future__ import annotations
@@ -19,23 +20,24 @@ import torch
 
 from orchestrator.artifacts import store
 from orchestrator.device import resolve_device
-from orchestrator.executor import compressed_metrics, measure_on, measure_reference
+from orchestrator.executor import compressed_metrics, measure_on, measure_reference, scores
 from orchestrator.measure import torch_threads
-from orchestrator.runtime import DEFAULT_TARGET, check_target
+from orchestrator.runtime import DEFAULT_TARGET, check_target, deploy
 from orchestrator.workloads import BUILTIN, Workload, resolve_workload
 
 
 def measure_baseline(
     workload: Workload, *, device: torch.device, latency_batch_size: int = 1, target: str = DEFAULT_TARGET
 ) -> dict[str, Any]:
-    """Every measurement of the trained baseline for the deployment `target`, test metric included."""
+    """Every measurement of the trained baseline for the deployment `target`, test metric included (scored as
+    the target deploys it, as trials score)."""
     model = workload.load_baseline().to(device)
+    deployed = deploy(model, workload, check_target(target))
     return {
         "workload": workload.name,
         "metric": workload.metric_name,
-        "validation": workload.evaluate(model, "validation", device),
-        "test": workload.evaluate(model, "test", device),
-        **measure_on(model, workload, device, latency_batch_size, target=check_target(target)).metrics(),
+        **scores(model, workload, device, deployed, ("validation", "test")),
+        **measure_on(model, workload, device, latency_batch_size, deployed=deployed).metrics(),
     }
 
 
@@ -80,22 +82,18 @@ def evaluate_checkpoint(
     checkpoint = store.load_verified(verified, work)
     model = checkpoint.model.to(torch_device)
     baseline = work.load_baseline().to(torch_device)
-    scores = {
-        "metric": work.metric_name,
-        "validation": work.evaluate(model, "validation", torch_device),
-        "test": work.evaluate(model, "test", torch_device),
-        "recorded_validation": checkpoint.metrics.get("validation"),
-    }
     threads = min(_recorded(verified.metrics, "threads", 0), os.cpu_count() or 1)
     with torch_threads(threads):  # re-timed with the threads the recorded speed was timed with
         reference = measure_reference(
             work, baseline, torch_device, latency_batch_size=latency_batch_size, target=target
         )
         measured = compressed_metrics(
-            model, work, torch_device, reference, baseline, latency_batch_size, policy=checkpoint.policy
-        )
+            model, work, torch_device, reference, baseline, latency_batch_size, policy=checkpoint.policy,
+            splits=("validation", "test"),
+        )  # fmt: skip
     return {
-        **scores,
+        "metric": work.metric_name,
+        "recorded_validation": checkpoint.metrics.get("validation"),
         **measured,
         **against_recorded(verified.metrics, measured),
         "techniques": checkpoint.policy.techniques(),

@@ -10,11 +10,21 @@ Decisions: the deployment target (`torch` | `onnxruntime`, `orchestrator.runtime
 the baseline is measured for it first, and every model measured against that reference is deployed and timed
 the same way, beside the baseline as that target runs it (for onnxruntime, the baseline's fp32 ONNX session,
 exported once and re-timed beside every model).
+
+Decisions: what a target deploys is what is scored (`scores`): for onnxruntime the validation metric is the ONNX
+session's (baseline and candidate alike), the PyTorch model's is kept beside it (`torch_validation`), and the
+export check's difference is a measurement (`export_max_abs_diff`, `export_check_passed`), never a failed trial.
+Trials, `apply`, `evaluate` and the baseline all score through `scores`.
+
+Decisions: layers the baseline's outputs never depend on (`Workload.unused_layers`: BERT's pooler under a
+module reading hidden states) are found once with the reference, said once per process, and left out of the
+kernel report (an export has no graph for them).
 """
 
 from __future__ import annotations
 
 import copy
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +40,7 @@ from orchestrator.policy import Policy, PolicyError, validate_for_model
 from orchestrator.runtime import DEFAULT_TARGET, OnnxSession, check_target, deploy
 from orchestrator.workloads import Workload
 from techniques.finalize import finalize, finalized_copy, kernel_report
+from techniques.inputs import Inputs, to_device
 from techniques.student import require_fine_tune
 
 TRACE_BATCH = 2
@@ -44,6 +55,7 @@ class Reference:
     measurements: Measurements
     deployed: OnnxSession | None = field(default=None, repr=False, compare=False)
     timings: dict[str, Any] | None = field(default=None, repr=False, compare=False)  # its `latency_log` entry
+    unused_layers: tuple[str, ...] = ()  # layers the baseline's outputs never depend on
 
     @property
     def target(self) -> str:
@@ -52,6 +64,20 @@ class Reference:
     def beside(self, baseline: nn.Module) -> Timed:
         """What a model measured against this reference is timed beside: the baseline as the target runs it."""
         return baseline if self.deployed is None else self.deployed
+
+
+@dataclass
+class WorkloadContext(techniques.Context):
+    """The technique context of a workload: `run` reduces outputs with the workload's `output_fn`, given the
+    batch when it asks for it (mean pooling over the attention mask), which `Context.run` cannot pass."""
+
+    workload: Workload | None = None
+
+    def run(self, model: nn.Module, inputs: Inputs) -> torch.Tensor:
+        if self.workload is None:
+            return super().run(model, inputs)
+        device = next((p.device for p in model.parameters()), self.device)
+        return self.workload.forward(model, to_device(inputs, device))
 
 
 @dataclass
@@ -71,6 +97,8 @@ def measure_reference(
     target: str = DEFAULT_TARGET,
 ) -> Reference:
     """Measure the uncompressed baseline exactly as `apply` measures a compressed model, for `target`."""
+    unused = tuple(workload.unused_layers(baseline))
+    _say_unused(workload, unused)
     deployed = deploy(baseline, workload, target)
     measured = measure_on(baseline, workload, device, latency_batch_size, deployed=deployed)
     timings = latency_log.describe(
@@ -79,11 +107,46 @@ def measure_reference(
     )  # fmt: skip
     latency_log.append(timings, [measured.latency.median_ms])
     return Reference(
-        metric=workload.evaluate(baseline, "validation", device),
+        metric=scores(baseline, workload, device, deployed)["validation"],
         measurements=measured,
         deployed=deployed,
         timings=timings,
+        unused_layers=unused,
     )
+
+
+_SAID: set[str] = set()  # workload fingerprints whose unused layers this process has named
+
+
+def _say_unused(workload: Workload, unused: tuple[str, ...]) -> None:
+    """Name a workload's unused layers on stderr, once per process."""
+    if unused and workload.fingerprint not in _SAID:
+        _SAID.add(workload.fingerprint)
+        print(
+            f"note: {workload.name}: the model's outputs never depend on layer(s) {', '.join(unused)}; "
+            "they are left alone (no kernel reported, absent from an ONNX export)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def scores(
+    model: nn.Module,
+    workload: Workload,
+    device: torch.device,
+    deployed: OnnxSession | None,
+    splits: tuple[str, ...] = ("validation",),
+) -> dict[str, Any]:
+    """The metric on each split of what the target deploys: the model itself, or (`deployed`) its artifact,
+    with the PyTorch model's beside it (`torch_<split>`) and the export check's difference to PyTorch."""
+    found: dict[str, Any] = {}
+    for split in splits:
+        metric = workload.evaluate(model, split, device)
+        if deployed is None:
+            found[split] = metric
+        else:
+            found |= {split: deployed.evaluate(workload, split), f"torch_{split}": metric}
+    return found if deployed is None else {**found, **deployed.check_metrics()}
 
 
 def measure_on(
@@ -115,15 +178,16 @@ def make_context(
     device: torch.device,
     on_epoch: Callable[[int, float], None] | None,
 ) -> techniques.Context:
-    """The technique context: data through the workload, validation as the only metric the chain sees."""
-    return techniques.Context(
+    """The technique context: data through the workload (outputs reduced by it), validation as the only metric
+    the chain sees."""
+    return WorkloadContext(
+        workload=workload,
         example_inputs=workload.example_inputs(TRACE_BATCH, device),
         device=device,
         seed=seed,
         calibration=lambda: (x for x, _ in workload.batches("calibration", device=device)),
         train_batches=lambda epoch: workload.batches("train", shuffle_seed=seed * 10_007 + epoch, device=device),
         task_loss=workload.loss_fn,
-        output_fn=workload.output_fn,
         distill_loss=workload.distill_loss,
         evaluate=lambda model: workload.evaluate(model, "validation", device),
         teacher=teacher,
@@ -141,23 +205,32 @@ def compressed_metrics(
     latency_batch_size: int = 1,
     *,
     policy: Policy | None = None,
+    splits: tuple[str, ...] = ("validation",),
 ) -> dict[str, Any]:
-    """The metrics record of a finalized model: its measurements for the reference's target with ratios to the
-    baseline (the speedup timed beside the `baseline` as that target runs it, now), the baseline's own numbers,
-    and which kernel each layer runs on. `policy` (the one that made the model) picks the base architecture its
-    size is written against."""
+    """The metrics record of a finalized model: its scores on `splits` and measurements as the reference's
+    target deploys it (`scores`), with ratios to the baseline (the speedup timed beside the `baseline` as that
+    target runs it, now), the baseline's own numbers, and which kernel each layer it uses runs on. `policy` (the
+    one that made the model) picks the base architecture its size is written against."""
+    deployed = deploy(model, workload, reference.target)
     beside = reference.beside(baseline)
     measured = measure_on(
-        model, workload, device, latency_batch_size, beside=beside, policy=policy, target=reference.target
+        model, workload, device, latency_batch_size, beside=beside, policy=policy, deployed=deployed
     )
     if reference.timings is not None and measured.paired is not None:
         latency_log.append(reference.timings, [measured.paired[0].median_ms])
+    unused = reference.unused_layers
     return {
+        **scores(model, workload, device, deployed, splits),
         "baseline_validation": reference.metric,
         "baseline_size_bytes": reference.measurements.size_bytes,
         **measured.metrics(reference.measurements),
-        "kernels": kernel_report(model),
+        "kernels": {k: v for k, v in kernel_report(model).items() if not _within(k, unused)},
     }
+
+
+def _within(name: str, layers: tuple[str, ...]) -> bool:
+    """Whether module `name` is one of `layers` or inside one (a factored layer's children)."""
+    return any(name == layer or name.startswith(f"{layer}.") for layer in layers)
 
 
 def _checked_base(policy: Policy, workload: Workload) -> nn.Module:
@@ -221,7 +294,6 @@ def apply(
 
     metrics = {
         "metric": workload.metric_name,
-        "validation": workload.evaluate(model, "validation", device),
         **compressed_metrics(model, workload, device, reference, teacher, latency_batch_size, policy=policy),
         "techniques": policy.techniques(),
         "seed": seed,

@@ -13,16 +13,18 @@ Decisions:
   here, baselines and comparisons included, runs without it (`SESSION_DISABLED_OPTIMIZERS`).
 - The ONNX file is the exporter's own (`orchestrator.export.export_model`) with `int8_activations` (ONNX
   Runtime quantises the activations of 8-bit Linear layers with its fused dynamic kernel, and 2-4-bit ones in
-  MatMulNBits: the fast kernels a user deploying to ORT gets), checked against PyTorch within the tolerance
-  for quantised activations; an export that fails its check is a `TargetError`, never a number measured on a
-  different model. Accuracy is still the PyTorch model's (the check bounds the difference); the deployment
-  benchmark (`bench/deploy.py`) measures the metric of the ONNX file itself.
+  MatMulNBits: the fast kernels a user deploying to ORT gets). An export that cannot be made is a
+  `TargetError`; one that differs from PyTorch beyond the tolerance is not: the deployed artifact is what is
+  scored (`OnnxSession.evaluate`: the workload's metric over a split, batched as PyTorch evaluation batches it,
+  the session's flat outputs put back in the structure the model returns and reduced by the workload's
+  `output_fn`), and the check's difference is kept (`check_metrics`) as a measurement beside the PyTorch score.
 - A session pickles as its file's bytes and thread count and is rebuilt on load, so a record holding one can
   cross a process boundary.
 """
 
 from __future__ import annotations
 
+import math
 import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -35,7 +37,7 @@ from torch import nn
 
 from orchestrator.errors import UserError
 from orchestrator.workloads import Workload
-from techniques.inputs import Inputs, tensors
+from techniques.inputs import Inputs, call_model, tensors
 
 TARGETS = ("torch", "onnxruntime")
 SESSION_DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)  # slower than what it replaces here (see Decisions)
@@ -56,11 +58,15 @@ def check_target(target: str) -> str:
 @dataclass
 class OnnxSession:
     """An ONNX file in an ONNX Runtime CPU session: what the `onnxruntime` target weighs (`size_bytes`, the
-    file's bytes) and times (`bind(inputs)`: one forward on fixed inputs)."""
+    file's bytes), times (`bind(inputs)`: one forward on fixed inputs) and scores (`evaluate`); `structure` is the
+    PyTorch model's output structure (tensors emptied, `export._check.structure_of`) its outputs are put back in,
+    `check` the export check's result (`export._check.compare`)."""
 
     data: bytes = field(repr=False)
     threads: int
     target: str = "onnxruntime"
+    structure: Any = field(default=None, repr=False, compare=False)
+    check: dict[str, Any] = field(default_factory=dict, compare=False)
     session: Any = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -95,8 +101,40 @@ class OnnxSession:
         run = self.session.run
         return lambda: run(None, feeds)
 
+    def outputs(self, inputs: Inputs) -> Any:
+        """The session's outputs on a batch as torch tensors, in the structure the PyTorch model returns them
+        (a flat list when that is unknown)."""
+        from orchestrator.export._check import with_tensors
+
+        feeds = self.feeds(inputs)
+        try:
+            arrays = [torch.from_numpy(array) for array in self.session.run(None, feeds)]
+        except Exception as exc:  # onnxruntime's own error types (bad dimensions, a kernel failing)
+            line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise TargetError(f"ONNX Runtime cannot run the exported model on the workload's batches: {line}") from exc
+        if self.structure is None:
+            return arrays
+        try:
+            return with_tensors(self.structure, iter(arrays))
+        except StopIteration:
+            raise TargetError(f"the ONNX graph returns {len(arrays)} output(s), fewer than the PyTorch model") from None
+
+    def evaluate(self, workload: Workload, split: str = "validation") -> float:
+        """The workload's metric of this artifact on a split, as `Workload.evaluate` computes PyTorch's."""
+        return workload.score(self.outputs, split, "cpu")
+
+    def check_metrics(self) -> dict[str, Any]:
+        """The export check as a trial records it: the largest difference to PyTorch, its bound, whether it held."""
+        worst, bound = self.check.get("max_abs_diff"), self.check.get("tolerance")
+        return {
+            "export_max_abs_diff": worst if isinstance(worst, float) and math.isfinite(worst) else None,
+            "export_tolerance": bound,
+            "export_check_passed": bool(self.check.get("passed")),
+        }
+
     def __getstate__(self) -> dict[str, Any]:
-        return {"data": self.data, "threads": self.threads, "target": self.target}
+        state = {"data": self.data, "threads": self.threads, "target": self.target}
+        return {**state, "structure": self.structure, "check": self.check}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(**state)  # type: ignore[misc]
@@ -117,9 +155,10 @@ def _session(data: bytes, threads: int) -> Any:
 
 
 def onnx_session(model: nn.Module, workload: Workload) -> OnnxSession:
-    """The model exported to ONNX by the project's exporter (checked against PyTorch on the workload's
-    validation inputs) in a session with torch's current thread count."""
+    """The model exported to ONNX by the project's exporter in a session with torch's current thread count, with
+    the export's check against PyTorch on the workload's validation inputs (kept, not enforced: see Decisions)."""
     from orchestrator.export import export_model
+    from orchestrator.export._check import structure_of
 
     with tempfile.TemporaryDirectory(prefix="onnx-target-") as tmp:
         out = Path(tmp) / "model.onnx"
@@ -128,14 +167,10 @@ def onnx_session(model: nn.Module, workload: Workload) -> OnnxSession:
         except UserError as exc:
             raise TargetError(f"target onnxruntime: the model cannot be exported: {exc}") from exc
         data = out.read_bytes()
-    check = result.report["check"]
-    if not result.passed:
-        raise TargetError(
-            f"target onnxruntime: the ONNX export differs from the PyTorch model by {check['max_abs_diff']:.3g} "
-            f"(tolerance {check['tolerance']:.3g}), so its size and latency would not be this model's; "
-            "measure it with --target torch"
-        )
-    return OnnxSession(data, torch.get_num_threads())
+    example = workload.example_inputs(1, next((p.device for p in model.parameters()), "cpu"))
+    with torch.inference_mode():
+        structure = structure_of(call_model(model.eval(), example))
+    return OnnxSession(data, torch.get_num_threads(), structure=structure, check=result.report["check"])
 
 
 def deploy(model: nn.Module, workload: Workload, target: str) -> OnnxSession | None:

@@ -12,8 +12,9 @@ loaded back with `torch.export.load`.
 
 from __future__ import annotations
 
+import dataclasses
 import io
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -56,6 +57,30 @@ def onnx_outputs(data: bytes, inputs: Inputs) -> list[np.ndarray]:
             raise CheckError(f"the ONNX graph takes {len(names)} input(s), the workload's batches hold {len(given)}")
         feeds = {name: tensor.cpu().numpy() for name, tensor in zip(names, given, strict=True)}
     return [np.asarray(value, dtype=np.float32) for value in session.run(None, feeds)]
+
+
+def with_tensors(template: Any, values: Iterator[torch.Tensor]) -> Any:
+    """`template` (a model's outputs: a tensor, a ModelOutput, a dict, a tuple, nested) with its tensors replaced
+    in `output_tensors` order by `values`: an artifact's flat outputs in the structure the PyTorch model returns."""
+    if isinstance(template, torch.Tensor):
+        return next(values)
+    if isinstance(template, Mapping):
+        items = {key: with_tensors(value, values) for key, value in template.items()}
+        if dataclasses.is_dataclass(template):  # a ModelOutput: its fields by keyword
+            return type(template)(**items)
+        try:
+            return type(template)(items)
+        except TypeError:  # a mapping type that cannot be built from a dict
+            return items
+    if isinstance(template, tuple | list):
+        items_ = [with_tensors(value, values) for value in template]
+        return type(template)(*items_) if hasattr(template, "_fields") else type(template)(items_)
+    return template
+
+
+def structure_of(outputs: Any) -> Any:
+    """A model's outputs with every tensor emptied: the structure `with_tensors` fills, small enough to keep."""
+    return with_tensors(outputs, iter(lambda: torch.empty(0), None))
 
 
 def program_outputs(data: bytes, inputs: Inputs) -> list[np.ndarray]:

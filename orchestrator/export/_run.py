@@ -10,7 +10,9 @@ Decisions:
   is removed: an artifact is never left without its report.
 - The report lists every Linear/Conv2d/Embedding in model order with its weight shape (pruned and factored
   layers show their smaller shapes), the operator and kernel that runs it, the bits it is stored in, its
-  fraction of zero weights, and notes (widened codes, no low-bit kernel, sparse layers run dense).
+  fraction of zero weights, and notes (widened codes, no low-bit kernel, sparse layers run dense). Layers the
+  model's outputs never depend on (`Workload.unused_layers`: BERT's pooler under a module that reads only hidden
+  states) are not in the exported graph: they are listed once, as `unused_layers`, and nowhere else.
 """
 
 from __future__ import annotations
@@ -40,9 +42,10 @@ from orchestrator.export._check import (
 from orchestrator.export._onnx import export_onnx
 from orchestrator.export._onnx_layers import SPARSITY_NOTE
 from orchestrator.export._program import export_program
-from orchestrator.export._trace import Written
+from orchestrator.export._trace import ExportError, Written
 from orchestrator.search.preflight import write_problem
 from orchestrator.workloads import Workload, resolve_workload
+from orchestrator.workloads._unused import unused_layers
 from techniques.inputs import batch_length
 from techniques.packed import PackedLayer
 from techniques.packed_embedding import PackedEmbedding
@@ -173,7 +176,7 @@ def _export(
         "outputs": written.outputs,
         "dynamic_axes": "dim 0 (batch) of every input",
         **({"int8_activations": int8_activations} if format == "onnx" else {}),
-        **_layer_tables(model, written.layers),
+        **_layer_tables(model, written.layers, unused_layers(model, inputs)),
         "check": check,
     }
     _write_both(out, written.data, report_path, (json.dumps(report, indent=2) + "\n").encode())
@@ -206,18 +209,24 @@ def _check(model: nn.Module, workload: Workload, written: Written, format: str, 
     return {"inputs": f"the workload's first {count} validation examples, at batch sizes {count} and 1", **result}
 
 
-def _layer_tables(model: nn.Module, written: list[dict[str, Any]]) -> dict[str, Any]:
-    """Every weight layer in model order (the writer's entry for packed ones), and the two lists a deployer
-    reads first: quantised layers without a low-bit kernel, layers whose zeros run dense."""
+def _layer_tables(model: nn.Module, written: list[dict[str, Any]], unused: list[str]) -> dict[str, Any]:
+    """Every weight layer the outputs depend on, in model order (the writer's entry for packed ones), the layers
+    they do not (`unused`: absent from the graph), and the two lists a deployer reads first: quantised layers
+    without a low-bit kernel, layers whose zeros run dense."""
     entries = {entry["name"]: entry for entry in written}
     layers = []
     for name, module in model.named_modules():
+        if any(name == layer or name.startswith(f"{layer}.") for layer in unused):
+            continue
         if isinstance(module, PackedLayer | PackedEmbedding):
+            if (name or "model") not in entries:
+                raise ExportError(f"layer {name or 'model'} runs in the model but the exporter wrote no node for it")
             layers.append({**entries[name or "model"], "weight_shape": _weight_shape(module)})
         elif isinstance(module, nn.Linear | nn.Conv2d | nn.Embedding):
             layers.append(_plain_layer(name, module))
     return {
         "layers": layers,
+        "unused_layers": unused,
         "no_low_bit_kernel": [e["name"] for e in layers if e["bits"] < 16 and not e["low_bit_kernel"]],
         "sparse_run_dense": {e["name"]: e["sparsity"] for e in layers if e["sparsity"] >= SPARSITY_NOTE},
     }

@@ -15,8 +15,9 @@ from torch import nn
 
 from orchestrator.artifacts.fs import cache_root
 from orchestrator.artifacts.weights import load_weights, save_weights
+from orchestrator.workloads._reduction import OutputFn, reduce_output, takes_batch
 from orchestrator.workloads.data import DataSplit
-from techniques.inputs import Inputs, OutputFn, call_model, main_output
+from techniques.inputs import Inputs, call_model, main_output
 
 
 def cache_dir() -> Path:
@@ -55,6 +56,7 @@ def train_classifier(
     batches may be tensors, tuples or dicts, outputs reduced by `output_fn`."""
     torch.manual_seed(seed)
     optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    with_batch = takes_batch(output_fn)
     steps = epochs * train.batch_count(batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=lr, total_steps=steps)
     start = time.perf_counter()
@@ -64,7 +66,7 @@ def train_classifier(
         for x, y in train.batches(batch_size, shuffle_seed=seed * 1000 + epoch):
             x = prepare(x) if prepare else x
             optimiser.zero_grad()
-            out = output_fn(call_model(model, x))
+            out = reduce_output(output_fn, call_model(model, x), x, with_batch=with_batch)
             loss = nn.functional.cross_entropy(out, y)
             loss.backward()
             optimiser.step()

@@ -9,8 +9,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from orchestrator.workloads._reduction import OutputFn, reduce_output, takes_batch
+from orchestrator.workloads._unused import unused_layers
 from orchestrator.workloads.data import DataSplit
-from techniques.inputs import Inputs, OutputFn, call_model, main_output, to_device
+from techniques.inputs import Inputs, call_model, main_output, to_device
 
 SPLITS = ("train", "calibration", "validation", "test")
 
@@ -32,6 +34,8 @@ class Workload:
       (`model(**x)`);
     - `output_fn(outputs)` reduces what the model returns to the tensor metrics and losses read (default
       `main_output`: the tensor itself, `logits` of a ModelOutput / dict, the first item of a tuple);
+      `output_fn(outputs, batch)` also sees the batch the model was called with (mean pooling over the
+      attention mask), see `orchestrator.workloads._reduction`;
     - `metric_fn(outputs, targets)` is higher-is-better, named `metric_name`;
     - `loss_fn(outputs, targets)` is the fine-tuning task loss;
     - `distill_loss(student_out, teacher_out, inputs)` optionally replaces distillation's built-in output
@@ -60,10 +64,13 @@ class Workload:
     search_ranges: Mapping[str, Any] = field(default_factory=dict)
     info: Mapping[str, Any] = field(default_factory=dict)
 
+    _reduction_takes_batch: bool = field(init=False, repr=False, compare=False, default=False)
+
     def __post_init__(self) -> None:
         missing = [s for s in SPLITS if s not in self.splits]
         if missing:
             raise ValueError(f"workload {self.name!r} lacks split(s) {', '.join(missing)}")
+        object.__setattr__(self, "_reduction_takes_batch", takes_batch(self.output_fn))
 
     def example_inputs(self, batch_size: int = 1, device: torch.device | str = "cpu") -> Inputs:
         """Real inputs (from the validation split) for tracing and latency, as the model takes them."""
@@ -73,10 +80,14 @@ class Workload:
         """Stored inputs as the model takes them (stored uint8 images are scaled here)."""
         return self.prepare_fn(inputs) if self.prepare_fn else inputs
 
+    def reduce(self, outputs: Any, inputs: Inputs) -> torch.Tensor:
+        """What the model returned on `inputs`, reduced by `output_fn` (given the batch when it asks for it)."""
+        return reduce_output(self.output_fn, outputs, inputs, with_batch=self._reduction_takes_batch)
+
     def forward(self, model: nn.Module, inputs: Inputs) -> torch.Tensor:
         """The model's output tensor on prepared inputs (called as the batch's structure says, reduced by
         `output_fn`)."""
-        return self.output_fn(call_model(model, inputs))
+        return self.reduce(call_model(model, inputs), inputs)
 
     def batches(self, split: str, *, shuffle_seed: int | None = None, device: torch.device | str = "cpu"):
         """(inputs, targets) batches of a split, ready for the model."""
@@ -85,14 +96,25 @@ class Workload:
 
     def evaluate(self, model: nn.Module, split: str = "validation", device: torch.device | str | None = None) -> float:
         """The metric of `model` on a split (model put in eval mode, no gradients)."""
-        if split not in self.splits:
-            raise ValueError(f"unknown split {split!r}; one of {', '.join(SPLITS)}")
         if device is None:
             device = next((p.device for p in model.parameters()), torch.device("cpu"))
         model.eval()
+        return self.score(lambda inputs: call_model(model, inputs), split, device)
+
+    def score(self, run: Callable[[Inputs], Any], split: str = "validation", device: torch.device | str = "cpu") -> float:
+        """The metric on a split of whatever `run(batch)` returns as the model's outputs (a PyTorch model, or
+        an exported artifact in its runtime), batched and reduced as `evaluate` does, with no gradients."""
+        if split not in self.splits:
+            raise ValueError(f"unknown split {split!r}; one of {', '.join(SPLITS)}")
         outputs, targets = [], []
         with torch.inference_mode():
             for x, y in self.batches(split, device=device):
-                outputs.append(self.forward(model, x).float().cpu())
+                outputs.append(self.reduce(run(x), x).float().cpu())
                 targets.append(y.cpu())
         return self.metric_fn(torch.cat(outputs), torch.cat(targets))
+
+    def unused_layers(self, model: nn.Module) -> list[str]:
+        """The layers of `model` none of its outputs depends on (BERT's pooler under a module reading only
+        hidden states), found on two validation examples: exports leave them out of the graph."""
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        return unused_layers(model, self.example_inputs(2, device))
