@@ -25,6 +25,7 @@ from orchestrator.executor import apply as apply_policy
 from orchestrator.policy import Policy
 from orchestrator.search import SearchConfig, SearchOutcome, SpaceOptions
 from orchestrator.search import run as run_search
+from orchestrator.search.config import DEFAULT_SENSITIVITY
 from orchestrator.workloads import LoaderSplit, Split, Workload, accuracy, split_of
 from techniques.inputs import Inputs, OutputFn, main_output
 
@@ -96,13 +97,15 @@ def compress(
     address: str | None = None,
     seed: int = 0,
     target: str = "torch",
+    sensitivity: bool = DEFAULT_SENSITIVITY,
     **workload_options: Any,
 ) -> SearchOutcome:
     """Search compression policies for a model (or a Workload) and return the front with its checkpoints.
 
     Give `model`, `train`, `validation` (and any `workload_from` option), or `workload`. Runs locally on a
     private Ray, or on the cluster at `address`; the run directory holds the tables, checkpoints and report.
-    `target` ("torch" or "onnxruntime") is where sizes and latencies are measured.
+    `target` ("torch" or "onnxruntime") is where sizes and latencies are measured; `sensitivity` profiles each
+    layer group first to seed budgeted policies and drop settings predicted past the guard (`search.prior`).
     """
     chosen = _workload(model, train, validation, workload, workload_options)
     config = SearchConfig(
@@ -117,6 +120,7 @@ def compress(
         address=address,
         seed=seed,
         target=target,
+        sensitivity=sensitivity,
     )
     return run_search(config)
 

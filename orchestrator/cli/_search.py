@@ -10,11 +10,19 @@ from pathlib import PurePosixPath as Path
 
 from orchestrator.cli._parser import add_target_argument, add_workload_arguments
 from orchestrator.errors import UserError
-from orchestrator.search.config import DEFAULT_MAX_DROP, DEFAULT_TRIALS, SAMPLERS, SearchConfig, SearchOutcome
+from orchestrator.search.config import (
+    DEFAULT_MAX_DROP,
+    DEFAULT_SENSITIVITY,
+    DEFAULT_TRIALS,
+    SAMPLERS,
+    SearchConfig,
+    SearchOutcome,
+)
 from orchestrator.search.space_options import GROUPINGS, SpaceOptions, check_families, load_space_file, searchable
 
 SMOKE_TRIALS = 6
-_SETTINGS = ("workload", "data_dir", "weights", "objectives", "max_accuracy_drop", "num_trials", "sampler", "seed")
+_SETTINGS = ("workload", "data_dir", "weights", "objectives", "max_accuracy_drop", "num_trials", "sampler", "seed",
+             "sensitivity")
 _RESOURCES = ("cpus_per_trial", "gpus_per_trial", "concurrency", "asha", "storage_path", "name", "resume")
 _RUN = ("address", "max_failures", "latency_batch_size", "target", "report", "mlflow", "wandb")
 
@@ -75,6 +83,15 @@ def _add_what_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--seed", type=int, default=0, metavar="N", help="seed of the sampler and of every trial's policy"
+    )
+    parser.add_argument(
+        "--sensitivity",
+        action=argparse.BooleanOptionalAction,
+        default=DEFAULT_SENSITIVITY,
+        help="before the trials, measure each layer group's metric drop under each setting alone (no fine-tuning; "
+        "Ray tasks, cached per workload), seed policies for 4x/6x/8x size budgets and stop proposing settings "
+        "that break --max-accuracy-drop on their own "
+        f"(default: {'on' if DEFAULT_SENSITIVITY else 'off'})",
     )
     parser.add_argument(
         "--families",

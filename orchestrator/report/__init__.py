@@ -10,13 +10,22 @@ from dataclasses import dataclass
 
 from orchestrator.artifacts.fs import write_atomic
 from orchestrator.report._compare import fmt_speed
-from orchestrator.report._data import load_run
+from orchestrator.report._data import SENSITIVITY_FILE, load_run
 from orchestrator.report._html import render_html
 from orchestrator.report._png import front_png
 from orchestrator.report._summary import summary_markdown
 from orchestrator.report._table import format_front_table
 
-__all__ = ["HTML_FILE", "PNG_FILE", "SUMMARY_FILE", "ReportPaths", "fmt_speed", "format_front_table", "write_report"]
+__all__ = [
+    "HTML_FILE",
+    "PNG_FILE",
+    "SENSITIVITY_FILE",
+    "SUMMARY_FILE",
+    "ReportPaths",
+    "fmt_speed",
+    "format_front_table",
+    "write_report",
+]
 
 HTML_FILE = "report.html"
 SUMMARY_FILE = "summary.md"

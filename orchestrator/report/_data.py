@@ -8,6 +8,8 @@ from typing import Any
 from orchestrator.artifacts.fs import directory_note, exists, locate
 from orchestrator.artifacts.tables import PARETO_FILE, TRIALS_FILE, ResultsError, read_table
 
+SENSITIVITY_FILE = "sensitivity.parquet"  # the sensitivity table of a search with the prior (search.prior)
+
 
 @dataclass(frozen=True)
 class RunData:
@@ -19,6 +21,8 @@ class RunData:
     front: list[dict[str, Any]]
     notes: dict[str, str] = field(default_factory=dict)  # trial id → "checkpoint missing", ...
     warnings: list[str] = field(default_factory=list)
+    sensitivity: list[dict[str, Any]] = field(default_factory=list)  # sensitivity.parquet's cells, if any
+    sensitivity_info: dict[str, Any] = field(default_factory=dict)  # and its facts
 
     @property
     def metric(self) -> str:
@@ -58,4 +62,16 @@ def load_run(run_dir: str) -> RunData:
         for row in front
         if row.get("checkpoint")
     }
-    return RunData(run_dir, run_info, trials, front, {k: v for k, v in notes.items() if v}, warnings)
+    cells, facts = _sensitivity(run_dir, warnings)
+    return RunData(run_dir, run_info, trials, front, {k: v for k, v in notes.items() if v}, warnings, cells, facts)
+
+
+def _sensitivity(run_dir: str, warnings: list[str]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The sensitivity table's rows and facts ([] and {} without one; a damaged one is a warning, not a failure)."""
+    if not exists(run_dir, SENSITIVITY_FILE):
+        return [], {}
+    try:
+        return read_table(run_dir, SENSITIVITY_FILE)
+    except ResultsError as exc:
+        warnings.append(f"the sensitivity heat map is left out: {exc}")
+        return [], {}

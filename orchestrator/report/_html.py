@@ -9,9 +9,10 @@ import plotly.graph_objects as go
 from markupsafe import Markup
 
 from orchestrator.report._data import RunData
-from orchestrator.report._figures import front_figure, heatmaps
+from orchestrator.report._figures import FONT, front_figure, heatmaps
 from orchestrator.report._format import objectives, run_facts
 from orchestrator.report._points import AXES, has_point
+from orchestrator.report._sensitivity import sensitivity_figure
 from orchestrator.report._table import front_table
 
 TEMPLATE = "template.html.j2"
@@ -45,6 +46,7 @@ def render_html(run: RunData) -> str:
         (title, inline(fig, "heat-" + title.replace(" ", "-")) if fig is not None else None)
         for title, fig in heatmaps(run)
     ]
+    sensitivity = sensitivity_figure(run.sensitivity, run.sensitivity_info, FONT)
     source = resources.files(__package__).joinpath(TEMPLATE).read_text(encoding="utf-8")
     template = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined).from_string(source)
     return template.render(
@@ -56,4 +58,7 @@ def render_html(run: RunData) -> str:
         table=front_table(run.front, run.run_info, run.notes, run.trials),
         plots=plots,
         heatmaps=maps,
+        sensitivity=inline(sensitivity, "sensitivity") if sensitivity is not None else None,
+        sensitivity_info=run.sensitivity_info,
+        workload_metric=run.sensitivity_info.get("metric") or run.metric,
     )

@@ -23,6 +23,9 @@ DIRECTIONS = {"validation": "maximize", "size_bytes": "minimize", "relative_late
 SAMPLERS = ("tpe", "nsga2", "random")
 DEFAULT_TRIALS = 32  # a new run's budget when none is given
 DEFAULT_MAX_DROP = 0.05  # the accuracy guard: by default a model 5 points below the baseline is never on the front
+# Profile each layer group's sensitivity first, seed budgeted policies and drop settings predicted past the guard
+# (`orchestrator.search.prior`); the one default the flag, the Python API and SearchConfig read.
+DEFAULT_SENSITIVITY = True
 MIN_SHARE = 0.01  # the smallest share of a CPU or GPU a trial may ask for (Ray counts in ten-thousandths)
 MAX_PER_TRIAL = 1024  # more CPUs or GPUs than one node has: Ray places a trial on one node
 
@@ -40,6 +43,7 @@ class SearchConfig:
     sampler: str = "tpe"
     seed: int = 0
     space: SpaceOptions = field(default_factory=SpaceOptions)
+    sensitivity: bool = DEFAULT_SENSITIVITY  # the sensitivity prior (orchestrator.search.prior)
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0
     concurrency: int | None = None

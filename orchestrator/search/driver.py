@@ -61,6 +61,7 @@ def run(config: SearchConfig) -> SearchOutcome:
             print(where_trials_run(target), file=sys.stderr, flush=True)
             check_trial_fits(config.cpus_per_trial, config.gpus_per_trial)
             check_storage_writable(prepared.run_dir, address_given=not target.private)
+            prepared = _with_prior(config, prepared)
             from orchestrator.search.stopping import StopOnFatalTrialError
 
             guard = StopOnFatalTrialError()
@@ -80,6 +81,13 @@ def run(config: SearchConfig) -> SearchOutcome:
             return outcome
     except LockHeld as exc:
         raise UserError(f"{exc}; wait for it, or choose another --name") from None
+
+
+def _with_prior(config: SearchConfig, prepared: Prepared) -> Prepared:
+    """The space refined by the sensitivity table (Ray runs its cells; before the study exists)."""
+    from orchestrator.search.prior import sensitivity_space
+
+    return dataclasses.replace(prepared, space=sensitivity_space(config, prepared))
 
 
 def _mirror_journal(prepared: Prepared) -> None:

@@ -28,6 +28,7 @@ search-space file) arrive as one typed `SpaceOptions` (see `space_options.py`).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -108,15 +109,26 @@ class SearchSpace:
     seed: int = 0
     sources: Mapping[str, Mapping[str, str]] = field(default_factory=dict)  # … → options/workload/model/technique
     student_layers: Mapping[float, frozenset[str]] = field(default_factory=dict)  # width → the student's modules
+    # `SETTING.GROUP` → values never proposed for that group (predicted past the accuracy guard: `sensitivity`)
+    removed: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
+    # budgeted allocations evaluated after the references: (name, technique → group → value)
+    seeds: tuple[tuple[str, Mapping[str, Mapping[str, Any]]], ...] = ()
 
     def _techniques(self) -> list[techniques.Technique]:
         return [t for name, t in searchable().items() if name in self.groups or name in self.ranges]
 
     def _offered(self, technique: techniques.Technique) -> bool:
         """Whether a family has something to search: layers for a per-layer setting, or global settings."""
-        if technique.search.per_layer is not None:
-            return bool(self.groups.get(technique.name))
+        per_layer = technique.search.per_layer
+        if per_layer is not None:  # a group left only its off value compresses nothing
+            groups = self.groups.get(technique.name, {})
+            return any(v != per_layer.off for g in groups for v in self.group_choices(per_layer.setting, g))
         return _compresses(technique) and technique.name in self.ranges
+
+    def group_choices(self, setting: str, group: str) -> tuple[Any, ...]:
+        """The values the per-layer `setting` may take in `group` (the space's choices, less those removed)."""
+        removed = self.removed.get(f"{setting}.{group}", ())
+        return tuple(v for v in self.choices[setting] if v not in removed)
 
     def combinations(self) -> list[str]:
         """Every non-empty combination of the compressing techniques searched, as `COMBINATION` values."""
@@ -136,7 +148,8 @@ class SearchSpace:
             per_layer = technique.search.per_layer
             if per_layer is not None:
                 for group in self.groups.get(technique.name, {}):
-                    trial.suggest_categorical(f"{per_layer.setting}.{group}", list(self.choices[per_layer.setting]))
+                    choices = list(self.group_choices(per_layer.setting, group))
+                    trial.suggest_categorical(f"{per_layer.setting}.{group}", choices)
             for declared in technique.search.globals:
                 self._suggest_global(trial, technique, declared)
 
@@ -210,28 +223,60 @@ class SearchSpace:
 
     def fixed_points(self) -> list[tuple[str, str, dict[str, Any]]]:
         """(name, role, params) evaluated before the sampler starts: the baseline (first; the driver runs it
-        outside the sampler) and the uniform references whose settings this space offers."""
+        outside the sampler), the uniform references whose settings this space offers (a group whose value was
+        removed is left alone, said in the name), then the budgeted seeds (`seeds`, role "reference" too)."""
         points = [("baseline", "baseline", {COMBINATION: NONE})]
         for name, settings in REFERENCES:
             if all(v in self.choices.get(s, ()) and self.searches(s) for s, v in settings.items()):
-                points.append((name, "reference", self._point(settings)))
-        return points
+                values = {
+                    t.name: {group: settings[t.search.per_layer.setting] for group in self.groups[t.name]}
+                    for t in self._per_layer()
+                    if t.search.per_layer.setting in settings and self.groups.get(t.name)
+                }
+                point, left_alone = self._point(values)
+                suffix = f", {left_alone} group{'s' if left_alone > 1 else ''} left alone" if left_alone else ""
+                points.append((name + suffix, "reference", point))
+        points += [(name, "reference", self._point(values)[0]) for name, values in self.seeds]
+        return _distinct(points)
 
-    def _point(self, settings: Mapping[str, Any]) -> dict[str, Any]:
-        compressing = [
-            t for t in self._techniques() if t.search.per_layer is not None and t.search.per_layer.setting in settings
-        ]
-        used = [t for t in compressing if self.groups.get(t.name)]
+    def _per_layer(self) -> list[techniques.Technique]:
+        return [t for t in self._techniques() if t.search.per_layer is not None]
+
+    def _point(self, values: Mapping[str, Mapping[str, Any]]) -> tuple[dict[str, Any], int]:
+        """The parameters of a fixed point giving `values` (technique → group → value; other groups of those
+        techniques off), and how many groups were left alone because their value is removed for them."""
+        used = [t for t in self._per_layer() if t.name in values and self._offered(t)]
         point: dict[str, Any] = {COMBINATION: "+".join(t.name for t in used)}
+        left_alone = 0
         for technique in used:
-            setting = technique.search.per_layer.setting
-            point.update({f"{setting}.{group}": settings[setting] for group in self.groups[technique.name]})
+            per_layer = technique.search.per_layer
+            for group in self.groups[technique.name]:
+                value = values[technique.name].get(group, per_layer.off)
+                if value not in self.group_choices(per_layer.setting, group):
+                    value, left_alone = per_layer.off, left_alone + 1
+                point[f"{per_layer.setting}.{group}"] = value
         for technique in self._techniques():
             if not _compresses(technique) or technique in used:
                 for declared in technique.search.globals:
-                    values = self.ranges[technique.name][declared.setting]
-                    point[_global_name(technique, declared.setting)] = _reference_value(declared, values)
-        return point
+                    values_range = self.ranges[technique.name][declared.setting]
+                    point[_global_name(technique, declared.setting)] = _reference_value(declared, values_range)
+        return point, left_alone
+
+    def one_step_policy(self, technique: str, group: str, value: Any) -> Policy:
+        """The policy giving `value` to the layers of `group` alone, with no fine-tuning (what sensitivity
+        profiling applies): the space's own path from parameters to a policy, less its fine-tuning steps."""
+        point, _ = self._point({technique: {group: value}})
+        policy = self.policy(point)
+        kept = tuple(step for step in policy.steps if not techniques.get(step.technique).fine_tunes)
+        return Policy(kept, seed=self.seed)
+
+    def refined(
+        self,
+        removed: Mapping[str, tuple[Any, ...]],
+        seeds: Sequence[tuple[str, Mapping[str, Mapping[str, Any]]]],
+    ) -> SearchSpace:
+        """This space with values removed per group and budgeted seeds (see `sensitivity`)."""
+        return dataclasses.replace(self, removed=dict(removed), seeds=tuple(seeds))
 
     def describe(self) -> dict[str, Any]:
         """A JSON-safe summary (for run metadata and reports)."""
@@ -241,7 +286,19 @@ class SearchSpace:
             "ranges": {t: {k: list(v) for k, v in r.items()} for t, r in self.ranges.items()},
             "sources": {t: dict(s) for t, s in self.sources.items()},
             "dimensions": len(self.parameter_names()),
+            "removed": {name: list(values) for name, values in self.removed.items()},
+            "seeds": {name: {t: dict(v) for t, v in values.items()} for name, values in self.seeds},
         }
+
+
+def _distinct(points: list[tuple[str, str, dict[str, Any]]]) -> list[tuple[str, str, dict[str, Any]]]:
+    """The fixed points less those that compress nothing (every technique of a reference left alone) or repeat an
+    earlier point's parameters (a seed that is a reference)."""
+    kept: list[tuple[str, str, dict[str, Any]]] = []
+    for name, role, params in points:
+        if params.get(COMBINATION) and all(params != other for _, _, other in kept):
+            kept.append((name, role, params))
+    return kept
 
 
 def _globals(technique: techniques.Technique, params: Mapping[str, Any]) -> dict[str, Any]:
