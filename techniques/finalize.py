@@ -2,8 +2,10 @@
 
 Decisions:
 - A Linear/Conv2d carrying a WeightFakeQuant (it must be the last parametrisation on `weight`) becomes a
-  PackedLinear/PackedConv2d with its codes; one carrying only WeightMask(s) becomes a float32 packed
-  layer with sparse storage when the 1-bit mask saves bytes, else a plain layer with the mask baked in.
+  PackedLinear/PackedConv2d with its codes, packed with the fake-quant's frozen scales when it has them (GPTQ's),
+  else with scales recomputed from the weight, exactly as the fake-quant computes them. One carrying only
+  WeightMask(s) becomes a float32 packed layer with sparse storage when the 1-bit mask saves bytes, else a
+  plain layer with the mask baked in.
   Layers pruned with torch.nn.utils.prune (a `weight_mask` buffer and hook) are treated like WeightMask.
 - Any other parametrisation is baked in (`leave_parametrized=True`) and the layer stays plain.
 - An Embedding carrying a WeightFakeQuant becomes a PackedEmbedding (rows packed one by one, per-row
@@ -118,6 +120,7 @@ def _bake(module: nn.Module, name: str) -> nn.Module:
         act_scale=act_scale,
         act_dynamic=act_dynamic,
         kernel=quant.kernel if quant is not None else "auto",
+        scale=quant.scale if quant is not None else None,
         **layer,
     )
     if quant is None and not packed.sparse and not activations:

@@ -4,9 +4,10 @@
 Decisions:
 - Weights are quantised symmetrically: per output channel, or per group of `group_size` consecutive
   elements of each flattened output row; scale = max|w| / (2^(b-1)-1) (1.0 for an all-zero group),
-  codes = round(w / scale) clamped to +-(2^(b-1)-1); the weight is `codes * scale` in float32. Fake-quant
-  (techniques.quantization) calls the same functions, so decoding a packed layer reproduces the weights the
-  model was fine-tuned with bitwise.
+  codes = round(w / scale) clamped to +-(2^(b-1)-1); the weight is `codes * scale` in float32. A calibrated
+  algorithm (GPTQ, techniques.gptq) chooses its own scales, which are passed in frozen and used as they are.
+  Fake-quant (techniques.quantization) calls the same functions, so decoding a packed layer reproduces the
+  weights the model was fine-tuned with bitwise.
 - Storage: `values` holds b-bit codes packed into uint8 (bits <= 8), float16 values (bits=16) or float32
   values (bits=32: pruned, not quantised). With `sparse`, a 1-bit `mask` is stored and `values` only
   holds the kept positions. `scale` is float32 (out, groups); `bias` and `act_scale` are float32.
@@ -61,13 +62,24 @@ def _pair(values: Sequence[int]) -> tuple[int, int]:
     return cast(tuple[int, int], tuple(values))
 
 
-def weight_codes(weight: torch.Tensor, bits: int, group_size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(codes as float32 of shape (out, groups, group), scale of shape (out, groups, 1)) of `weight`."""
+def symmetric_scale(values: torch.Tensor, bits: int, dim: int = -1) -> torch.Tensor:
+    """max|values| / (2^(bits-1)-1) along `dim` (kept), 1.0 where all are zero: the scale of a weight group."""
+    amax = values.abs().amax(dim=dim, keepdim=True)
+    return torch.where(amax > 0, amax / code_range(bits), torch.ones_like(amax))
+
+
+def weight_codes(
+    weight: torch.Tensor, bits: int, group_size: int | None, scale: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes as float32 of shape (out, groups, group), scale of shape (out, groups, 1)) of `weight`.
+
+    `scale` (out, groups), when given, is used as it is (scales a calibrated algorithm such as GPTQ chose);
+    otherwise each group's `symmetric_scale` is computed from the weight (round to nearest).
+    """
     rows = weight.reshape(weight.shape[0], -1)
     grouped = rows.reshape(rows.shape[0], -1, group_size or rows.shape[1])
     qmax = code_range(bits)
-    amax = grouped.abs().amax(dim=2, keepdim=True)
-    scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+    scale = symmetric_scale(grouped, bits) if scale is None else scale.reshape(grouped.shape[0], -1, 1)
     return torch.round(grouped / scale).clamp(-qmax, qmax), scale
 
 
@@ -185,10 +197,12 @@ class PackedLayer(RebuildableModule):
         act_scale: torch.Tensor | None,
         kernel: str,
         act_dynamic: bool = False,
+        scale: torch.Tensor | None = None,
         **layer: Any,
     ) -> PackedLayer:
         """Pack `weight` (masked, not yet quantised); the mask is dropped when it would not save bytes.
-        `act_scale`: the static activation scale; `act_dynamic`: activations quantised per row at run time."""
+        `act_scale`: the static activation scale; `act_dynamic`: activations quantised per row at run time;
+        `scale`: frozen (out, groups) weight scales to pack with (e.g. GPTQ's), else computed from the weight."""
         numel = weight.numel()
         keep = None if mask is None else mask.expand_as(weight).reshape(-1)
         nnz = numel if keep is None else int(keep.sum())
@@ -210,8 +224,8 @@ class PackedLayer(RebuildableModule):
             if bits in FLOAT_BITS:
                 flat = weight.reshape(-1).to(module.values.dtype)
             else:
-                codes, scale = weight_codes(weight, bits, group_size)
-                module.scale.copy_(scale.squeeze(2))
+                codes, chosen = weight_codes(weight, bits, group_size, scale)
+                module.scale.copy_(chosen.squeeze(2))
                 flat = codes.reshape(-1).to(torch.int32)
             if sparse and keep is not None:  # sparse implies a mask
                 module.mask.copy_(pack_mask(keep))

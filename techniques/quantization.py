@@ -15,6 +15,19 @@ Decisions:
   the context has no calibration data). Max rather than a percentile: deterministic, no sort over large
   tensors, and a calibration set is small enough that outliers are real inputs.
 - A layer whose bits resolve to None (e.g. `{"fc2": None, "_default": 4}`) is left in float.
+- `algorithm` picks how weight codes are chosen: "rtn" (default; round to nearest with scales recomputed on every
+  forward, as above) or "gptq" (techniques.gptq: second-order error compensation from the Hessians of each layer's
+  inputs, collected in one calibration pass over the model as the step receives it, every layer from the
+  unquantised model's activations). GPTQ's codes become the weight (`parametrizations.weight.original` = codes *
+  scales, which the pruning masks before it leave unchanged) and its scales are frozen in the WeightFakeQuant
+  (a buffer), so the fake-quant model, `finalize`'s packed layers and their ONNX export compute the same codes.
+  A later fine-tune moves the float weight with straight-through gradients and re-rounds it on those frozen
+  scales. Embeddings, 16-bit layers, grouped convolutions and layers the forward never runs stay round-to-nearest,
+  and the notes say so. Calibration comes from `ctx.calibration()` (example inputs, noted, when there is none).
+- Search: besides per-layer bits, `algorithm` (rtn/gptq) and `group_size` are global settings. `group_size` is
+  offered per channel only by default, because a global size must divide every quantised row and the
+  declaration cannot see the model: `fitting_group_sizes(layers)` lists the sizes that fit a model, for a
+  model-aware range or a search-space file (`"quantization": {"group_size": [null, 32, 128]}`).
 - bits "w8a8" (W8A8) on a layer means 8-bit weights *and* 8-bit activations on that layer (calibrated as for
   activation_bits=8, whatever the spec's global `activation_bits`): the one setting that reaches the integer
   kernel, a Linear running `torch._int_mm` once finalized (techniques.packed: static per-tensor activation
@@ -52,16 +65,21 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from techniques import gptq
 from techniques._base import (
     Context,
+    GlobalSearch,
     LayerMap,
     LayerSearch,
     SearchSettings,
     SpecError,
     Technique,
     TechniqueSpec,
+    WeightMask,
     base_type,
+    check_int,
     is_integer,
+    is_number,
     parametrizations_of,
     register,
     resolve_layers,
@@ -69,6 +87,10 @@ from techniques._base import (
 )
 from techniques.inputs import call_model, to_device
 from techniques.packed import ACT_QMAX, dequantize, fake_quantize_rows, quantize_activation, weight_codes
+
+RTN, GPTQ = "rtn", "gptq"
+ALGORITHMS = (RTN, GPTQ)  # how weight codes are chosen: round to nearest, or GPTQ (techniques.gptq)
+GROUP_SIZES = (32, 64, 128)  # the group sizes worth searching, where they divide every quantised row
 
 BITS = (2, 3, 4, 5, 6, 8, 16)
 W8A8 = "w8a8"  # per-layer bits value: 8-bit weights and 8-bit activations, for the integer kernel
@@ -78,28 +100,41 @@ FLOAT_BITS = 32  # the search's value for "leave the layer in float32"
 KERNELS = ("auto", "dequantize")
 ACTIVATION_BITS = (8,)  # besides null (float activations)
 MAX_GROUP_SIZE = 1 << 20  # elements per weight group; a row this long is per-channel quantisation anyway
+MIN_FITTED_GROUP = 16  # `fit_groups` halves a group size down to this (the smallest MatMulNBits block)
 LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d, nn.Embedding)
 
 
 @dataclass(frozen=True)
 class QuantizationSpec(TechniqueSpec):
-    """Weight bits per layer, optional weight group size, optional 8-bit activations, kernel preference.
+    """Weight bits per layer, optional weight group size, optional 8-bit activations, kernel preference, and the
+    algorithm choosing the weight codes.
 
     Valid values: each layer's bits an int in BITS = {2, 3, 4, 5, 6, 8, 16}, the string W8A8 = "w8a8" (8-bit
     weights and calibrated 8-bit activations: the integer kernel), W8A8_DYNAMIC = "w8a8-dynamic" (the same with
     per-row activation scales computed at run time), or None (leave the layer in float);
     `group_size` null or an int in [1, MAX_GROUP_SIZE] = [1, 2**20] (it must also divide the row length of
-    every quantised layer, checked against the model); `activation_bits` null or 8; `kernel` one of
+    every quantised layer, checked against the model, unless `fit_groups` (a bool) is true: then a layer whose row
+    it does not divide gets the largest of its half, quarter, … down to 16 that does, else per-channel scales);
+    `activation_bits` null or 8; `kernel` one of
     KERNELS. Integers are ints: floats such as 8.0 and bools are rejected. `activation_bits` and `kernel` concern
     Linear/Conv2d layers only; embeddings take integer ids and have no GEMM.
+    `algorithm` one of ALGORITHMS = {"rtn", "gptq"}; GPTQ's own settings (read only when algorithm is "gptq"):
+    `damp` in (0, 1], the damping as a fraction of the Hessian's mean diagonal; `act_order` a bool (columns in
+    descending Hessian diagonal, static groups); `block_size` an int in [1, MAX_GROUP_SIZE], the lazy-update block.
+    `bits` defaults to no layer, so the global settings can be checked on their own (a search-space file).
     """
 
     technique = "quantization"
 
-    bits: LayerMap
+    bits: LayerMap = LayerMap()
     group_size: int | None = None
     activation_bits: int | None = None
     kernel: str = "auto"
+    algorithm: str = RTN
+    damp: float = gptq.DAMP
+    act_order: bool = False
+    block_size: int = gptq.BLOCK_SIZE
+    fit_groups: bool = False
 
     def validate(self) -> None:
         for key, value in self.bits.entries:
@@ -116,6 +151,17 @@ class QuantizationSpec(TechniqueSpec):
             raise SpecError(f"quantization: activation_bits must be 8 or null, got {act!r}")
         if self.kernel not in KERNELS:
             raise SpecError(f"quantization: kernel must be one of {', '.join(KERNELS)}, got {self.kernel!r}")
+        self._validate_algorithm()
+
+    def _validate_algorithm(self) -> None:
+        if self.algorithm not in ALGORITHMS:
+            raise SpecError(f"quantization: algorithm must be one of {', '.join(ALGORITHMS)}, got {self.algorithm!r}")
+        if not (is_number(self.damp) and 0 < self.damp <= 1):
+            raise SpecError(f"quantization: damp must be a number in (0, 1], got {self.damp!r}")
+        for name in ("act_order", "fit_groups"):
+            if not isinstance(getattr(self, name), bool):
+                raise SpecError(f"quantization: {name} must be true or false, got {getattr(self, name)!r}")
+        check_int("quantization", "block_size", self.block_size, 1, MAX_GROUP_SIZE)
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -131,26 +177,36 @@ class _StraightThrough(torch.autograd.Function):
 
 
 class WeightFakeQuant(nn.Module):
-    """Parametrisation: the weight as symmetric `bits`-bit codes times float32 scales (float16 at 16 bits)."""
+    """Parametrisation: the weight as symmetric `bits`-bit codes times float32 scales (float16 at 16 bits).
 
-    def __init__(self, bits: int, group_size: int | None = None, kernel: str = "auto") -> None:
+    Scales are recomputed from the weight on every forward (round to nearest), or, when `scale` (out, groups)
+    is given, frozen: a calibrated algorithm's (GPTQ's) scales, a buffer that `finalize` packs with.
+    """
+
+    scale: torch.Tensor | None  # registered buffer (None: recomputed from the weight)
+
+    def __init__(
+        self, bits: int, group_size: int | None = None, kernel: str = "auto", scale: torch.Tensor | None = None
+    ) -> None:
         super().__init__()
         self.bits = bits
         self.group_size = group_size
         self.kernel = kernel
+        self.register_buffer("scale", None if scale is None else scale.detach().float().clone())
 
     def quantize(self, weight: torch.Tensor) -> torch.Tensor:
         """The fake-quantised weight, without gradient bookkeeping."""
         if self.bits == 16:
             return weight.half().float()
-        codes, scale = weight_codes(weight, self.bits, self.group_size)
+        codes, scale = weight_codes(weight, self.bits, self.group_size, self.scale)
         return dequantize(codes, scale, weight.shape)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         return _StraightThrough.apply(weight, self.quantize)
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, group_size={self.group_size}"
+        frozen = ", frozen scales" if self.scale is not None else ""
+        return f"bits={self.bits}, group_size={self.group_size}{frozen}"
 
 
 class ActivationFakeQuant(nn.Module):
@@ -202,6 +258,14 @@ def is_embedding(module: nn.Module) -> bool:
     return base_type(module) is nn.Embedding
 
 
+def fitting_group_sizes(layers: Sequence[tuple[str, nn.Module]]) -> tuple[int | None, ...]:
+    """The group sizes worth searching for these layers: None (per channel), then each of GROUP_SIZES that divides
+    the row length of every searchable layer (a model-aware range for `group_size`)."""
+    names = set(searchable_layers(layers))
+    rows = [weight_of(module)[0].numel() for name, module in layers if name in names]
+    return (None, *(size for size in GROUP_SIZES if all(row % size == 0 for row in rows)))
+
+
 def searchable_layers(layers: Sequence[tuple[str, nn.Module]]) -> list[str]:
     """The layers the search offers bit-widths for: all but embeddings with `max_norm` (which are refused)."""
     return [name for name, module in layers if not (is_embedding(module) and module.max_norm is not None)]
@@ -227,6 +291,22 @@ def activation_mode(module: nn.Module, bits: int | str, spec: QuantizationSpec) 
     return "static" if spec.activation_bits is not None or bits == W8A8 else None
 
 
+def fitted_group_size(row: int, group_size: int | None) -> int | None:
+    """The largest of `group_size`, its half, its quarter, … (whole, at least MIN_FITTED_GROUP) that divides a row
+    of `row` weights; None (one scale per output channel) when none does."""
+    size = group_size
+    while size is not None and row % size:
+        size = size // 2 if size % 2 == 0 and size // 2 >= MIN_FITTED_GROUP else None
+    return size
+
+
+def layer_group_size(module: nn.Module, spec: QuantizationSpec) -> int | None:
+    """The group size a quantised layer gets: the spec's, or with `fit_groups` the one fitted to its row."""
+    if spec.group_size is None or not spec.fit_groups:
+        return spec.group_size
+    return fitted_group_size(weight_of(module)[0].numel(), spec.group_size)
+
+
 def quantizable_layers(model: nn.Module, spec: QuantizationSpec) -> list[tuple[str, nn.Module, int | str]]:
     """(name, layer, bits) of each Linear/Conv2d/Embedding the spec quantises; SpecError for a bad address."""
     layers = resolve_layers(model, spec.bits, LAYER_TYPES, "quantization")
@@ -237,9 +317,12 @@ def quantizable_layers(model: nn.Module, spec: QuantizationSpec) -> list[tuple[s
                 f"rows on every lookup and cannot be quantised; give it bits null"
             )
         row = weight_of(module)[0].numel()
-        if spec.group_size is not None and row % spec.group_size:
+        if spec.group_size is not None and row % spec.group_size and not spec.fit_groups:
             size, what = spec.group_size, "embedding_dim" if is_embedding(module) else "row length"
-            raise SpecError(f"quantization: group_size {size} does not divide {what} {row} of layer {name!r}")
+            raise SpecError(
+                f"quantization: group_size {size} does not divide {what} {row} of layer {name!r} "
+                "(fit_groups: true picks a smaller group, or per channel, for such layers)"
+            )
         if parametrize.is_parametrized(module, "weight") and any(
             isinstance(p, WeightFakeQuant) for p in parametrizations_of(module, "weight")
         ):
@@ -247,16 +330,15 @@ def quantizable_layers(model: nn.Module, spec: QuantizationSpec) -> list[tuple[s
     return layers
 
 
-def _calibrate(model: nn.Module, observers: list[ActivationFakeQuant], ctx: Context) -> None:
-    """Run the model over the calibration batches in eval mode to set every observer's static scale."""
+def run_calibration(model: nn.Module, ctx: Context, purpose: str) -> None:
+    """Run the model in eval mode without gradients over the calibration batches (`ctx.example_inputs` when the
+    context has none, which is noted as the source of `purpose`)."""
     if ctx.calibration is not None:
         batches = ctx.calibration()
     else:
-        ctx.note("quantization", None, "no calibration data; activation scales from example inputs")
+        ctx.note("quantization", None, f"no calibration data; {purpose} from example inputs")
         batches = [ctx.example_inputs]
     device = next((p.device for p in model.parameters()), ctx.device)
-    for observer in observers:
-        observer.observing = True
     was_training = model.training
     model.eval()
     try:
@@ -265,8 +347,92 @@ def _calibrate(model: nn.Module, observers: list[ActivationFakeQuant], ctx: Cont
                 call_model(model, to_device(batch, device))
     finally:
         model.train(was_training)
+
+
+def _calibrate(model: nn.Module, observers: list[ActivationFakeQuant], ctx: Context) -> None:
+    """Run the model over the calibration batches to set every observer's static scale."""
+    for observer in observers:
+        observer.observing = True
+    try:
+        run_calibration(model, ctx, "activation scales")
+    finally:
         for observer in observers:
             observer.freeze()
+
+
+def _keep_mask(module: nn.Module) -> tuple[torch.Tensor | None, str | None]:
+    """(the combined keep-mask of the layer's pruning masks or None, why GPTQ cannot rewrite its weight or None):
+    GPTQ writes its result into the unparametrised weight, which only masks (kept zero) leave unchanged."""
+    if hasattr(module, "weight_orig"):
+        return None, "pruned with torch.nn.utils.prune (its weight is recomputed by a hook)"
+    if not parametrize.is_parametrized(module, "weight"):
+        return None, None
+    keep: torch.Tensor | None = None
+    for step in parametrizations_of(module, "weight"):
+        if not isinstance(step, WeightMask):
+            return None, f"its weight carries a {type(step).__name__} parametrisation, not only pruning masks"
+        mask = step.mask.expand_as(weight_of(module))
+        keep = mask if keep is None else keep & mask
+    return keep, None
+
+
+def _gptq_targets(layers: list[tuple[str, nn.Module, int | str]], ctx: Context) -> list[tuple[str, nn.Module, int]]:
+    """(name, layer, weight bits) of the layers GPTQ quantises; the others are noted as rounded to nearest
+    (embeddings and 16-bit layers once each, any other per layer)."""
+    targets, tables, halves = [], [], []
+    for name, module, bits in layers:
+        if is_embedding(module):
+            tables.append(name)
+        elif weight_bits(bits) == 16:
+            halves.append(name)
+        elif reason := gptq.unsupported(module) or _keep_mask(module)[1]:
+            ctx.note("quantization", name, f"round to nearest, not GPTQ: {reason}")
+        else:
+            targets.append((name, module, weight_bits(bits)))
+    if tables:
+        ctx.note("quantization", None, "GPTQ is for Linear/Conv2d weights: embeddings round to nearest", layers=tables)
+    if halves:
+        ctx.note("quantization", None, "16-bit weights round to float16, not GPTQ", layers=halves)
+    return targets
+
+
+def _gptq(
+    model: nn.Module, layers: list[tuple[str, nn.Module, int | str]], spec: QuantizationSpec, ctx: Context
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """name -> (GPTQ's quantised weight, its (out, groups) scales) for the layers GPTQ handles, from Hessians of
+    their inputs over one calibration pass of the model as this step receives it (before any fake-quant).
+
+    Seam for activation-aware scaling (SmoothQuant/AWQ): per-input-channel scales s would be folded in here,
+    between the Hessians and `gptq_quantize` (weight columns times s, H as diag(1/s) H diag(1/s), 1/s into the
+    layer's input), with the input statistics collected in the same pass.
+    """
+    targets = _gptq_targets(layers, ctx)
+    with gptq.hessian_hooks({name: module for name, module, _ in targets}) as hessians:
+        if targets:
+            run_calibration(model, ctx, "GPTQ Hessians")
+    found = hessians()
+    result = {}
+    for name, module, bits in targets:
+        hessian = found[name]
+        if hessian is None:
+            ctx.note("quantization", name, "round to nearest, not GPTQ: the layer never ran during calibration")
+            continue
+        weight = weight_of(module).detach()
+        keep, _ = _keep_mask(module)
+        rows = weight.reshape(weight.shape[0], -1)
+        try:
+            codes, scale, damp = gptq.gptq_quantize(
+                rows, hessian, bits, layer_group_size(module, spec), damp=spec.damp, block_size=spec.block_size,
+                act_order=spec.act_order, keep=None if keep is None else keep.reshape(rows.shape),
+            )  # fmt: skip
+        except gptq.GPTQError as exc:
+            ctx.note("quantization", name, f"round to nearest, not GPTQ: {exc}")
+            continue
+        if damp != spec.damp:
+            ctx.note("quantization", name, f"GPTQ needed damp {damp:g} (asked {spec.damp:g})", damp=damp)
+        grouped = codes.reshape(rows.shape[0], scale.shape[1], -1)
+        result[name] = (dequantize(grouped, scale.unsqueeze(2), weight.shape).to(weight.dtype), scale)
+    return result
 
 
 def _describe(bits: int | str, module: nn.Module) -> str:
@@ -282,12 +448,25 @@ def _describe(bits: int | str, module: nn.Module) -> str:
 
 
 def apply(model: nn.Module, spec: QuantizationSpec, ctx: Context) -> nn.Module:
-    """Register weight fake-quant (and calibrated activation fake-quant) on the addressed layers."""
+    """Register weight fake-quant (and calibrated activation fake-quant) on the addressed layers; with GPTQ, its
+    weights and frozen scales."""
     layers = quantizable_layers(model, spec)
+    chosen = _gptq(model, layers, spec, ctx) if spec.algorithm == GPTQ else {}
     for name, module, bits in layers:
-        fake_quant = WeightFakeQuant(weight_bits(bits), spec.group_size, spec.kernel)
+        quantized, scale = chosen.get(name, (None, None))
+        group = layer_group_size(module, spec)
+        fake_quant = WeightFakeQuant(weight_bits(bits), group, spec.kernel, scale)
         parametrize.register_parametrization(module, "weight", fake_quant)
-        ctx.note("quantization", name, _describe(bits, module), bits=bits, group_size=spec.group_size)
+        how = {}
+        if quantized is not None:  # masks before the fake-quant keep it as it is: its pruned weights are zero
+            with torch.no_grad():
+                parametrizations_of(module, "weight").original.copy_(quantized)
+            how = {"algorithm": GPTQ, "act_order": spec.act_order}
+        described = _describe(bits, module) + (" (GPTQ)" if how else "")
+        if group != spec.group_size:
+            fitted = f"groups of {group}" if group else "one scale per output channel"
+            described += f", {fitted}: group_size {spec.group_size} does not divide its rows"
+        ctx.note("quantization", name, described, bits=bits, group_size=group, **how)
     observers: list[ActivationFakeQuant] = []
     for _, module, bits in layers:
         mode = activation_mode(module, bits, spec)
@@ -318,7 +497,12 @@ register(
                 off=FLOAT_BITS,
                 title="quantization bits",
                 eligible=searchable_layers,
-            )
+            ),
+            globals=(
+                GlobalSearch("algorithm", choices=ALGORITHMS, reference=RTN),
+                # per channel unless the user (or a model-aware range, see `fitting_group_sizes`) widens it
+                GlobalSearch("group_size", choices=(None,), reference=None),
+            ),
         ),
     )
 )
