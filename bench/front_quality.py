@@ -3,7 +3,8 @@
     python -m bench.front_quality [--quick] [--trials N] [--seeds 0 1 2] [--gpus-per-trial G]
 
 Methods, each run once per seed with the same number of evaluated policies:
-- NSGA-II, TPE and random search over the default space (`orchestrator.driver.run`);
+- NSGA-II, TPE and random search over the default space (`orchestrator.driver.run`), without the sensitivity
+  prior; TPE with it (`tpe_prior`: its profile runs inside the search and counts in its wall time);
 - the same search (NSGA-II) restricted to one technique: pruning only, quantization only, low-rank only;
 - a uniform grid (one bit-width × one sparsity × one low-rank fraction for every layer, with the space's
   reference fine-tune), built by the search space itself from a single all-layers group;
@@ -64,6 +65,8 @@ SEARCHES = {
     "nsga2": Search("NSGA-II (all techniques)", {"sampler": "nsga2"}),
     "tpe": Search("TPE (all techniques)", {"sampler": "tpe"}),
     "random": Search("random search (all techniques)", {"sampler": "random"}),
+    # the sensitivity prior (orchestrator.search.prior): its profile counts in the method's wall time
+    "tpe_prior": Search("TPE + sensitivity prior (all techniques)", {"sampler": "tpe", "sensitivity": True}),
     "pruning": Search("pruning only (NSGA-II)", {"families": PRUNING, "sampler": "nsga2"}),
     "quantization": Search(
         "quantization only (NSGA-II)", {"families": ("quantization", "distillation"), "sampler": "nsga2"}
@@ -223,7 +226,7 @@ def run_search(settings: Settings, key: str, seed: int, storage: str) -> dict[st
     """One run of a search method."""
     method = SEARCHES[key]
     print(f"[seed {seed}] {method.name} ...", file=sys.stderr, flush=True)
-    fields = dict(method.config)
+    fields = {"sensitivity": False, **method.config}  # the prior only where a method names it
     space = {"families": list(fields.pop("families"))} if "families" in fields else {}
     if settings.quick:
         space["distillation"] = {"epochs": [QUICK_EPOCHS]}
@@ -326,7 +329,7 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 def verdict(summary: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """For each of the project's samplers against every other method: seeds won on hypervolume (paired)."""
     out = {}
-    for ours in (SEARCHES[key].name for key in ("nsga2", "tpe") if SEARCHES[key].name in summary):
+    for ours in (SEARCHES[key].name for key in ("nsga2", "tpe", "tpe_prior") if SEARCHES[key].name in summary):
         mine = summary[ours]
         out[ours] = {
             other: {

@@ -162,11 +162,16 @@ def test_settings_predicted_past_the_guard_are_not_proposed(digits, digits_basel
         assert not [k for k, v in params.items() if v in removed.get(k, ())]
 
 
+def cell(technique: str, setting: str, layer: str, value: object, metric: float, size: int) -> Cell:
+    where = {"technique": technique, "setting": setting, "group": layer, "layers": (layer,), "value": value}
+    return Cell(metric, 1 - metric, size, (layer,), **where)
+
+
 def table_for_report() -> SensitivityTable:
     cells = [
-        Cell("quantization", "bits", "fc1", ("fc1",), 4, 0.97, 0.01, 1000, ("fc1",)),
-        Cell("quantization", "bits", "fc1", ("fc1",), 2, 0.70, 0.30, 800, ("fc1",)),
-        Cell("unstructured_pruning", "sparsity", "conv1", ("conv1",), 0.95, 0.40, 0.9, 1500, ("conv1",)),
+        cell("quantization", "bits", "fc1", 4, 0.97, 1000),
+        cell("quantization", "bits", "fc1", 2, 0.70, 800),
+        cell("unstructured_pruning", "sparsity", "conv1", 0.95, 0.40, 1500),
     ]
     return SensitivityTable("k", "accuracy", 0.98, 2000, 270, tuple(cells))
 

@@ -21,8 +21,17 @@ from orchestrator.search.config import (
 from orchestrator.search.space_options import GROUPINGS, SpaceOptions, check_families, load_space_file, searchable
 
 SMOKE_TRIALS = 6
-_SETTINGS = ("workload", "data_dir", "weights", "objectives", "max_accuracy_drop", "num_trials", "sampler", "seed",
-             "sensitivity")
+_SETTINGS = (
+    "workload",
+    "data_dir",
+    "weights",
+    "objectives",
+    "max_accuracy_drop",
+    "num_trials",
+    "sampler",
+    "seed",
+    "sensitivity",
+)
 _RESOURCES = ("cpus_per_trial", "gpus_per_trial", "concurrency", "asha", "storage_path", "name", "resume")
 _RUN = ("address", "max_failures", "latency_batch_size", "target", "report", "mlflow", "wandb")
 
@@ -47,7 +56,20 @@ def max_accuracy_drop(text: str) -> float | None:
 def add_search_arguments(parser: argparse.ArgumentParser) -> None:
     """The search's flags: what to search, then where and how to run it."""
     _add_what_arguments(parser)
+    _add_prior_argument(parser)
     _add_how_arguments(parser)
+
+
+def _add_prior_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--sensitivity",
+        action=argparse.BooleanOptionalAction,
+        default=DEFAULT_SENSITIVITY,
+        help="before the trials, measure each layer group's metric drop under each setting alone (no fine-tuning; "
+        "Ray tasks, cached per workload), seed policies for 4x/6x/8x size budgets and stop proposing settings "
+        "that break --max-accuracy-drop on their own "
+        f"(default: {'on' if DEFAULT_SENSITIVITY else 'off'})",
+    )
 
 
 def _add_what_arguments(parser: argparse.ArgumentParser) -> None:
@@ -83,15 +105,6 @@ def _add_what_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--seed", type=int, default=0, metavar="N", help="seed of the sampler and of every trial's policy"
-    )
-    parser.add_argument(
-        "--sensitivity",
-        action=argparse.BooleanOptionalAction,
-        default=DEFAULT_SENSITIVITY,
-        help="before the trials, measure each layer group's metric drop under each setting alone (no fine-tuning; "
-        "Ray tasks, cached per workload), seed policies for 4x/6x/8x size budgets and stop proposing settings "
-        "that break --max-accuracy-drop on their own "
-        f"(default: {'on' if DEFAULT_SENSITIVITY else 'off'})",
     )
     parser.add_argument(
         "--families",

@@ -20,7 +20,7 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import nn
@@ -36,18 +36,19 @@ from techniques.inputs import Inputs, to_device
 Batches = list[tuple[Inputs, torch.Tensor]]
 
 
-class Measured(NamedTuple):
+@dataclass(frozen=True)
+class Measured:
     """What one cell measured (all None, with `failure`, when it could not be measured)."""
 
     metric: float | None
     output_error: float | None
     size_bytes: int | None
-    touched: tuple[str, ...] = ()
+    touched: tuple[str, ...] = ()  # every module whose stored tensors changed (a structural change reaches further)
     failure: str | None = None
 
 
-@dataclass(frozen=True)
-class Cell:
+@dataclass(frozen=True, kw_only=True)
+class Cell(Measured):
     """One technique's `value` on the layers of one group alone, and what it measured."""
 
     technique: str
@@ -55,11 +56,6 @@ class Cell:
     group: str
     layers: tuple[str, ...]
     value: Any
-    metric: float | None
-    output_error: float | None
-    size_bytes: int | None
-    touched: tuple[str, ...] = ()  # every module whose stored tensors changed (a structural change reaches further)
-    failure: str | None = None
 
     @property
     def identity(self) -> tuple[str, tuple[str, ...], str]:
@@ -79,10 +75,8 @@ class Job:
     policies: tuple[Policy, ...]
 
     def cells(self, measured: Sequence[Measured]) -> list[Cell]:
-        return [
-            Cell(self.technique, self.setting, self.group, self.layers, value, *m)
-            for value, m in zip(self.values, measured, strict=True)
-        ]
+        where = {"technique": self.technique, "setting": self.setting, "group": self.group, "layers": self.layers}
+        return [Cell(**vars(m), **where, value=value) for value, m in zip(self.values, measured, strict=True)]
 
     def identity(self, value: Any) -> tuple[str, tuple[str, ...], str]:
         return self.technique, self.layers, json.dumps(value)

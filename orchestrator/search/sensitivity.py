@@ -23,6 +23,7 @@ Decisions:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import math
@@ -209,11 +210,11 @@ def for_space(table: SensitivityTable, space: SearchSpace, failed: Sequence[Cell
         for value in job.values
         if job.identity(value) in known
     ]
-    return SensitivityTable(**{**table.__dict__, "cells": tuple(cells)})
+    return dataclasses.replace(table, cells=tuple(cells))
 
 
 def _renamed(cell: Cell, group: str) -> Cell:
-    return cell if cell.group == group else Cell(**{**cell.__dict__, "group": group})
+    return cell if cell.group == group else dataclasses.replace(cell, group=group)
 
 
 def _say_failed(cells: Sequence[Cell]) -> None:
