@@ -262,3 +262,29 @@ def test_ranges_valid_alone_that_clash_together_are_refused_before_the_search():
         build_space(TinyCNN(), options_from_json({"distillation": {"epochs": [0, 2], "steps": [100, 0]}}))
     fine = build_space(TinyCNN(), options_from_json({"distillation": {"epochs": [0], "steps": [100]}}))
     assert fine.max_epochs() is None
+
+
+def test_removed_values_are_never_proposed_and_references_leave_those_groups_alone():
+    space = build_space(DigitsCNN(), options_from_json({"families": ["quantization", "unstructured_pruning"]}))
+    removed = {"bits.fc2": (2, 3, 4), "sparsity.conv1": (0.5, 0.7, 0.8, 0.9, 0.95)}  # conv1: only "off" is left
+    refined = space.refined(removed, [("seed", {"quantization": {"fc1": 4}})])
+    assert refined.group_choices("bits", "fc2") == tuple(v for v in space.choices["bits"] if v not in (2, 3, 4))
+    for seed in range(30):
+        params = sample(refined, seed)
+        assert params.get("bits.fc2") not in (2, 3, 4) and params.get("sparsity.conv1", 0.0) == 0.0
+    points = {name: params for name, _, params in refined.fixed_points()}
+    assert points["uniform 4-bit, 1 group left alone"]["bits.fc2"] == 32  # the off value
+    assert points["uniform int8"]["bits.fc2"] == 8
+    assert points["seed"]["bits.fc1"] == 4 and points["seed"]["bits.conv1"] == 32
+    assert refined.describe()["removed"] == {k: list(v) for k, v in removed.items()}
+    # a family whose every group is left only "off" is not offered: it would compress nothing
+    off = {f"sparsity.{g}": space.choices["sparsity"][1:] for g in space.groups["unstructured_pruning"]}
+    assert refined.refined(off, ()).combinations() == ["quantization"]
+
+
+def test_a_one_step_policy_sets_one_group_and_does_not_fine_tune():
+    space = build_space(DigitsCNN(), options_from_json({"grouping": "type"}))
+    policy = space.one_step_policy("quantization", "Linear", 4)
+    assert [step.technique for step in policy.steps] == ["quantization"]
+    assert policy.steps[0].bits.as_dict() == {"fc1": 4, "fc2": 4}
+    validate_for_model(policy, DigitsCNN())
