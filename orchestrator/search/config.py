@@ -92,6 +92,8 @@ class SearchConfig:
         _check_share("--gpus-per-trial", self.gpus_per_trial, "GPUs", none=True)
         if self.concurrency is not None and self.concurrency < 1:
             raise UserError("--concurrency must be at least 1")
+        if not isinstance(self.sensitivity, bool):
+            raise UserError(f"sensitivity is on (True) or off (False), got {self.sensitivity!r}")
         if self.latency_batch_size < 1:
             raise UserError("--latency-batch-size must be at least 1")
         check_target(self.target)
