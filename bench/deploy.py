@@ -40,7 +40,7 @@ from torch import nn
 from bench import _common
 from orchestrator.artifacts import store
 from orchestrator.artifacts.tables import PARETO_FILE, read_table
-from orchestrator.executor import apply
+from orchestrator.executor import Reference, apply
 from orchestrator.measure import Timed, time_latency, time_paired
 from orchestrator.policy import Policy
 from orchestrator.runtime import OnnxSession, onnx_session
@@ -93,18 +93,6 @@ class Candidate:
 
     def row(self) -> dict[str, Any]:
         return {field.name: getattr(self, field.name) for field in dataclasses.fields(self) if field.name != "timed"}
-
-
-class SessionModel(nn.Module):
-    """An ONNX Runtime session called like the torch model, so the workload's metric measures the ONNX file."""
-
-    def __init__(self, session: OnnxSession) -> None:
-        super().__init__()
-        self.session = session
-
-    def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
-        inputs: Inputs = kwargs if kwargs else (args[0] if len(args) == 1 else args)
-        return torch.from_numpy(self.session.session.run(None, self.session.feeds(inputs))[0])
 
 
 # --------------------------------------------------------------------------- the search and its front
@@ -170,7 +158,7 @@ def torch_candidate(
 
 
 def onnx_candidate(name: str, kind: str, session: OnnxSession, workload: Workload) -> Candidate:
-    test = workload.evaluate(SessionModel(session), "test", "cpu")
+    test = session.evaluate(workload, "test")  # outputs in the model's own structure, reduced by its output_fn
     return Candidate(name, kind, "onnxruntime", session.size_bytes, test, session)
 
 
@@ -188,21 +176,26 @@ def torch_dynamic_int8(baseline: nn.Module, workload: Workload) -> Candidate:
 
 def onnxruntime_candidates(baseline: nn.Module, workload: Workload) -> list[Candidate]:
     """ONNX Runtime fp32 (the exporter's file) and ORT's own dynamic int8 of it (`quantize_dynamic`, defaults)."""
+    fp32 = onnx_session(baseline, workload)
+    return [
+        onnx_candidate(ORT_FP32, "onnxruntime", fp32, workload),
+        onnx_candidate(f"{ORT_INT8} (quantize_dynamic)", "onnxruntime", ort_dynamic_int8(fp32), workload),
+    ]
+
+
+def ort_dynamic_int8(fp32: OnnxSession, **options: Any) -> OnnxSession:
+    """`onnxruntime.quantization.quantize_dynamic` of an fp32 ONNX file: its defaults (QInt8 weights) unless
+    `options` say otherwise, in a session with the fp32 one's threads and output structure."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    fp32 = onnx_session(baseline, workload)
     with tempfile.TemporaryDirectory() as tmp:
         source, target = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
         proto = onnx.load_from_string(fp32.data)
         del proto.graph.value_info[:]  # ORT's quantizer re-infers shapes and rejects the exporter's annotations
         onnx.save(proto, source)
-        quantize_dynamic(source, target, weight_type=QuantType.QInt8)
-        int8 = OnnxSession(target.read_bytes(), torch.get_num_threads())
-    return [
-        onnx_candidate(ORT_FP32, "onnxruntime", fp32, workload),
-        onnx_candidate(f"{ORT_INT8} (quantize_dynamic)", "onnxruntime", int8, workload),
-    ]
+        quantize_dynamic(source, target, **{"weight_type": QuantType.QInt8, **options})
+        return OnnxSession(target.read_bytes(), fp32.threads, structure=fp32.structure)
 
 
 def reference_budget(workload: Workload, space: SpaceOptions, baseline: nn.Module) -> dict[str, Any]:
@@ -222,10 +215,13 @@ def policy_of(*steps: tuple[str, dict[str, Any]]) -> Policy:
     )  # fmt: skip
 
 
-def applied(name: str, kind: str, policy: Policy, workload: Workload, baseline: nn.Module) -> list[Candidate]:
-    """A policy applied with the search's budget, as its torch checkpoint and as its ONNX file."""
+def applied(
+    name: str, kind: str, policy: Policy, workload: Workload, baseline: nn.Module, reference: Reference | None = None
+) -> list[Candidate]:
+    """A policy applied (`reference`: the baseline already measured for torch), as its torch checkpoint and as
+    its ONNX file."""
     print(f"applying {name} ...", file=sys.stderr, flush=True)
-    compressed = apply(policy, workload, baseline=baseline)
+    compressed = apply(policy, workload, baseline=baseline, reference=reference)
     size = compressed.metrics["size_bytes"]
     return [
         torch_candidate(f"{name} torch", kind, compressed.model, size, workload),
