@@ -213,9 +213,7 @@ def compressed_metrics(
     one that made the model) picks the base architecture its size is written against."""
     deployed = deploy(model, workload, reference.target)
     beside = reference.beside(baseline)
-    measured = measure_on(
-        model, workload, device, latency_batch_size, beside=beside, policy=policy, deployed=deployed
-    )
+    measured = measure_on(model, workload, device, latency_batch_size, beside=beside, policy=policy, deployed=deployed)
     if reference.timings is not None and measured.paired is not None:
         latency_log.append(reference.timings, [measured.paired[0].median_ms])
     unused = reference.unused_layers

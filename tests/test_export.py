@@ -336,3 +336,28 @@ def test_a_4_bit_onnx_file_is_at_most_0_35_of_the_fp32_one_and_runs_matmulnbits(
     assert result.report["no_low_bit_kernel"] == ["conv1", "conv2", "conv3"]
     sparse = export_checkpoint(digits_checkpoints / "4-bit-sparse", out=tmp_path / "q4s.onnx")
     assert set(sparse.report["sparse_run_dense"]) == {"conv1", "conv2", "conv3", "fc1", "fc2"}
+
+
+def test_an_artifacts_flat_outputs_go_back_into_the_structure_the_model_returns():
+    """ONNX Runtime returns a flat list; scoring puts it back in the model's structure (`with_tensors`), in the
+    order the check compares (`output_tensors`), so a workload's `output_fn` reads it as it reads PyTorch's."""
+    from collections import namedtuple
+
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    from orchestrator.export._check import structure_of, with_tensors
+    from techniques.inputs import output_tensors
+
+    pair = namedtuple("pair", "first second")
+    hidden, pooled, extra = torch.randn(2, 3, 4), torch.randn(2, 4), torch.randn(5)
+    outputs = {
+        "model": BaseModelOutputWithPooling(last_hidden_state=hidden, pooler_output=pooled),
+        "rest": (pair(extra, [extra * 2]), 7),
+    }
+    structure = structure_of(outputs)
+    assert all(t.numel() == 0 for t in output_tensors(structure))
+    flat = [t + 1 for t in output_tensors(outputs)]
+    rebuilt = with_tensors(structure, iter(flat))
+    assert isinstance(rebuilt["model"], BaseModelOutputWithPooling) and isinstance(rebuilt["rest"][0], pair)
+    assert torch.equal(rebuilt["model"].last_hidden_state, hidden + 1) and rebuilt["model"][1] is flat[1]
+    assert torch.equal(rebuilt["rest"][0].second[0], extra * 2 + 1) and rebuilt["rest"][1] == 7

@@ -108,7 +108,9 @@ def _matters(model: nn.Module, inputs: Inputs, layers: dict[str, nn.Module], nam
     return any(a.shape != b.shape or not torch.equal(a, b) for a, b in zip(changed, reference, strict=True))
 
 
-def _confirmed(model: nn.Module, inputs: Inputs, layers: dict[str, nn.Module], names: list[str], reference: list) -> list[str]:
+def _confirmed(
+    model: nn.Module, inputs: Inputs, layers: dict[str, nn.Module], names: list[str], reference: list
+) -> list[str]:
     """The layers among `names` whose outputs the model's do not depend on, by halving: a group whose
     replacement changes nothing is unused as a whole (one forward), else each half is tried."""
     if not names or not _matters(model, inputs, layers, names, reference):

@@ -101,7 +101,9 @@ class Workload:
         model.eval()
         return self.score(lambda inputs: call_model(model, inputs), split, device)
 
-    def score(self, run: Callable[[Inputs], Any], split: str = "validation", device: torch.device | str = "cpu") -> float:
+    def score(
+        self, run: Callable[[Inputs], Any], split: str = "validation", device: torch.device | str = "cpu"
+    ) -> float:
         """The metric on a split of whatever `run(batch)` returns as the model's outputs (a PyTorch model, or
         an exported artifact in its runtime), batched and reduced as `evaluate` does, with no gradients."""
         if split not in self.splits:
