@@ -28,7 +28,8 @@ def test_per_layer_space_of_the_digits_model():
     assert "fc2" not in space.groups["structured_pruning"]  # the output layer keeps its features
     assert "conv1" not in space.groups["lowrank"]  # one input channel: nothing to factor
     fine_tuning = len(techniques.get("distillation").search.globals)  # temperature, alpha, epochs, lr, …
-    assert len(space.parameter_names()) == space.describe()["dimensions"] == 1 + (4 + 4 + 5 + 5) + fine_tuning
+    own = sum(len(techniques.get(t).search.globals) for t in space.groups)  # a family's global settings
+    assert len(space.parameter_names()) == space.describe()["dimensions"] == 1 + (4 + 4 + 5 + 5) + own + fine_tuning
 
 
 def test_define_by_run_is_pure_and_every_sample_is_a_valid_policy():
@@ -55,6 +56,7 @@ def test_the_sampler_is_never_offered_the_uncompressed_model():
         used = set(params[COMBINATION].split("+"))
         assert used and used <= set(space.groups)
         settings = {techniques.get(f).search.per_layer.setting for f in used}
+        settings |= {f for f in used if techniques.get(f).search.globals}  # e.g. quantization.algorithm
         assert {name.split(".")[0] for name in params} - {COMBINATION, "distill"} == settings
     assert len(seen) >= 12  # random sampling reaches (nearly) every combination
 
@@ -99,7 +101,8 @@ def test_families_can_be_switched_off():
     space = build_space(DigitsCNN(), SpaceOptions(families=("quantization",)))
     assert set(space.groups) == {"quantization"} and "distillation" not in space.ranges
     params = sample(space)
-    assert params[COMBINATION] == "quantization" and all(n.startswith("bits.") for n in params if n != COMBINATION)
+    assert params[COMBINATION] == "quantization"
+    assert all(n.startswith(("bits.", "quantization.")) for n in params if n != COMBINATION)
     assert set(space.policy(params).techniques()) <= {"quantization"}
 
 
