@@ -104,7 +104,7 @@ class OnnxSession:
     def outputs(self, inputs: Inputs) -> Any:
         """The session's outputs on a batch as torch tensors, in the structure the PyTorch model returns them
         (a flat list when that is unknown)."""
-        from orchestrator.export._check import with_tensors
+        from orchestrator.export import with_tensors
 
         feeds = self.feeds(inputs)
         try:
@@ -157,8 +157,7 @@ def _session(data: bytes, threads: int) -> Any:
 def onnx_session(model: nn.Module, workload: Workload) -> OnnxSession:
     """The model exported to ONNX by the project's exporter in a session with torch's current thread count, with
     the export's check against PyTorch on the workload's validation inputs (kept, not enforced: see Decisions)."""
-    from orchestrator.export import export_model
-    from orchestrator.export._check import structure_of
+    from orchestrator.export import export_model, structure_of
 
     with tempfile.TemporaryDirectory(prefix="onnx-target-") as tmp:
         out = Path(tmp) / "model.onnx"

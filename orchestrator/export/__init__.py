@@ -23,6 +23,8 @@ _EXPORTS = {
     "ExportResult": "orchestrator.export._run",
     "export_checkpoint": "orchestrator.export._run",
     "export_model": "orchestrator.export._run",
+    "structure_of": "orchestrator.export._check",
+    "with_tensors": "orchestrator.export._check",
 }
 __all__ = sorted([*_EXPORTS, "FORMATS"])
 

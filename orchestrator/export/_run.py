@@ -44,8 +44,7 @@ from orchestrator.export._onnx_layers import SPARSITY_NOTE
 from orchestrator.export._program import export_program
 from orchestrator.export._trace import ExportError, Written
 from orchestrator.search.preflight import write_problem
-from orchestrator.workloads import Workload, resolve_workload
-from orchestrator.workloads._unused import unused_layers
+from orchestrator.workloads import Workload, resolve_workload, unused_layers
 from techniques.inputs import batch_length
 from techniques.packed import PackedLayer
 from techniques.packed_embedding import PackedEmbedding

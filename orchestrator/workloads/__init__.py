@@ -7,10 +7,21 @@ from collections.abc import Callable
 from pathlib import Path
 
 from orchestrator.errors import UserError
+from orchestrator.workloads._unused import unused_layers
 from orchestrator.workloads._workload import SPLITS, Workload, accuracy
 from orchestrator.workloads.data import LoaderSplit, Split, split_of
 
-__all__ = ["BUILTIN", "SPLITS", "LoaderSplit", "Split", "Workload", "accuracy", "resolve_workload", "split_of"]
+__all__ = [
+    "BUILTIN",
+    "SPLITS",
+    "LoaderSplit",
+    "Split",
+    "Workload",
+    "accuracy",
+    "resolve_workload",
+    "split_of",
+    "unused_layers",
+]
 
 BUILTIN = ("digits", "cifar10", "text")
 
