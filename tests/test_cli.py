@@ -61,3 +61,14 @@ def test_bad_input_is_one_line_and_exit_code_2(args, message):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0]
+
+
+def test_apply_on_a_deployment_target_shows_pytorchs_score_and_the_export_difference_beside_the_deployed_one():
+    from orchestrator.cli._format import _deployed
+
+    deployed = {"torch_validation": 0.9889, "export_max_abs_diff": 0.0245, "export_tolerance": 0.01}
+    lines = _deployed({**deployed, "export_check_passed": False})
+    assert lines[0].startswith("PyTorch validation   0.9889") and "0.0245, BEYOND tolerance 0.01" in lines[1]
+    assert "within tolerance" in _deployed({**deployed, "export_max_abs_diff": 0.001, "export_check_passed": True})[1]
+    assert "not finite" in _deployed({**deployed, "export_max_abs_diff": None})[1]
+    assert _deployed({"validation": 0.98}) == []  # torch target: nothing beside

@@ -14,6 +14,7 @@ def format_result(metrics: dict[str, Any], where: str) -> str:
     ]
     if "test" in metrics:
         lines.append(f"test {metrics['metric']:<15} {metrics['test']:.4f}")
+    lines += _deployed(metrics)
     lines += [
         f"size on disk         {metrics['size_bytes']:,} bytes  ({metrics['compression_ratio']:.1f}x smaller)",
         f"latency (median)     {metrics['latency_ms']:.3f} ms  ({_speed(metrics)})",
@@ -23,6 +24,19 @@ def format_result(metrics: dict[str, Any], where: str) -> str:
         f"measured on          {metrics['device']}, {_runtime(metrics)}, {metrics['threads']} threads",
     ]
     return "\n".join(lines)
+
+
+def _deployed(metrics: dict[str, Any]) -> list[str]:
+    """On a deployment target the scores above are the deployed artifact's: PyTorch's and the export check beside."""
+    if metrics.get("torch_validation") is None:
+        return []
+    diff, bound = metrics.get("export_max_abs_diff"), metrics.get("export_tolerance")
+    check = "within" if metrics.get("export_check_passed") else "BEYOND"
+    gap = "not finite" if diff is None else f"{diff:.3g}"
+    return [
+        f"PyTorch validation   {metrics['torch_validation']:.4f}  (the scores above are the exported model's)",
+        f"export difference    {gap}, {check} tolerance {bound}",
+    ]
 
 
 def _speed(metrics: dict[str, Any]) -> str:
