@@ -115,9 +115,9 @@ class QuantizationSpec(TechniqueSpec):
     `group_size` null or an int in [1, MAX_GROUP_SIZE] = [1, 2**20] (it must also divide the row length of
     every quantised layer, checked against the model, unless `fit_groups` (a bool) is true: then a layer whose row
     it does not divide gets the largest of its half, quarter, … down to 16 that does, else per-channel scales);
-    `activation_bits` null or 8; `kernel` one of
-    KERNELS. Integers are ints: floats such as 8.0 and bools are rejected. `activation_bits` and `kernel` concern
-    Linear/Conv2d layers only; embeddings take integer ids and have no GEMM.
+    `activation_bits` null or 8; `kernel` one of KERNELS. Integers are ints: floats such as 8.0 and bools are
+    rejected. `activation_bits` and `kernel` concern Linear/Conv2d layers only; embeddings take integer ids and
+    have no GEMM.
     `algorithm` one of ALGORITHMS = {"rtn", "gptq"}; GPTQ's own settings (read only when algorithm is "gptq"):
     `damp` in (0, 1], the damping as a fraction of the Hessian's mean diagonal; `act_order` a bool (columns in
     descending Hessian diagonal, static groups); `block_size` an int in [1, MAX_GROUP_SIZE], the lazy-update block.
