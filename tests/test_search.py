@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -128,7 +129,7 @@ class FlakyWorkload(Workload):
 
 def make_flaky() -> FlakyWorkload:
     digits = resolve_workload("digits")
-    return FlakyWorkload(**{f: getattr(digits, f) for f in Workload.__dataclass_fields__})
+    return FlakyWorkload(**{f.name: getattr(digits, f.name) for f in dataclasses.fields(Workload) if f.init})
 
 
 def test_failing_and_nan_trials_are_failed_and_the_search_completes(tmp_path, local_ray, monkeypatch):
