@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 RAY = str(BIN / "ray")
 SMALL = ["--smoke-test", "--no-report", "--families", "quantization"]  # one fine-tuning epoch, 4-bit or 8-bit
+MEETING = ["--workload", "tests.rendezvous_workload:make_workload"]  # the first two trials run at the same time
 NODES = """
 import ray
 ray.init(address={address!r}, log_to_driver=False)
@@ -124,6 +125,11 @@ def _start_cluster(root: Path, processes: list[subprocess.Popen]) -> LocalCluste
     home.mkdir()
     environ = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
     environ |= {"HOME": str(home), "RAY_TMPDIR": str(root), "PATH": f"{BIN}:{environ.get('PATH', '')}"}
+    # every node can import tests.rendezvous_workload, whose first two trials wait for each other there
+    meeting = root / "rendezvous"
+    meeting.mkdir()
+    environ |= {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), environ.get("PYTHONPATH")]))}
+    environ |= {"RENDEZVOUS_DIR": str(meeting)}
     # the token, made once as cluster.yaml's header asks (`ray get-auth-token --generate`): ~/.ray/auth_token
     made = subprocess.run([RAY, "get-auth-token", "--generate"], env=environ, capture_output=True, timeout=HANG_S)
     assert made.returncode == 0 and (home / ".ray" / "auth_token").is_file()
@@ -156,6 +162,12 @@ def _nodes_used(run_dir: Path) -> set[str]:
     return {r["node_id"] for r in rows}
 
 
+def _meeting_emptied(cluster: LocalCluster) -> None:
+    """A new search's first two trials meet afresh (tests.rendezvous_workload)."""
+    for arrival in Path(cluster.environ["RENDEZVOUS_DIR"]).iterdir():
+        arrival.unlink()
+
+
 def _console(stderr: str, prefix: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith(prefix)]
 
@@ -174,7 +186,8 @@ def test_the_headline_command_runs_its_trials_on_the_cluster(cluster, tmp_path):
     shutil.copy(ROOT / "search.py", cluster.home / "search.py")  # what `ray submit` copies: ~/search.py
     storage = tmp_path / "shared"
     script = f"{sys.executable} ~/search.py --storage-path {storage} --name headline --num-trials 3 --concurrency 2"
-    command = _with_interactive(" ".join([script, *SMALL]))
+    command = _with_interactive(" ".join([script, *SMALL, *MEETING]))
+    _meeting_emptied(cluster)
     environ = {k: v for k, v in cluster.environ.items() if k != "RAY_AUTH_MODE"}  # the .bashrc sets it
     done = _run(["bash", "-c", " ".join(command)], environ, cwd=cluster.home)
     assert done.returncode == 0, done.stderr[-4000:]
@@ -209,7 +222,8 @@ def test_a_ray_job_runs_the_search_on_the_cluster(cluster, tmp_path):
     """`ray job submit --working-dir . -- python search.py …`: Ray Jobs hands the cluster over in RAY_ADDRESS."""
     storage = tmp_path / "shared"
     entrypoint = ["python", "search.py", "--storage-path", str(storage), "--name", "job"]
-    entrypoint += ["--num-trials", "3", "--concurrency", "2", *SMALL]
+    entrypoint += ["--num-trials", "3", "--concurrency", "2", *SMALL, *MEETING]
+    _meeting_emptied(cluster)
     done = _run(
         [RAY, "job", "submit", "--address", cluster.dashboard, "--working-dir", ".", "--", *entrypoint],
         cluster.environ,
