@@ -171,6 +171,10 @@ def test_a_node_type_the_autoscaler_may_start_is_enough(cluster, tmp_path):
 def test_a_real_local_ray_reports_what_it_has(monkeypatch, tmp_path):
     import ray
 
+    from orchestrator.search import preflight
+
+    # a machine that was once a cluster launcher's head keeps its config in ~: this Ray is not that cluster
+    monkeypatch.setattr(preflight, "LAUNCHER_CONFIG", str(tmp_path / "ray_bootstrap_config.yaml"))
     ray.shutdown()
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:

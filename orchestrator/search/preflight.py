@@ -371,6 +371,9 @@ def check_tracking_uri(uri: str | None, timeout_s: float = CONNECT_TIMEOUT_S) ->
             raise UserError(f"--mlflow {uri}: {problem}; give a directory this machine can write to")
 
 
+LAUNCHER_CONFIG = "~/ray_bootstrap_config.yaml"  # where the cluster launcher leaves its config on a head node
+
+
 def check_trial_fits(cpus_per_trial: float, gpus_per_trial: float) -> None:
     """Raise UserError when no node of the running Ray cluster, nor any node type its autoscaler may start, has
     the CPUs and GPUs one trial asks for: Tune would wait forever, saying so only in its log.
@@ -382,7 +385,7 @@ def check_trial_fits(cpus_per_trial: float, gpus_per_trial: float) -> None:
     nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
     if _fits(nodes, cpus_per_trial, gpus_per_trial) or _fits(_node_types(), cpus_per_trial, gpus_per_trial):
         return
-    if Path("~/ray_bootstrap_config.yaml").expanduser().exists():
+    if Path(LAUNCHER_CONFIG).expanduser().exists():
         return
     total = ray.cluster_resources()
     most = {key: max((n.get(key, 0) for n in nodes), default=0) for key in ("CPU", "GPU")}

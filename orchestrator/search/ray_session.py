@@ -163,9 +163,9 @@ def where_trials_run(target: RayTarget) -> str:
 def autoscaled() -> bool:
     """Whether the cluster may add nodes: its autoscaler publishes node types (v2, KubeRay), or this is a head the
     cluster launcher started (its bootstrap config is here)."""
-    from orchestrator.search.preflight import _node_types
+    from orchestrator.search.preflight import LAUNCHER_CONFIG, _node_types
 
-    return Path("~/ray_bootstrap_config.yaml").expanduser().exists() or bool(_node_types())
+    return Path(LAUNCHER_CONFIG).expanduser().exists() or bool(_node_types())
 
 
 def _count(value: float, unit: str) -> str:
