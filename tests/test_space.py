@@ -291,3 +291,13 @@ def test_a_one_step_policy_sets_one_group_and_does_not_fine_tune():
     assert [step.technique for step in policy.steps] == ["quantization"]
     assert policy.steps[0].bits.as_dict() == {"fc1": 4, "fc2": 4}
     validate_for_model(policy, DigitsCNN())
+
+
+def test_a_space_whose_families_offer_only_their_off_value_is_refused_in_one_line():
+    """bits [32] alone (float everywhere) left no family to offer: Optuna then failed on an empty choice list."""
+    with pytest.raises(SpaceError, match=r"nothing to search: every family offers only its off value \(bits \[32\]"):
+        build_space(DigitsCNN(), options_from_json({"families": ["quantization"], "choices": {"bits": [32]}}))
+    space = build_space(DigitsCNN(), options_from_json({"families": ["quantization"], "choices": {"bits": [4, 32]}}))
+    every_group = {f"bits.{group}": (4,) for group in space.groups["quantization"]}
+    with pytest.raises(SpaceError, match="less the values removed"):
+        space.refined(every_group, ())

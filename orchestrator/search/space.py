@@ -276,7 +276,7 @@ class SearchSpace:
         seeds: Sequence[tuple[str, Mapping[str, Mapping[str, Any]]]],
     ) -> SearchSpace:
         """This space with values removed per group and budgeted seeds (see `sensitivity`)."""
-        return dataclasses.replace(self, removed=dict(removed), seeds=tuple(seeds))
+        return searchable_space(dataclasses.replace(self, removed=dict(removed), seeds=tuple(seeds)))
 
     def describe(self) -> dict[str, Any]:
         """A JSON-safe summary (for run metadata and reports)."""
@@ -361,7 +361,18 @@ def build_space(
     ranges, sources = global_ranges(chosen, model, options, defaults or {})
     widths = ranges.get(STUDENT, {}).get("width", ())
     students = _student_layers(build_student, widths) if build_student is not None else {}
-    return SearchSpace(groups, choices, ranges, seed, sources, students)
+    return searchable_space(SearchSpace(groups, choices, ranges, seed, sources, students))
+
+
+def searchable_space(space: SearchSpace) -> SearchSpace:
+    """`space`, when some family has a compressing value to offer; else a SpaceError naming why."""
+    if space.combinations():
+        return space
+    settings = ", ".join(f"{name} {list(values)}" for name, values in space.choices.items())
+    raise SpaceError(
+        f"nothing to search: every family offers only its off value ({settings or 'no settings'}"
+        f"{', less the values removed' if space.removed else ''}); give a value that compresses"
+    )
 
 
 def _student_layers(
