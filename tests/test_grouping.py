@@ -77,8 +77,10 @@ def test_the_quantization_space_of_a_twelve_block_bert_stays_small_and_describes
     groups = described["groups"]["quantization"]
     assert 19 <= len(groups) <= 40 and "query.middle" in groups and "head" in groups
     assert groups["attn_out.middle"] == [f"bert.encoder.layer.{i}.attention.output.dense" for i in range(4, 8)]
-    assert described["dimensions"] == 1 + len(groups)
-    assert {name.partition(".")[2] for name in space.parameter_names()[1:]} == set(groups)
+    own = [f"quantization.{setting}" for setting in described["ranges"].get("quantization", {})]  # global settings
+    assert described["dimensions"] == 1 + len(groups) + len(own)
+    per_layer = [name for name in space.parameter_names()[1:] if name not in own]
+    assert {name.partition(".")[2] for name in per_layer} == set(groups) and len(per_layer) == len(groups)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     trial = study.ask()
     space.define(trial)
