@@ -1,4 +1,4 @@
-"""`python -m orchestrator export CKPT --format onnx|torch-export --out PATH`: a deployable artifact, checked.
+"""`python -m orchestrator export CKPT --format onnx|torch-export|hf --out PATH`: a deployable artifact, checked.
 
 Exit codes: 0 when the artifact's outputs match PyTorch's within the recorded tolerance; 2 for bad input (a
 missing or damaged checkpoint, an unknown format, an existing --out: one `error:` line); 1 when the check
@@ -20,8 +20,15 @@ EXIT_CHECK_FAILED = 1
 
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="checkpoint directory (local path or s3://, gs://)")
-    parser.add_argument("--format", choices=FORMATS, default="onnx", help="onnx or torch-export (a .pt2 program)")
-    parser.add_argument("--out", required=True, metavar="PATH", help="the file to write; must not exist")
+    parser.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="onnx",
+        help="onnx, torch-export (a .pt2 program) or hf (a Hugging Face model directory, for transformers causal LMs)",
+    )
+    parser.add_argument(
+        "--out", required=True, metavar="PATH", help="the file (hf: the directory) to write; must not exist"
+    )
     parser.add_argument("--report", metavar="PATH", help="where the JSON report goes (default: OUT.json)")
     parser.add_argument(
         "--int8-activations",
@@ -55,14 +62,18 @@ def run_export(args: argparse.Namespace) -> int:
     )
     print(json.dumps(result.report, indent=2) if args.json else format_export(result.report, result.report_path))
     if not result.passed:
-        check = result.report["check"]
-        print(
-            f"error: the export's outputs differ from PyTorch's by {check['max_abs_diff']:.3g} (tolerance "
-            f"{check['tolerance']:.3g}); {result.path} is kept for inspection: please report this",
-            file=sys.stderr,
-        )
+        print(f"error: {_failure(result.report['check'])}; {result.path} is kept for inspection: please report this",
+              file=sys.stderr)  # fmt: skip
         return EXIT_CHECK_FAILED
     return 0
+
+
+def _failure(check: dict[str, Any]) -> str:
+    """What a failed check found, in a clause."""
+    if check["max_abs_diff"] > check["tolerance"] or "generation" not in check:
+        return f"the export's outputs differ from PyTorch's by {check['max_abs_diff']:.3g} (tolerance " \
+               f"{check['tolerance']:.3g})"  # fmt: skip
+    return "the export's greedy tokens differ from the checkpoint's"
 
 
 def _size(count: int) -> str:
@@ -74,6 +85,8 @@ def _size(count: int) -> str:
 
 def format_export(report: dict[str, Any], report_path: str) -> str:
     """A short summary: the file, how its layers run, what has no low-bit kernel, what runs dense, the check."""
+    if report["format"] == "hf":
+        return format_hf(report, report_path)
     source = report["source"]
     against = f"; checkpoint {_size(source['checkpoint_bytes'])}" if "checkpoint_bytes" in source else ""
     lines = [
@@ -96,4 +109,24 @@ def format_export(report: dict[str, Any], report_path: str) -> str:
         f"(tolerance {check['tolerance']:.3g}): {verdict}, on {check['inputs']}"
     )
     lines.append(f"report     {report_path}")
+    return "\n".join(lines)
+
+
+def format_hf(report: dict[str, Any], report_path: str) -> str:
+    """The summary of a Hugging Face directory: files, shapes that changed, dequantized layers, the two checks."""
+    source, check = report["source"], report["check"]
+    against = f"; checkpoint {_size(source['checkpoint_bytes'])}" if "checkpoint_bytes" in source else ""
+    changes = ", ".join(f"{key} {was} -> {now}" for key, (was, now) in report["config_changes"].items())
+    generation = check["generation"]
+    lines = [
+        f"exported   {report['path']} (hf directory: {', '.join(report['files'])}; {_size(report['bytes'])}{against})",
+        f"model      {report['architecture']}; config {changes or 'as the original'}; "
+        f"tie_word_embeddings {report['tie_word_embeddings']}",
+        f"loads in   {report['runtime']}",
+        *(f"note       {note}" for note in report["notes"]),
+        f"check      logits max |diff| {check['max_abs_diff']:.3g} (tolerance {check['tolerance']:.3g}) on "
+        f"{check['inputs']}; greedy {generation['new_tokens']} tokens from {len(generation['prompts'])} prompts "
+        f"{'the same' if generation['same'] else 'DIFFER'}: {'pass' if check['passed'] else 'FAIL'}",
+        f"report     {report_path}",
+    ]
     return "\n".join(lines)

@@ -13,6 +13,8 @@ Decisions:
   fraction of zero weights, and notes (widened codes, no low-bit kernel, sparse layers run dense). Layers the
   model's outputs never depend on (`Workload.unused_layers`: BERT's pooler under a module that reads only hidden
   states) are not in the exported graph: they are listed once, as `unused_layers`, and nowhere else.
+- `format="hf"` writes a directory instead (orchestrator.export.hf: a transformers causal LM, checked by loading it
+  with `from_pretrained` and comparing logits and greedy tokens); the report beside it is `OUT.json` as for files.
 """
 
 from __future__ import annotations
@@ -24,10 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
 from torch import nn
 
 from orchestrator.artifacts import store
-from orchestrator.artifacts.fs import exists, is_uri, resolve, write_atomic
+from orchestrator.artifacts.fs import is_uri, resolve, write_atomic
 from orchestrator.errors import UserError
 from orchestrator.evaluate import recorded_workload
 from orchestrator.export import FORMATS
@@ -80,8 +83,9 @@ def export_checkpoint(
     data_dir: str | None = None,
     weights: str | None = None,
 ) -> ExportResult:
-    """Export a checkpoint to `out` as ONNX ("onnx") or a torch.export program ("torch-export"), checked
-    against the PyTorch model; the report goes to `report` (default: `OUT.json`).
+    """Export a checkpoint to `out` as ONNX ("onnx"), a torch.export program ("torch-export") or a Hugging Face
+    model directory ("hf", transformers causal LMs), checked against the PyTorch model; the report goes to `report`
+    (default: `OUT.json`).
 
     `workload` defaults to the built-in one the checkpoint names (pass yours, or `package.module:function`);
     `int8_activations` lets ONNX Runtime quantise activations its own way (DynamicQuantizeMatMul for 8-bit
@@ -145,7 +149,11 @@ def _split(path: str) -> tuple[str, str]:
 
 
 def _exists(path: str) -> bool:
-    return exists(*_split(path)) if is_uri(path) else Path(path).exists()
+    """Whether anything (a file, or a directory: --format hf writes one) is at `path`."""
+    if not is_uri(path):
+        return Path(path).exists()
+    filesystem, located = resolve(path)
+    return filesystem.get_file_info(located).type != pafs.FileType.NotFound
 
 
 def _export(
@@ -157,6 +165,8 @@ def _export(
     source: dict[str, Any],
 ) -> ExportResult:
     model = copy.deepcopy(model).cpu().eval()
+    if format == "hf":
+        return _export_hf(model, workload, paths, source)
     inputs = workload.example_inputs(TRACE_BATCH)
     if format == "onnx":
         written = export_onnx(model, inputs, int8_activations=int8_activations)
@@ -178,19 +188,33 @@ def _export(
         **_layer_tables(model, written.layers, unused_layers(model, inputs)),
         "check": check,
     }
-    _write_both(out, written.data, report_path, (json.dumps(report, indent=2) + "\n").encode())
+    write_atomic(*_split(out), written.data)
+    _write_report(out, report_path, report)
     return ExportResult(path=out, bytes=len(written.data), report=report, report_path=report_path)
 
 
-def _write_both(out: str, data: bytes, report_path: str, report: bytes) -> None:
-    """The artifact, then its report; an artifact whose report cannot be written is removed, never left alone."""
-    write_atomic(*_split(out), data)
+def _export_hf(model: nn.Module, workload: Workload, paths: tuple[str, str], source: dict[str, Any]) -> ExportResult:
+    """A transformers model directory (orchestrator.export.hf), then its report."""
+    from orchestrator.export.hf import write_hf
+
+    out, report_path = paths
+    report = write_hf(model, workload, out, source)
+    _write_report(out, report_path, report)
+    return ExportResult(path=out, bytes=report["bytes"], report=report, report_path=report_path)
+
+
+def _write_report(out: str, report_path: str, report: dict[str, Any]) -> None:
+    """The report of an artifact already written; an artifact whose report cannot be written is removed (a file, or
+    the directory of --format hf), never left alone."""
     try:
-        write_atomic(*_split(report_path), report)
+        write_atomic(*_split(report_path), (json.dumps(report, indent=2) + "\n").encode())
     except BaseException:
         filesystem, path = resolve(out)
         with contextlib.suppress(Exception):
-            filesystem.delete_file(path)
+            if filesystem.get_file_info(path).type == pafs.FileType.Directory:
+                filesystem.delete_dir(path)
+            else:
+                filesystem.delete_file(path)
         raise
 
 
