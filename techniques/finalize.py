@@ -14,6 +14,8 @@ Decisions:
 - Activation fake-quant hooks and `input_quant` submodules are removed; their static scale moves into the
   packed layer, so a reloaded model behaves identically. A dynamic (per-row) one leaves no scale, only
   `act_dynamic` on the PackedLinear, which then quantises each input row at run time as fine-tuning did.
+- A smoothed Linear (techniques.smoothing) loses its smoothing hook and `input_smoothing` submodule; its 1/s
+  scales become the PackedLinear's `input_scale` (its weight, W·diag(s), is packed as any other).
 - Which kernel a layer runs is one name (INT_KERNEL for both static and dynamic activations: the same
   `torch._int_mm` GEMM); a layer's `kernel_reason` says why one falls back, its `act_dynamic` how its
   activations are scaled.
@@ -31,6 +33,7 @@ from torch.nn.utils import parametrize, prune
 from techniques._base import WeightMask, base_type, bias_of, parametrizations_of, set_module, weight_of
 from techniques.packed import INT_KERNEL, PackedConv2d, PackedLayer, PackedLinear
 from techniques.packed_embedding import PackedEmbedding
+from techniques.smoothing import InputSmoothing, smooth_input_hook
 from techniques.quantization import (
     LAYER_TYPES,
     ActivationFakeQuant,
@@ -54,6 +57,15 @@ def _remove_input_quant(module: nn.Module) -> tuple[torch.Tensor | None, bool]:
     if isinstance(observer, DynamicActivationFakeQuant):
         return None, True
     return (None if observer is None else cast(ActivationFakeQuant, observer).scale.detach().clone()), False
+
+
+def _remove_smoothing(module: nn.Module) -> torch.Tensor | None:
+    """Remove the smoothing hook and submodule (techniques.smoothing); return its 1/s scales or None."""
+    for key, hook in list(module._forward_pre_hooks.items()):
+        if hook is smooth_input_hook:
+            del module._forward_pre_hooks[key]
+    smoothing = module._modules.pop("input_smoothing", None)
+    return None if smoothing is None else cast(InputSmoothing, smoothing).scale.detach().clone()
 
 
 def _weight_chain(module: nn.Module, name: str) -> _Chain:
@@ -99,16 +111,18 @@ def _bake(module: nn.Module, name: str) -> nn.Module:
     if is_embedding(module):
         return _bake_embedding(cast(nn.Embedding, module), name)
     act_scale, act_dynamic = _remove_input_quant(module)
+    smoothing = _remove_smoothing(module)
     weight, mask, quant = _weight_chain(module, name)
     if parametrize.is_parametrized(module, "weight"):
         parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
     bits = quant.bits if quant is not None else 32
-    activations = act_scale is not None or act_dynamic
+    activations = act_scale is not None or act_dynamic or smoothing is not None
     if quant is None and mask is None and not activations:
         return module
     cls: type[PackedLayer]
     if isinstance(module, nn.Linear):
         cls, layer = PackedLinear, {"in_features": module.in_features, "out_features": module.out_features}
+        layer["smoothed"] = smoothing is not None
     else:  # embeddings were handled above: a Conv2d
         cls, layer = PackedConv2d, PackedConv2d.like(cast(nn.Conv2d, module))
     packed = cls.from_weight(
@@ -123,6 +137,9 @@ def _bake(module: nn.Module, name: str) -> nn.Module:
         scale=quant.scale if quant is not None else None,
         **layer,
     )
+    if smoothing is not None and isinstance(packed, PackedLinear):
+        with torch.no_grad():
+            packed.input_scale.copy_(smoothing)
     if quant is None and not packed.sparse and not activations:
         return module  # only pruned, and dense storage is smaller: the baked plain layer is the artifact
     return packed

@@ -22,6 +22,9 @@ Decisions:
   multiples of 8 and more than 16 rows (rows are padded with zero rows, for dynamic scales too; untested here
   for want of a GPU); layers that cannot fall back to float32 and `kernel_reason` says why. Packed layers are
   for inference: the integer path carries no autograd graph.
+- A smoothed PackedLinear (`smoothed`, techniques.smoothing: SmoothQuant/AWQ) multiplies its input by the stored
+  per-input-channel `input_scale` (1/s; the codes are those of W·diag(s)) before anything else, as fake-quant's
+  smoothing hook did, so the product is bitwise the same.
 - Export hooks (`decode_codes`, `decode_weight`, `export_forward`) redo the forward arithmetic from the packed
   buffers on every call with tensor operations only, so a torch.export program keeps the packed form and
   decodes inside its graph; `forward` keeps its caches. Exports swap `forward` for `export_forward` on a copy.
@@ -358,12 +361,23 @@ class PackedLayer(RebuildableModule):
 class PackedLinear(PackedLayer):
     """A Linear layer with packed (quantised and/or sparse) weights; see the module docstring."""
 
-    def __init__(self, in_features: int, out_features: int, **storage: Any) -> None:
+    input_scale: torch.Tensor  # registered buffer when `smoothed`: 1/s per input channel
+
+    def __init__(self, in_features: int, out_features: int, *, smoothed: bool = False, **storage: Any) -> None:
         super().__init__((out_features, in_features), **storage)
-        self.in_features, self.out_features = in_features, out_features
+        if not isinstance(smoothed, bool):
+            raise ValueError(f"smoothed must be a bool, got {smoothed!r}")
+        self.in_features, self.out_features, self.smoothed = in_features, out_features, smoothed
+        if smoothed:
+            self.register_buffer("input_scale", torch.ones(in_features))
 
     def _layer_config(self) -> dict[str, Any]:
-        return {"in_features": self.in_features, "out_features": self.out_features}
+        return {"in_features": self.in_features, "out_features": self.out_features, "smoothed": self.smoothed}
+
+    def _smooth(self, x: torch.Tensor) -> torch.Tensor:
+        """The input times the smoothing scales 1/s (techniques.smoothing), before anything else; as it is when the
+        layer is not smoothed."""
+        return x * self.input_scale if self.smoothed else x
 
     @property
     def kernel_reason(self) -> str | None:
@@ -405,6 +419,7 @@ class PackedLinear(PackedLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._plan is None or self._plan[0] != x.device:  # decided once per device, not per call
             self._plan = (x.device, self.kernel_reason is None)
+        x = self._smooth(x)
         if self._plan[1]:
             return self._int_forward(x)
         return F.linear(self._quantize_input(x), self.dense_weight(), self.bias)
@@ -413,6 +428,7 @@ class PackedLinear(PackedLayer):
         """`forward` for torch.export: the same arithmetic (int8 kernel included), decoding the packed buffers in
         the graph on every call instead of caching float32 weights that the exported program would then hold.
         Traced on the CPU: the CUDA row padding of `_int_forward` is left out."""
+        x = self._smooth(x)
         if self.kernel_reason is not None:
             return F.linear(self._quantize_input(x), self.decode_weight(), self.bias)
         codes, act_scale = self._input_codes(x.reshape(-1, self.in_features))

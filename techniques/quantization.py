@@ -24,7 +24,16 @@ Decisions:
   A later fine-tune moves the float weight with straight-through gradients and re-rounds it on those frozen
   scales. Embeddings, 16-bit layers, grouped convolutions and layers the forward never runs stay round-to-nearest,
   and the notes say so. Calibration comes from `ctx.calibration()` (example inputs, noted, when there is none).
-- Search: besides per-layer bits, `algorithm` (rtn/gptq) and `group_size` are global settings. `group_size` is
+- `smoothing` ("smoothquant" / "awq", techniques.smoothing) scales each quantised Linear's input channels before
+  its weights are chosen: the statistics come from the same calibration pass as GPTQ's Hessians (the model as the
+  step receives it), the weight becomes W·diag(s) and an inserted x·(1/s) runs before the activation quantiser, so
+  fake-quant, `finalize` (a PackedLinear's `input_scale`) and exports compute the same numbers. With GPTQ the
+  scaled weight is what GPTQ quantises. SmoothQuant is for layers that quantise their activations (w8a8,
+  w8a8-dynamic, activation_bits 8); AWQ for any quantised Linear. Conv2d, embedding and 16-bit layers are not
+  smoothed (noted once each). A model with no Linear layer at all refuses smoothing (SpecError); a policy that
+  quantises none of its Linear layers is noted, so a search trial that leaves them all in float does not fail.
+- Search: besides per-layer bits, `algorithm` (rtn/gptq), `group_size`, `smoothing` (none, smoothquant, awq) and
+  `smoothing_alpha` (a float range, ALPHA_RANGE) are global settings. `group_size` is
   offered per channel only by default, because a global size must divide every quantised row and the
   declaration cannot see the model: `fitting_group_sizes(layers)` lists the sizes that fit a model, for a
   model-aware range or a search-space file (`"quantization": {"group_size": [null, 32, 128]}`).
@@ -65,7 +74,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from techniques import gptq
+from techniques import gptq, smoothing
 from techniques._base import (
     Context,
     GlobalSearch,
@@ -78,8 +87,10 @@ from techniques._base import (
     WeightMask,
     base_type,
     check_int,
+    check_range,
     is_integer,
     is_number,
+    layers_of,
     parametrizations_of,
     register,
     resolve_layers,
@@ -87,6 +98,7 @@ from techniques._base import (
 )
 from techniques.inputs import call_model, to_device
 from techniques.packed import ACT_QMAX, dequantize, fake_quantize_rows, quantize_activation, weight_codes
+from techniques.smoothing import ALPHA, AWQ, SMOOTHQUANT
 
 RTN, GPTQ = "rtn", "gptq"
 ALGORITHMS = (RTN, GPTQ)  # how weight codes are chosen: round to nearest, or GPTQ (techniques.gptq)
@@ -100,6 +112,7 @@ FLOAT_BITS = 32  # the search's value for "leave the layer in float32"
 KERNELS = ("auto", "dequantize")
 ACTIVATION_BITS = (8,)  # besides null (float activations)
 MAX_GROUP_SIZE = 1 << 20  # elements per weight group; a row this long is per-channel quantisation anyway
+ALPHA_RANGE = (0.3, 0.9)  # SmoothQuant migration strengths searched (the paper's models use 0.4-0.85)
 MIN_FITTED_GROUP = 16  # `fit_groups` halves a group size down to this (the smallest MatMulNBits block)
 LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d, nn.Embedding)
 
@@ -121,6 +134,9 @@ class QuantizationSpec(TechniqueSpec):
     `algorithm` one of ALGORITHMS = {"rtn", "gptq"}; GPTQ's own settings (read only when algorithm is "gptq"):
     `damp` in (0, 1], the damping as a fraction of the Hessian's mean diagonal; `act_order` a bool (columns in
     descending Hessian diagonal, static groups); `block_size` an int in [1, MAX_GROUP_SIZE], the lazy-update block.
+    `smoothing` null or one of smoothing.METHODS = {"smoothquant", "awq"} (techniques.smoothing: per-input-channel
+    scales moved from each quantised Linear's inputs into its weight); `smoothing_alpha` in [0, 1], SmoothQuant's
+    migration strength (AWQ searches its own exponent per layer and does not read it).
     `bits` defaults to no layer, so the global settings can be checked on their own (a search-space file).
     """
 
@@ -135,6 +151,8 @@ class QuantizationSpec(TechniqueSpec):
     act_order: bool = False
     block_size: int = gptq.BLOCK_SIZE
     fit_groups: bool = False
+    smoothing: str | None = None
+    smoothing_alpha: float = ALPHA
 
     def validate(self) -> None:
         for key, value in self.bits.entries:
@@ -162,6 +180,10 @@ class QuantizationSpec(TechniqueSpec):
             if not isinstance(getattr(self, name), bool):
                 raise SpecError(f"quantization: {name} must be true or false, got {getattr(self, name)!r}")
         check_int("quantization", "block_size", self.block_size, 1, MAX_GROUP_SIZE)
+        if self.smoothing is not None and self.smoothing not in smoothing.METHODS:
+            methods = ", ".join(smoothing.METHODS)
+            raise SpecError(f"quantization: smoothing must be null or one of {methods}, got {self.smoothing!r}")
+        check_range("quantization", "smoothing_alpha", self.smoothing_alpha, 0.0, 1.0)
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -396,27 +418,129 @@ def _gptq_targets(layers: list[tuple[str, nn.Module, int | str]], ctx: Context) 
     return targets
 
 
-def _gptq(
+def _smoothing_targets(
     model: nn.Module, layers: list[tuple[str, nn.Module, int | str]], spec: QuantizationSpec, ctx: Context
-) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """name -> (GPTQ's quantised weight, its (out, groups) scales) for the layers GPTQ handles, from Hessians of
-    their inputs over one calibration pass of the model as this step receives it (before any fake-quant).
+) -> list[tuple[str, nn.Module, int | str]]:
+    """(name, layer, bits) of the layers the spec's smoothing scales: quantised Linear layers below 16 bits (with
+    SmoothQuant, those quantising their activations); the others are noted, once per reason. SpecError when the
+    model has no Linear layer at all."""
+    method = spec.smoothing
+    if not any(True for _ in layers_of(model, (nn.Linear,))):
+        raise SpecError(f"quantization: smoothing ({method}) scales the inputs of Linear layers, and the model has none")
+    targets, skipped = [], {}
+    for name, module, bits in layers:
+        if is_embedding(module):
+            continue
+        if not is_linear(module):
+            why = "smoothing is for Linear layers"
+        elif weight_bits(bits) == 16:
+            why = "16-bit weights are not smoothed"
+        elif method == SMOOTHQUANT and activation_mode(module, bits, spec) is None:
+            why = "SmoothQuant smooths for activation quantisation; weight-only layers are left as they are"
+        elif reason := _keep_mask(module)[1]:
+            ctx.note("quantization", name, f"not smoothed: {reason}")
+            continue
+        else:
+            targets.append((name, module, bits))
+            continue
+        skipped.setdefault(why, []).append(name)
+    for why, names in skipped.items():
+        ctx.note("quantization", None, f"not smoothed: {why}", layers=names)
+    if not targets:
+        ctx.note("quantization", None, f"smoothing ({method}): no quantised Linear layer to smooth")
+    return targets
 
-    Seam for activation-aware scaling (SmoothQuant/AWQ): per-input-channel scales s would be folded in here,
-    between the Hessians and `gptq_quantize` (weight columns times s, H as diag(1/s) H diag(1/s), 1/s into the
-    layer's input), with the input statistics collected in the same pass.
-    """
-    targets = _gptq_targets(layers, ctx)
-    with gptq.hessian_hooks({name: module for name, module, _ in targets}) as hessians:
-        if targets:
-            run_calibration(model, ctx, "GPTQ Hessians")
-    found = hessians()
+
+def _stored_weight(module: nn.Module) -> torch.Tensor:
+    """The weight tensor a layer stores (under its parametrisations, which are only masks here)."""
+    if parametrize.is_parametrized(module, "weight"):
+        return parametrizations_of(module, "weight").original
+    return weight_of(module)
+
+
+def _layer_quantizers(
+    module: nn.Module, bits: int | str, spec: QuantizationSpec
+) -> tuple[smoothing.Quantizer, smoothing.Quantizer | None]:
+    """(the layer's round-to-nearest weight quantiser, its activation fake-quant or None) for AWQ's search; a static
+    activation scale is taken from the rows quantised (the calibration sample)."""
+    wbits, group = weight_bits(bits), layer_group_size(module, spec)
+
+    def weights(w: torch.Tensor) -> torch.Tensor:
+        return dequantize(*weight_codes(w, wbits, group), w.shape)
+
+    def static(x: torch.Tensor) -> torch.Tensor:
+        amax = x.abs().amax()
+        scale = torch.where(amax > 0, amax / ACT_QMAX, torch.ones_like(amax))
+        return quantize_activation(x, scale) * scale
+
+    mode = activation_mode(module, bits, spec)
+    return weights, {"dynamic": fake_quantize_rows, "static": static}.get(mode or "")
+
+
+def _smooth(
+    targets: list[tuple[str, nn.Module, int | str]],
+    found: dict[str, smoothing.InputStats | None],
+    spec: QuantizationSpec,
+    ctx: Context,
+) -> dict[str, tuple[torch.Tensor, float]]:
+    """Smooth each target from its input statistics (techniques.smoothing); name -> (s, α used)."""
+    chosen = {}
+    for name, module, bits in targets:
+        stats = found[name]
+        if stats is None:
+            ctx.note("quantization", name, "not smoothed: the layer never ran during calibration")
+            continue
+        weight = weight_of(module).detach()
+        if spec.smoothing == SMOOTHQUANT:
+            scale, alpha = smoothing.smoothquant_scales(stats.amax, weight, spec.smoothing_alpha), spec.smoothing_alpha
+        else:
+            scale, alpha, _ = smoothing.awq_search(weight, stats, *_layer_quantizers(module, bits, spec))
+            if alpha == 0:  # s = 1: nothing to insert
+                ctx.note("quantization", name, "not smoothed: AWQ's search chose alpha 0 (round to nearest)")
+                continue
+        smoothing.install(module, _stored_weight(module), scale)
+        chosen[name] = (scale, alpha)
+    return chosen
+
+
+def _calibrated(
+    model: nn.Module, layers: list[tuple[str, nn.Module, int | str]], spec: QuantizationSpec, ctx: Context
+) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, float]]:
+    """One calibration pass of the model as this step receives it (before any fake-quant) for what the spec asks:
+    the smoothing statistics (the layers are smoothed in place) and GPTQ's Hessians; returns (GPTQ's results,
+    name -> α of each smoothed layer)."""
+    targets = _gptq_targets(layers, ctx) if spec.algorithm == GPTQ else []
+    smoothed = _smoothing_targets(model, layers, spec, ctx) if spec.smoothing else []
+    rows = smoothing.SAMPLE_ROWS if spec.smoothing == AWQ else 0
+    purpose = " and ".join(["GPTQ Hessians"] * bool(targets) + ["smoothing statistics"] * bool(smoothed))
+    with (
+        gptq.hessian_hooks({name: module for name, module, _ in targets}) as hessians,
+        smoothing.statistics_hooks({name: module for name, module, _ in smoothed}, rows) as statistics,
+    ):
+        if purpose:
+            run_calibration(model, ctx, purpose)
+    scales = _smooth(smoothed, statistics(), spec, ctx)
+    gptq_results = _gptq(targets, hessians(), {name: s for name, (s, _) in scales.items()}, spec, ctx)
+    return gptq_results, {name: alpha for name, (_, alpha) in scales.items()}
+
+
+def _gptq(
+    targets: list[tuple[str, nn.Module, int]],
+    found: dict[str, torch.Tensor | None],
+    scales: dict[str, torch.Tensor],
+    spec: QuantizationSpec,
+    ctx: Context,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """name -> (GPTQ's quantised weight, its (out, groups) scales) for the layers GPTQ handles, from the Hessians
+    of their inputs (of the smoothed inputs, diag(1/s) H diag(1/s), where a layer was smoothed by `scales`)."""
     result = {}
     for name, module, bits in targets:
         hessian = found[name]
         if hessian is None:
             ctx.note("quantization", name, "round to nearest, not GPTQ: the layer never ran during calibration")
             continue
+        if name in scales:
+            hessian = smoothing.scaled_hessian(hessian, scales[name])
         weight = weight_of(module).detach()
         keep, _ = _keep_mask(module)
         rows = weight.reshape(weight.shape[0], -1)
@@ -448,25 +572,36 @@ def _describe(bits: int | str, module: nn.Module) -> str:
 
 
 def apply(model: nn.Module, spec: QuantizationSpec, ctx: Context) -> nn.Module:
-    """Register weight fake-quant (and calibrated activation fake-quant) on the addressed layers; with GPTQ, its
-    weights and frozen scales."""
+    """Smooth the inputs of the addressed Linear layers (when asked), then register weight fake-quant (and calibrated
+    activation fake-quant) on the addressed layers; with GPTQ, its weights and frozen scales."""
     layers = quantizable_layers(model, spec)
-    chosen = _gptq(model, layers, spec, ctx) if spec.algorithm == GPTQ else {}
+    chosen, alphas = _calibrated(model, layers, spec, ctx)
     for name, module, bits in layers:
         quantized, scale = chosen.get(name, (None, None))
         group = layer_group_size(module, spec)
         fake_quant = WeightFakeQuant(weight_bits(bits), group, spec.kernel, scale)
         parametrize.register_parametrization(module, "weight", fake_quant)
-        how = {}
+        how: dict[str, Any] = {}
         if quantized is not None:  # masks before the fake-quant keep it as it is: its pruned weights are zero
             with torch.no_grad():
                 parametrizations_of(module, "weight").original.copy_(quantized)
             how = {"algorithm": GPTQ, "act_order": spec.act_order}
         described = _describe(bits, module) + (" (GPTQ)" if how else "")
+        if name in alphas:
+            described += f", inputs smoothed ({spec.smoothing}, alpha {alphas[name]:g})"
+            how |= {"smoothing": spec.smoothing, "smoothing_alpha": alphas[name]}
         if group != spec.group_size:
             fitted = f"groups of {group}" if group else "one scale per output channel"
             described += f", {fitted}: group_size {spec.group_size} does not divide its rows"
         ctx.note("quantization", name, described, bits=bits, group_size=group, **how)
+    _attach_activation_quant(model, layers, spec, ctx)
+    return model
+
+
+def _attach_activation_quant(
+    model: nn.Module, layers: list[tuple[str, nn.Module, int | str]], spec: QuantizationSpec, ctx: Context
+) -> None:
+    """Attach each layer's activation fake-quant (after any smoothing hook) and calibrate the static ones."""
     observers: list[ActivationFakeQuant] = []
     for _, module, bits in layers:
         mode = activation_mode(module, bits, spec)
@@ -479,7 +614,6 @@ def apply(model: nn.Module, spec: QuantizationSpec, ctx: Context) -> nn.Module:
             module.register_forward_pre_hook(quantize_input_hook)
     if observers:  # only static scales are calibrated
         _calibrate(model, observers, ctx)
-    return model
 
 
 register(
@@ -502,6 +636,8 @@ register(
                 GlobalSearch("algorithm", choices=ALGORITHMS, reference=RTN),
                 # per channel unless the user (or a model-aware range, see `fitting_group_sizes`) widens it
                 GlobalSearch("group_size", choices=(None,), reference=None),
+                GlobalSearch("smoothing", choices=(None, *smoothing.METHODS), reference=None),
+                GlobalSearch("smoothing_alpha", bounds=ALPHA_RANGE, reference=smoothing.ALPHA),
             ),
         ),
     )

@@ -376,13 +376,15 @@ def test_old_policies_still_mean_round_to_nearest():
 
 def test_search_offers_algorithm_and_group_size():
     space = build_space(seeded(MLP))
-    assert space.ranges["quantization"] == {"algorithm": ("rtn", "gptq"), "group_size": (None,)}
+    ranges = space.ranges["quantization"]
+    assert ranges["algorithm"] == ("rtn", "gptq") and ranges["group_size"] == (None,)
     params = {"families": "quantization", **{f"bits.{g}": 4 for g in space.groups["quantization"]}}
     policy = space.policy({**params, "quantization.algorithm": "gptq", "quantization.group_size": None})
     assert policy.steps[0].algorithm == "gptq"
     options = options_from_json({"quantization": {"group_size": [None, 32, 64], "algorithm": ["gptq"]}})
     widened = build_space(seeded(MLP), options)
-    assert widened.ranges["quantization"] == {"algorithm": ("gptq",), "group_size": (None, 32, 64)}
+    assert widened.ranges["quantization"]["algorithm"] == ("gptq",)
+    assert widened.ranges["quantization"]["group_size"] == (None, 32, 64)
     references = {name: params for name, _, params in widened.fixed_points()}
     assert references["uniform 4-bit"]["quantization.group_size"] is None
 

@@ -7,6 +7,9 @@ Decisions:
 - Graph outputs are named after the model's output structure (`logits` of a ModelOutput, `output` for a tensor);
   the exporter's per-node metadata (stack traces with this machine's paths, FX node text: over 80% of a small
   model's file) is dropped.
+- A smoothed PackedLinear (techniques.smoothing) is exported as a Mul by its stored 1/s scales before its marker
+  (and before any activation fake-quant the marker traces), so every kernel the marker becomes sees the smoothed
+  input, as the PyTorch layer computes it.
 - Opset 21 (int4 tensors and their Cast); the ONNX Runtime contrib domain is imported only when a contrib op is
   used. Initializers nothing reads after the rewrite (the buffers a conv's weight marker was anchored on, decode
   caches) are dropped. IR version as the exporter writes it (10; ORT 1.31 reads up to 13).
@@ -27,7 +30,7 @@ from onnx import helper
 from torch import nn
 
 from orchestrator.export import _onnx_layers as layers_onnx
-from orchestrator.export._markers import DOMAIN, TRANSLATIONS, PackedModule, marked_copy
+from orchestrator.export._markers import DOMAIN, TRANSLATIONS, LinearMarker, PackedModule, marked_copy
 from orchestrator.export._trace import (
     ExportError,
     Written,
@@ -36,6 +39,7 @@ from orchestrator.export._trace import (
     first_line,
     output_names,
 )
+from techniques import set_module
 from techniques.inputs import Inputs, call_model
 from techniques.packed import PackedConv2d, PackedLinear
 from techniques.packed_embedding import PackedEmbedding
@@ -49,6 +53,7 @@ def export_onnx(model: nn.Module, inputs: Inputs, *, int8_activations: bool = Fa
     """The ONNX file of a finalized model (low-bit layers kept low-bit) with one report entry per packed layer;
     `int8_activations`: MatMulNBits quantises activations on the fly (see _onnx_layers)."""
     marked, packed = marked_copy(model)
+    marked = _smoothed_markers(marked, packed)
     args, kwargs = call_arguments(inputs)
     try:
         with warnings.catch_warnings(), _quiet("onnxscript"):
@@ -83,6 +88,33 @@ def export_onnx(model: nn.Module, inputs: Inputs, *, int8_activations: bool = Fa
         outputs=[value.name for value in proto.graph.output],
         runtime=f"onnxruntime {metadata.version('onnxruntime')} (CPUExecutionProvider); opsets {opsets}",
     )
+
+
+class _SmoothedInput(nn.Module):
+    """A smoothed packed Linear's marker behind its per-input-channel scales 1/s: the exporter writes the product as
+    a Mul before the layer's nodes (and before its activation fake-quant, which the marker traces)."""
+
+    input_scale: torch.Tensor  # registered buffer
+
+    def __init__(self, scale: torch.Tensor, marker: nn.Module) -> None:
+        super().__init__()
+        self.register_buffer("input_scale", scale.detach().clone())
+        self.marker = marker
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.marker(x * self.input_scale)
+
+
+def _smoothed_markers(marked: nn.Module, packed: list[tuple[str, PackedModule]]) -> nn.Module:
+    """`marked` with each smoothed PackedLinear's marker behind its input scales (`_SmoothedInput`)."""
+    for name, module in list(marked.named_modules()):
+        layer = packed[module.index][1] if isinstance(module, LinearMarker) else None
+        if isinstance(layer, PackedLinear) and layer.smoothed:
+            wrapped = _SmoothedInput(layer.input_scale, module)
+            if not name:
+                return wrapped
+            set_module(marked, name, wrapped)
+    return marked
 
 
 @contextlib.contextmanager

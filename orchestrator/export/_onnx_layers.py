@@ -31,6 +31,8 @@ Decisions (the speeds are ONNX Runtime 1.31 on x86 CPUs, measured here):
   run (digits at 4 bits: 2-3x slower than fp32).
 - Embeddings run `com.microsoft.GatherBlockQuantized` (uint8-packed 2/4/8-bit rows; only the gathered rows are
   dequantized); shapes it cannot take fall back to a Gather of int8 codes and one of scales, then a Mul.
+- A smoothed Linear's per-input-channel Mul (techniques.smoothing) is written by `_onnx` before the layer's nodes;
+  the layer's report entry notes it.
 - float16 weights are stored in float16 behind a Cast (folded at load); sparse float32 weights are stored dense.
 """
 
@@ -98,10 +100,13 @@ def _sparsity(module: PackedLayer | PackedEmbedding) -> dict[str, float]:
 
 
 def _activation_note(module: PackedLayer | PackedEmbedding) -> list[str]:
+    notes = []
+    if isinstance(module, PackedLinear) and module.smoothed:
+        notes.append("inputs smoothed: multiplied per channel by 1/s (a Mul before the layer's nodes)")
     if isinstance(module, PackedLayer) and module.act_bits is not None and module.kernel != INT_KERNEL:
         how = "dynamic per-row " if module.act_dynamic else ""
-        return [f"{how}8-bit activations fake-quantised in float (Div, Round, Clip, Mul), as in PyTorch"]
-    return []
+        notes.append(f"{how}8-bit activations fake-quantised in float (Div, Round, Clip, Mul), as in PyTorch")
+    return notes
 
 
 def pack_lsb(values: np.ndarray, bits: int) -> np.ndarray:
