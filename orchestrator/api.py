@@ -41,6 +41,7 @@ def workload_from(
     test: Any = None,
     calibration: Any = None,
     metric: str | Metric = "accuracy",
+    metric_direction: str = "maximize",
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = nn.functional.cross_entropy,
     output_fn: OutputFn = main_output,
     distill_loss: Callable[[torch.Tensor, torch.Tensor, Inputs], torch.Tensor] | None = None,
@@ -54,8 +55,8 @@ def workload_from(
     Data are `(inputs, targets)` tensors (inputs a tensor, tuple or dict of tensors) or re-iterable batches
     such as a `DataLoader` yielding `(inputs, targets)` or dicts with `labels`. `test` defaults to the
     validation data (then the "test" metric is the validation metric); `calibration` to the first
-    CALIBRATION_EXAMPLES training examples. `metric` is "accuracy" or a higher-is-better
-    `(outputs, targets) -> float`.
+    CALIBRATION_EXAMPLES training examples. `metric` is "accuracy" or an `(outputs, targets) -> float`,
+    higher-is-better unless `metric_direction="minimize"` (perplexity, a loss: the guard is then relative).
     """
     splits = {"train": split_of(train), "validation": split_of(validation)}
     splits["test"] = split_of(test) if test is not None else splits["validation"]
@@ -72,6 +73,7 @@ def workload_from(
         fingerprint=model_fingerprint(original),
         metric_name=metric_name,
         metric_fn=metric_fn,
+        metric_direction=metric_direction,
         loss_fn=loss,
         batch_size=batch_size,
         build_student=build_student,

@@ -4,6 +4,12 @@ Each column is either ``"maximize"`` or ``"minimize"``. Internally everything is
 A row dominates another when it is no worse in every objective and strictly better in at least one, so
 identical rows never dominate each other: if a point is on the front, all of its copies are. Rows with a
 NaN never reach the front and never dominate anything (a trial that produced no number has no place there).
+
+How far a model falls short of its baseline on the workload's metric (`shortfall`) and the worst metric the
+accuracy guard still accepts (`guard_limit`) live here too, with the same two directions. Decision: a maximised
+metric (accuracy) is guarded in its own units (0.01 = one point), a minimised one (perplexity, a loss) relative
+to the baseline (0.05 = 5% higher): a loss has no natural unit, and "within 5% perplexity" is how LM
+compression results are stated.
 """
 
 from __future__ import annotations
@@ -12,9 +18,26 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["feasible_pareto_front", "hypervolume", "pareto_front", "pareto_mask"]
+__all__ = ["feasible_pareto_front", "guard_limit", "hypervolume", "pareto_front", "pareto_mask", "shortfall"]
 
 _SIGNS = {"minimize": 1.0, "maximize": -1.0}
+
+
+def shortfall(baseline: float, value: float, direction: str = "maximize") -> float:
+    """How much worse `value` is than `baseline` in the guard's units (negative: better): points below a
+    maximised baseline, the fraction above a minimised one."""
+    if direction == "maximize":
+        return baseline - value
+    if direction != "minimize":
+        raise ValueError(f"direction must be 'maximize' or 'minimize', got {direction!r}")
+    return value / baseline - 1.0 if baseline > 0 else value - baseline
+
+
+def guard_limit(baseline: float, max_drop: float, direction: str = "maximize") -> float:
+    """The worst metric within `max_drop` of `baseline` (what `shortfall` allows)."""
+    if direction == "maximize":
+        return baseline - max_drop
+    return baseline * (1.0 + max_drop) if baseline > 0 else baseline + max_drop
 
 
 def _as_minimization(points: np.ndarray, directions: Sequence[str]) -> np.ndarray:

@@ -32,3 +32,21 @@ def dict_workload() -> Workload:
     """A model called as `model(image=..., extra=...)` that returns a dict with `logits`."""
     train, validation = dict_data(64, seed=0), dict_data(32, seed=1)
     return workload_from(model=seeded(DictInputNet), train=train, validation=validation, batch_size=16, name="dict")
+
+
+def loss_workload() -> Workload:
+    """The dict-input model scored by its cross-entropy (lower is better, as perplexity is)."""
+    train, validation = dict_data(64, seed=0), dict_data(32, seed=1)
+    return workload_from(
+        model=seeded(DictInputNet),
+        train=train,
+        validation=validation,
+        metric=mean_cross_entropy,
+        metric_direction="minimize",
+        batch_size=16,
+        name="dict-loss",
+    )
+
+
+def mean_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    return float(torch.nn.functional.cross_entropy(logits, targets))

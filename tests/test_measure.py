@@ -139,7 +139,7 @@ def test_measurements_timed_beside_a_baseline_carry_the_paired_speedup():
     # the search's latency objective is this paired ratio (the model's time as a fraction of the baseline's)
     assert metrics["relative_latency"] == 1.0 / metrics["speedup"] == 0.125
     config = SearchConfig(objectives=("accuracy", "latency"))
-    assert config.metric_keys == ("validation", "relative_latency") and config.directions[1] == "minimize"
+    assert config.metric_keys == ("validation", "relative_latency") and config.directions()[1] == "minimize"
 
 
 def test_re_timing_uses_the_recorded_thread_count_and_restores_it():

@@ -20,17 +20,23 @@ def change(value: Any, base: Any) -> float | None:
     return None if top is None or bottom is None else top - bottom
 
 
-def fmt_change(value: Any, base: Any) -> str:
+def fmt_change(value: Any, base: Any, direction: str = "maximize") -> str:
     """`value − base` in percentage points ("−0.74 pt", "+0.12 pt", "0.00 pt") when both are fractions in
-    [0, 1] (accuracies and the like), else as a signed difference with four decimals; n/a if either is missing."""
+    [0, 1] (accuracies and the like), else as a signed difference with four decimals; a minimised metric
+    (perplexity) as the relative change ("+4.21%"), as its guard reads; n/a if either is missing."""
     top, bottom = number(value), number(base)
     if top is None or bottom is None:
         return NA
+    if direction == "minimize" and bottom > 0:
+        return _signed(f"{abs(top / bottom - 1) * 100:.2f}", top - bottom) + "%"
     diff = top - bottom
     fractions = 0 <= top <= 1 and 0 <= bottom <= 1
     magnitude = f"{abs(diff) * 100:.2f}" if fractions else f"{abs(diff):.4f}"
-    sign = "" if float(magnitude) == 0 else "+" if diff > 0 else MINUS
-    return f"{sign}{magnitude}" + (" pt" if fractions else "")
+    return _signed(magnitude, diff) + (" pt" if fractions else "")
+
+
+def _signed(magnitude: str, diff: float) -> str:
+    return ("" if float(magnitude) == 0 else "+" if diff > 0 else MINUS) + magnitude
 
 
 def fmt_size_change(compression: Any) -> str:

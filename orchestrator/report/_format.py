@@ -127,11 +127,24 @@ def _baseline(run_info: Mapping[str, Any]) -> str:
     )
 
 
+def metric_direction(run_info: Mapping[str, Any]) -> str:
+    """Whether the run's metric was maximised or minimised (its objective's recorded direction; maximised when
+    the run info does not say)."""
+    objectives, directions = list(run_info.get("objectives") or []), list(run_info.get("directions") or [])
+    found = directions[objectives.index("validation")] if "validation" in objectives[: len(directions)] else None
+    return "minimize" if found == "minimize" else "maximize"
+
+
 def _constraint(run_info: Mapping[str, Any]) -> str:
     if "max_accuracy_drop" not in run_info:
         return NA
     drop = _number(run_info["max_accuracy_drop"])
-    return "none" if drop is None else f"{run_info.get('metric') or 'metric'} drop ≤ {drop:g}"
+    metric = run_info.get("metric") or "metric"
+    if drop is None:
+        return "none"
+    if metric_direction(run_info) == "minimize":
+        return f"{metric} at most {100 * drop:.4g}% above the baseline's"
+    return f"{metric} drop ≤ {drop:g}"
 
 
 def _search(run_info: Mapping[str, Any]) -> str:

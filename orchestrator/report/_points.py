@@ -13,10 +13,18 @@ from typing import Any
 
 import numpy as np
 
-from orchestrator.pareto import pareto_mask
+from orchestrator.pareto import guard_limit, pareto_mask
 from orchestrator.report._compare import fmt_change, fmt_size_change, fmt_speed, speed_spread
 from orchestrator.report._data import RunData
-from orchestrator.report._format import fmt_bytes, fmt_count, fmt_metric, fmt_ms, fmt_techniques, ratio
+from orchestrator.report._format import (
+    fmt_bytes,
+    fmt_count,
+    fmt_metric,
+    fmt_ms,
+    fmt_techniques,
+    metric_direction,
+    ratio,
+)
 from orchestrator.report._policy import policy_name, summary
 from orchestrator.report._scale import axis_range
 
@@ -143,14 +151,15 @@ def _status(row: Mapping[str, Any]) -> str:
     return status + ("" if row.get("feasible", True) else ", infeasible")
 
 
-def _versus_baseline(row: Mapping[str, Any], base: Mapping[str, Any]) -> tuple[str, str, str]:
+def _versus_baseline(row: Mapping[str, Any], run_info: Mapping[str, Any]) -> tuple[str, str, str]:
     """(metric change, size change, speed change) in words, empty for the baseline itself."""
+    base = run_info.get("baseline") or {}
     if row.get("role") == "baseline" or not base:
         return "", "", ""
     compression = row.get("compression_ratio") or ratio(base.get("size_bytes"), row.get("size_bytes"))
     speedup = row.get("speedup") or ratio(base.get("latency_ms"), row.get("latency_ms"))
     return (
-        f" ({fmt_change(row.get('validation'), base.get('validation'))} vs baseline)",
+        f" ({fmt_change(row.get('validation'), base.get('validation'), metric_direction(run_info))} vs baseline)",
         f" ({fmt_size_change(compression)})",
         f" ({fmt_speed(speedup, speed_spread(row, base))})",
     )
@@ -192,7 +201,7 @@ def plot_limits(run: RunData, x: str) -> Limits:
 def hover_text(row: Mapping[str, Any], run_info: Mapping[str, Any]) -> str:
     """Trial id, status, metrics, techniques and a compact policy summary, as plotly hover HTML."""
     metric = run_info.get("metric") or "metric"
-    drop, smaller, faster = _versus_baseline(row, run_info.get("baseline") or {})
+    drop, smaller, faster = _versus_baseline(row, run_info)
     name = policy_name(row.get("policy_json"))
     lines = [
         f"{row.get('trial_id')} ({row.get('role', 'n/a')}, {_status(row)})" + (f" · {name}" if name else ""),
@@ -209,7 +218,9 @@ def hover_text(row: Mapping[str, Any], run_info: Mapping[str, Any]) -> str:
 
 
 def drop_limit(run_info: Mapping[str, Any]) -> float | None:
-    """The lowest validation metric still feasible (baseline minus the allowed drop), if the run had one."""
+    """The worst validation metric still feasible (`orchestrator.pareto.guard_limit`), if the run had a guard."""
     base = (run_info.get("baseline") or {}).get("validation")
     drop = run_info.get("max_accuracy_drop")
-    return None if base is None or drop is None else float(base) - float(drop)
+    if base is None or drop is None:
+        return None
+    return guard_limit(float(base), float(drop), metric_direction(run_info))

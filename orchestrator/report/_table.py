@@ -18,6 +18,7 @@ from orchestrator.report._format import (
     fmt_ms,
     fmt_ratio,
     fmt_techniques,
+    metric_direction,
     ratio,
 )
 from orchestrator.report._policy import policy_name
@@ -74,28 +75,31 @@ def _headers(metric: str) -> list[str]:
     ]
 
 
-def _comparisons(row: Mapping[str, Any], base: Mapping[str, Any]) -> list[Cell]:
-    """Δ test, Δ validation (points), compression, then latency and speed, all against the baseline."""
+def _comparisons(row: Mapping[str, Any], base: Mapping[str, Any], direction: str) -> list[Cell]:
+    """Δ test, Δ validation (points, or % of a minimised metric), compression, then latency and speed, all
+    against the baseline."""
     compression = row.get("compression_ratio") or ratio(base.get("size_bytes"), row.get("size_bytes"))
     speedup = row.get("speedup") or ratio(base.get("latency_ms"), row.get("latency_ms"))
     test, validation = (change(row.get(k), base.get(k)) for k in ("test", "validation"))
     return [
-        Cell(fmt_change(row.get("test"), base.get("test")), test, True),
-        Cell(fmt_change(row.get("validation"), base.get("validation")), validation, True),
+        Cell(fmt_change(row.get("test"), base.get("test"), direction), test, True),
+        Cell(fmt_change(row.get("validation"), base.get("validation"), direction), validation, True),
         Cell(fmt_ratio(compression), compression, True),
         Cell(fmt_ms(row.get("latency_ms")), row.get("latency_ms"), True),
         Cell(fmt_speed(speedup, speed_spread(row, base)), speedup, True),
     ]
 
 
-def _row(label: str, row: Mapping[str, Any], base: Mapping[str, Any], role: str, checkpoint: Cell) -> list[Cell]:
+def _row(
+    label: str, row: Mapping[str, Any], base: Mapping[str, Any], role: str, checkpoint: Cell, direction: str
+) -> list[Cell]:
     size, flops = row.get("size_bytes"), row.get("flops")
     if base is row:  # the baseline: nothing to compare with but itself
         same = Cell(NOT_APPLICABLE, numeric=True)
         latency = Cell(fmt_ms(row.get("latency_ms")), row.get("latency_ms"), True)
         comparisons = [same, same, same, latency, same]
     else:
-        comparisons = _comparisons(row, base)
+        comparisons = _comparisons(row, base, direction)
     return [
         Cell(label),
         Cell(fmt_metric(row.get("test")), row.get("test"), True),
@@ -134,25 +138,26 @@ def front_table(
 ) -> FrontTable:
     """Table model: the baseline, the references among `trials` (by name), then the front sorted by size;
     `notes` maps trial id → checkpoint note."""
-    base = run_info.get("baseline") or {}
+    base, direction = run_info.get("baseline") or {}, metric_direction(run_info)
     rows, ids, kinds = [], [], []
     if base:
         plain = {**base, "techniques": "none (uncompressed)"}
-        rows.append(_row("baseline", plain, plain, "baseline", Cell(NOT_APPLICABLE)))
+        rows.append(_row("baseline", plain, plain, "baseline", Cell(NOT_APPLICABLE), direction))
         ids.append("baseline")
         kinds.append("baseline")
     front_ids = {str(r.get("trial_id")) for r in front}
     for row in _references(trials, front_ids):
         trial_id = str(row.get("trial_id"))
         label = policy_name(row.get("policy_json")) or trial_id
-        rows.append(_row(label, row, base, _role(row, False), Cell(NOT_APPLICABLE)))
+        rows.append(_row(label, row, base, _role(row, False), Cell(NOT_APPLICABLE), direction))
         ids.append(trial_id)
         kinds.append("reference")
     for row in sort_front(front):
         trial_id = str(row.get("trial_id"))
         path = row.get("checkpoint") or ""
         note = (notes or {}).get(trial_id, "") if path else "no checkpoint recorded"
-        rows.append(_row(trial_id, row, base, _role(row, True), Cell(path or "—", path or None, note=note)))
+        checkpoint = Cell(path or "—", path or None, note=note)
+        rows.append(_row(trial_id, row, base, _role(row, True), checkpoint, direction))
         ids.append(trial_id)
         kinds.append("front")
     return FrontTable(_headers(run_info.get("metric") or "metric"), rows, ids, kinds)

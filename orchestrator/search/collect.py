@@ -27,7 +27,7 @@ from orchestrator.artifacts.tables import (
 )
 from orchestrator.executor import Reference, compressed_metrics, measure_reference
 from orchestrator.measure import drift_widened, latency_range, torch_threads
-from orchestrator.pareto import feasible_pareto_front
+from orchestrator.pareto import feasible_pareto_front, shortfall
 from orchestrator.policy import Policy
 from orchestrator.search.config import SearchConfig, SearchOutcome
 from orchestrator.search.pause import pause_point
@@ -84,9 +84,12 @@ class RowContext:
     baseline_metric: float
     max_drop: float | None
     complete: bool  # False when the run was interrupted
+    direction: str = "maximize"  # the workload's metric's
 
     def within_drop(self, validation: Any) -> bool:
-        return self.max_drop is None or (self.baseline_metric - validation) <= self.max_drop + 1e-12
+        if self.max_drop is None:
+            return True
+        return shortfall(self.baseline_metric, validation, self.direction) <= self.max_drop + 1e-12
 
 
 ERROR_CHARS = 2000
@@ -98,7 +101,7 @@ def error_summary(error: BaseException | None) -> str | None:
     if not error:
         return None
     text = f"{type(error).__name__}: {error}".rstrip()
-    return text if len(text) <= ERROR_CHARS else "…" + text[-(ERROR_CHARS - 1):]
+    return text if len(text) <= ERROR_CHARS else "…" + text[-(ERROR_CHARS - 1) :]
 
 
 def trial_row(result: Any, number: int, role: str, name: str | None, context: RowContext) -> TrialRow:
@@ -252,7 +255,13 @@ def collect(grid: Any, *, config: SearchConfig, prepared: Prepared, run_info: Ru
     """Rows, front, checkpoints, Parquet tables and (optionally) the report."""
     results = list(grid)
     _say_not_believed(results)
-    context = RowContext(prepared.space, prepared.reference.metric, config.max_accuracy_drop, run_info.complete)
+    context = RowContext(
+        prepared.space,
+        prepared.reference.metric,
+        config.max_accuracy_drop,
+        run_info.complete,
+        prepared.workload.metric_direction,
+    )
     rows = trial_rows(results, context)
     front = mark_front(rows, run_info.objectives, run_info.directions)
     baseline_ms = [(result.metrics or {}).get("baseline_latency_ms") for result in results]

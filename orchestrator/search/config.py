@@ -15,7 +15,8 @@ from orchestrator.runtime import DEFAULT_TARGET, check_target
 from orchestrator.search.space_options import SpaceOptions
 from orchestrator.workloads import Workload
 
-# Objective as the user names it → the metric key every trial reports, and whether it is maximised.
+# Objective as the user names it → the metric key every trial reports, and whether it is maximised (the metric's
+# own direction is the workload's: `SearchConfig.directions`).
 # latency: the model's time as a fraction of its baseline's, timed beside it in paired rounds (a trial's own
 # absolute milliseconds move with the machine's load; the paired ratio does not)
 OBJECTIVE_KEYS = {"accuracy": "validation", "size": "size_bytes", "latency": "relative_latency", "flops": "flops"}
@@ -67,9 +68,9 @@ class SearchConfig:
         """The trial metrics the objectives name (`accuracy` → `validation`, …)."""
         return tuple(OBJECTIVE_KEYS[o] for o in self.objectives)
 
-    @property
-    def directions(self) -> tuple[str, ...]:
-        return tuple(DIRECTIONS[k] for k in self.metric_keys)
+    def directions(self, metric_direction: str = "maximize") -> tuple[str, ...]:
+        """Each objective's direction; the metric's is the workload's (`Workload.metric_direction`)."""
+        return tuple(metric_direction if k == "validation" else DIRECTIONS[k] for k in self.metric_keys)
 
     def check(self) -> None:
         """Raise UserError for a value no search can run with (`preflight.check_search` also checks the storage
@@ -89,7 +90,10 @@ class SearchConfig:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
             raise UserError(f"--seed must be an integer from 0 to {MAX_SEED} (2**32 - 1), got {self.seed!r}")
         if self.max_accuracy_drop is not None and not 0 <= self.max_accuracy_drop <= 1:
-            raise UserError("--max-accuracy-drop is a fraction in [0, 1] (0.01 = one point)")
+            raise UserError(
+                "--max-accuracy-drop is a fraction in [0, 1] (0.01 = one point; for a lower-is-better metric such as "
+                "perplexity, 0.05 = 5% higher)"
+            )
         _check_share("--cpus-per-trial", self.cpus_per_trial, "CPU cores")
         _check_share("--gpus-per-trial", self.gpus_per_trial, "GPUs", none=True)
         if self.concurrency is not None and self.concurrency < 1:

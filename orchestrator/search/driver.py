@@ -207,7 +207,7 @@ def build_tuner(config: SearchConfig, prepared: Prepared, storage_guard: Any = N
     concurrency = config.concurrency or max(1, int((os.cpu_count() or 1) // config.cpus_per_trial))
     tune_config = tune.TuneConfig(
         search_alg=_searcher(config, prepared, concurrency),
-        scheduler=_scheduler(config, prepared.space),
+        scheduler=_scheduler(config, prepared.space, prepared.workload.metric_direction),
         num_samples=prepared.num_trials,
         reuse_actors=True,
         trial_dirname_creator=trial_dirname,
@@ -224,7 +224,9 @@ def _searcher(config: SearchConfig, prepared: Prepared, concurrency: int) -> Any
 
     constraint = None
     if config.max_accuracy_drop is not None:
-        constraint = AccuracyDropConstraint(prepared.reference.metric, config.max_accuracy_drop)
+        constraint = AccuracyDropConstraint(
+            prepared.reference.metric, config.max_accuracy_drop, direction=prepared.workload.metric_direction
+        )
     fixed = prepared.space.fixed_points()  # the baseline runs outside the sampler: Optuna never proposes it
     unsampled = [params for _, role, params in fixed if role == "baseline"][: prepared.num_trials]
     references = [(name, params) for name, role, params in fixed if role == "reference"]
@@ -234,7 +236,7 @@ def _searcher(config: SearchConfig, prepared: Prepared, concurrency: int) -> Any
     searcher = JournalSearcher(
         space=prepared.space.define,
         metric=list(config.metric_keys),
-        mode=["max" if d == "maximize" else "min" for d in config.directions],
+        mode=["max" if d == "maximize" else "min" for d in config.directions(prepared.workload.metric_direction)],
         sampler=sampler_recipe(config.sampler, num_trials=prepared.num_trials),
         seed=config.seed,
         journal=prepared.journal,
@@ -254,7 +256,7 @@ def run_info(config: SearchConfig, prepared: Prepared) -> RunInfo:
         workload_fingerprint=prepared.workload.fingerprint,
         metric=prepared.workload.metric_name,
         objectives=config.metric_keys,
-        directions=config.directions,
+        directions=config.directions(prepared.workload.metric_direction),
         max_accuracy_drop=config.max_accuracy_drop,
         num_trials=prepared.num_trials,
         sampler=config.sampler,
@@ -274,7 +276,7 @@ def trial_dirname(trial: Any) -> str:
     return f"trial_{trial.trial_id}"
 
 
-def _scheduler(config: SearchConfig, space: SearchSpace) -> Any:
+def _scheduler(config: SearchConfig, space: SearchSpace, metric_direction: str) -> Any:
     """ASHA on the fine-tuning epochs (optional): stops weak fine-tunes at 1, 2, 4… epochs."""
     epochs = space.max_epochs()
     if not config.asha:
@@ -286,7 +288,7 @@ def _scheduler(config: SearchConfig, space: SearchSpace) -> Any:
     return ASHAScheduler(
         time_attr="epoch",
         metric="validation",
-        mode="max",
+        mode="max" if metric_direction == "maximize" else "min",
         # one past the last epoch: ASHA stops a trial that reaches max_t, which would cut off its final report
         max_t=epochs + 1,
         grace_period=1,

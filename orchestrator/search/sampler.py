@@ -21,6 +21,7 @@ import optuna
 from optuna.samplers import BaseSampler
 
 from orchestrator.errors import UserError
+from orchestrator.pareto import shortfall
 from orchestrator.search.config import SAMPLERS
 
 CONSTRAINT = "accuracy_drop_excess"  # the trial's constraint: ≤ 0 means feasible
@@ -121,14 +122,16 @@ def journal_storage(path: str | Path) -> optuna.storages.JournalStorage:
 
 @dataclass(frozen=True)
 class AccuracyDropConstraint:
-    """Excess of the trial's accuracy drop over the allowed one (picklable: Tune saves the searcher)."""
+    """Excess of the trial's shortfall from the baseline over the allowed one, in the guard's units (points of
+    a maximised metric, a fraction of a minimised one: `orchestrator.pareto.shortfall`; picklable)."""
 
     baseline: float
     max_drop: float
     metric: str = "validation"
+    direction: str = "maximize"
 
     def __call__(self, result: dict) -> float:
-        return (self.baseline - result[self.metric]) - self.max_drop
+        return shortfall(self.baseline, result[self.metric], self.direction) - self.max_drop
 
 
 _ENTRY_START = b'{"op_code":'  # how Optuna's journal writes every entry

@@ -39,12 +39,13 @@ from orchestrator.artifacts.fs import cache_root, read_bytes, write_atomic
 from orchestrator.artifacts.jsondoc import finite_json, parse_json
 from orchestrator.digest import model_fingerprint, tensor_digest
 from orchestrator.errors import UserError
+from orchestrator.pareto import shortfall
 from orchestrator.search.cells import Batches, Cell, jobs_of, outputs, run_jobs, score, scored_batches, state_bytes
 from orchestrator.search.space import SearchSpace
-from orchestrator.workloads import Workload
+from orchestrator.workloads import METRIC_DIRECTIONS, Workload
 from techniques.inputs import tensors
 
-PROFILE_VERSION = 1  # bump when what a cell measures changes, so older cached tables are not reused
+PROFILE_VERSION = 2  # bump when what a cell measures changes, so older cached tables are not reused
 SUBSET_EXAMPLES = 1024  # validation examples a cell is scored on (whole batches, at least this many or all)
 TABLE_FILE = "sensitivity.json"
 _FORMAT = "sensitivity"
@@ -60,10 +61,12 @@ class SensitivityTable:
     baseline_bytes: int
     examples: int
     cells: tuple[Cell, ...]
+    direction: str = "maximize"  # the metric's (a minimised one's drop is the fraction it rose)
 
     def drop(self, cell: Cell) -> float | None:
-        """How much the metric fell (in the metric's units; negative: it rose); None for a failed cell."""
-        return None if cell.metric is None else self.baseline_metric - cell.metric
+        """How much worse the metric got, in the accuracy guard's units (`orchestrator.pareto.shortfall`;
+        negative: better); None for a failed cell."""
+        return None if cell.metric is None else shortfall(self.baseline_metric, cell.metric, self.direction)
 
     def delta_bytes(self, cell: Cell) -> int | None:
         """How the stored bytes changed (negative: smaller)."""
@@ -81,7 +84,14 @@ class DamagedTable(UserError):
     """A stored sensitivity table that is not one this tool wrote."""
 
 
-_HEAD = {"key": str, "metric_name": str, "baseline_metric": float, "baseline_bytes": int, "examples": int}
+_HEAD = {
+    "key": str,
+    "metric_name": str,
+    "baseline_metric": float,
+    "baseline_bytes": int,
+    "examples": int,
+    "direction": str,
+}
 
 
 def table_from_json(doc: Any, what: str) -> SensitivityTable:
@@ -93,6 +103,8 @@ def table_from_json(doc: Any, what: str) -> SensitivityTable:
     for name, kind in _HEAD.items():
         if not _is(doc[name], kind):
             raise DamagedTable(f"{what}: {name} is not a {kind.__name__}")
+    if doc["direction"] not in METRIC_DIRECTIONS:
+        raise DamagedTable(f"{what}: direction is not one of {', '.join(METRIC_DIRECTIONS)}")
     if not isinstance(doc["cells"], list):
         raise DamagedTable(f"{what}: cells is not a list")
     cells = tuple(_cell(c, f"{what}: cells[{i}]") for i, c in enumerate(doc["cells"]))
@@ -193,7 +205,7 @@ def profile(
         known.update({cell.identity: cell for cell in computed if cell.metric is not None})
     table = SensitivityTable(
         key, workload.metric_name, base_metric, state_bytes(baseline), sum(len(y) for _, y in batches),
-        tuple(known.values()),
+        tuple(known.values()), workload.metric_direction,
     )  # fmt: skip
     if jobs:
         write_table(table, cache_location(), f"{key}.json")

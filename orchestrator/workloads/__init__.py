@@ -8,11 +8,12 @@ from pathlib import Path
 
 from orchestrator.errors import UserError
 from orchestrator.workloads._unused import unused_layers
-from orchestrator.workloads._workload import SPLITS, Workload, accuracy
+from orchestrator.workloads._workload import METRIC_DIRECTIONS, SPLITS, Workload, accuracy
 from orchestrator.workloads.data import LoaderSplit, Split, split_of
 
 __all__ = [
     "BUILTIN",
+    "METRIC_DIRECTIONS",
     "SPLITS",
     "LoaderSplit",
     "Split",

@@ -15,6 +15,7 @@ from orchestrator.workloads.data import DataSplit
 from techniques.inputs import Inputs, call_model, main_output, to_device
 
 SPLITS = ("train", "calibration", "validation", "test")
+METRIC_DIRECTIONS = ("maximize", "minimize")
 
 
 def accuracy(logits: torch.Tensor, targets: torch.Tensor) -> float:
@@ -36,7 +37,9 @@ class Workload:
       `main_output`: the tensor itself, `logits` of a ModelOutput / dict, the first item of a tuple);
       `output_fn(outputs, batch)` also sees the batch the model was called with (mean pooling over the
       attention mask), see `orchestrator.workloads._reduction`;
-    - `metric_fn(outputs, targets)` is higher-is-better, named `metric_name`;
+    - `metric_fn(outputs, targets)` is the metric, named `metric_name`, higher-is-better unless
+      `metric_direction` is "minimize" (perplexity: the accuracy guard then reads as a fraction of the
+      baseline, see `orchestrator.pareto.shortfall`);
     - `loss_fn(outputs, targets)` is the fine-tuning task loss;
     - `distill_loss(student_out, teacher_out, inputs)` optionally replaces distillation's built-in output
       loss (e.g. cosine for embeddings);
@@ -55,6 +58,7 @@ class Workload:
     fingerprint: str
     metric_name: str = "accuracy"
     metric_fn: Callable[[torch.Tensor, torch.Tensor], float] = accuracy
+    metric_direction: str = "maximize"
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = nn.functional.cross_entropy
     batch_size: int = 128
     build_student: Callable[[float], nn.Module] | None = None
@@ -70,6 +74,9 @@ class Workload:
         missing = [s for s in SPLITS if s not in self.splits]
         if missing:
             raise ValueError(f"workload {self.name!r} lacks split(s) {', '.join(missing)}")
+        if self.metric_direction not in METRIC_DIRECTIONS:
+            choices = ", ".join(METRIC_DIRECTIONS)
+            raise ValueError(f"metric_direction is one of {choices}, got {self.metric_direction!r}")
         object.__setattr__(self, "_reduction_takes_batch", takes_batch(self.output_fn))
 
     def example_inputs(self, batch_size: int = 1, device: torch.device | str = "cpu") -> Inputs:
