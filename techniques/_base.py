@@ -410,7 +410,8 @@ def _load_builtin() -> None:
     # so `import techniques` stays light.
     import importlib
 
-    for module in ("student", "lowrank", "head_pruning", "channel_pruning", "pruning", "quantization", "distillation"):
+    order = ("student", "lowrank", "head_pruning", "decoder_heads", "channel_pruning", "decoder_ffn", "decoder_depth")
+    for module in (*order, "pruning", "quantization", "distillation"):
         importlib.import_module(f"techniques.{module}")
     for module in ("packed", "packed_embedding"):
         importlib.import_module(f"techniques.{module}")

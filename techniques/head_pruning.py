@@ -8,7 +8,8 @@ Decisions:
   or `head_size`) and query/key/value projections (`query`/`key`/`value`, `q_proj`/`k_proj`/`v_proj` or
   `q_lin`/`k_lin`/`v_lin`), each a Linear (or a low-rank factored sequence ending in one) with heads × head
   size outputs. Hugging Face's BERT-style self-attention (BertSelfAttention, and the RoBERTa, ELECTRA, ViT …
-  copies of it) fits. Grouped-query attention (fewer key/value heads) does not and is left alone, with a note.
+  copies of it) fits. Grouped-query attention (fewer key/value heads) and GPT-2's fused attention do not: they are
+  left alone, with a note naming `decoder_head_pruning`, which prunes them by whole key/value groups.
 - The registry matches layers by exact type; `LAYER_TYPES` holds a stand-in class (`MultiHeadAttention`, the
   name messages show) and admits every class whose `__init__` assigns a head count and a query/key/value triple,
   so `import techniques` never imports transformers. Each module is then checked on the instance.
@@ -26,7 +27,6 @@ Decisions:
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -49,6 +49,7 @@ from techniques._base import (
     register,
     resolve_layers,
 )
+from techniques.decoder_layout import attention_of, init_names
 from techniques.inputs import Inputs, call_model, output_tensors, to_device
 
 NAME = "head_pruning"
@@ -67,11 +68,7 @@ class MultiHeadAttention(nn.Module):
 
 def is_attention_class(cls: type) -> bool:
     """Whether `cls.__init__` assigns a head count and a query/key/value triple (a cheap, class-level test)."""
-    init = getattr(cls, "__init__", None)
-    code = getattr(inspect.unwrap(init), "__code__", None) if init is not None else None
-    if code is None:
-        return False
-    names = set(code.co_names)
+    names = init_names(cls)
     return bool(names & set(HEAD_COUNTS)) and any(set(triple) <= names for triple in PROJECTIONS)
 
 
@@ -323,6 +320,12 @@ def _prune(model: nn.Module, targets: list[_Target], ctx: Context) -> None:
     check_outputs(model, traced, NAME)
 
 
+def _unhandled(module: nn.Module) -> str:
+    if attention_of(module) is not None:
+        return "a decoder attention (grouped-query or fused); decoder_head_pruning removes its key/value groups"
+    return "not a multi-head attention layout this technique handles"
+
+
 def _targets(model: nn.Module, spec: HeadPruningSpec, ctx: Context) -> list[_Target]:
     """(name, module, heads, how many to remove) for every addressed attention module that loses a head."""
     targets = []
@@ -330,7 +333,7 @@ def _targets(model: nn.Module, spec: HeadPruningSpec, ctx: Context) -> list[_Tar
         heads = heads_of(module)
         if heads is None:
             if ratio > 0:
-                ctx.note(NAME, name, "kept all heads: not a multi-head attention layout this technique handles")
+                ctx.note(NAME, name, f"kept all heads: {_unhandled(module)}")
             continue
         remove = heads_to_remove(heads.count, float(ratio))
         if remove > 0:
