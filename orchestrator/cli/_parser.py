@@ -25,7 +25,7 @@ _NEGATIVE_NUMBER = re.compile(r"^-\d+$|^-\d*\.\d+$")  # a value, not an option (
 
 def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
     """--workload, --data-dir, --weights: which workload, as every subcommand that builds one takes them."""
-    parser.add_argument("--workload", default="digits", help="digits, cifar10, text, or package.module:function")
+    parser.add_argument("--workload", default="digits", help="digits, cifar10, text, lm, or package.module:function")
     parser.add_argument(
         "--data-dir", metavar="DIR", help="data directory (default: none; cifar10 needs the CIFAR-10 python batches)"
     )

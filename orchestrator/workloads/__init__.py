@@ -24,11 +24,11 @@ __all__ = [
     "unused_layers",
 ]
 
-BUILTIN = ("digits", "cifar10", "text")
+BUILTIN = ("digits", "cifar10", "text", "lm")
 
 
 def resolve_workload(spec: str, *, data_dir: str | Path | None = None, weights: str | Path | None = None) -> Workload:
-    """The workload named `spec`: "digits", "cifar10" (needs `data_dir`), "text", or "pkg.module:function".
+    """The workload named `spec`: "digits", "cifar10" (needs `data_dir`), "text", "lm", or "pkg.module:function".
 
     A user's function is called with no arguments, or with `data_dir=` when one is given, and must
     return a Workload.
@@ -41,6 +41,10 @@ def resolve_workload(spec: str, *, data_dir: str | Path | None = None, weights: 
         from orchestrator.workloads.text import make_text
 
         return make_text()
+    if spec == "lm":
+        from orchestrator.workloads.lm import make_lm
+
+        return make_lm()
     if spec == "cifar10":
         from orchestrator.workloads.cifar10 import make_cifar10
 

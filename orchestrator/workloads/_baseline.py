@@ -53,7 +53,9 @@ def train_classifier(
     label: str = "baseline",
 ) -> nn.Module:
     """Plain supervised training (AdamW, one-cycle schedule, cross-entropy), seeded, with per-epoch progress;
-    batches may be tensors, tuples or dicts, outputs reduced by `output_fn`."""
+    batches may be tensors, tuples or dicts, outputs reduced by `output_fn` to class scores on dim 1 (a
+    language model's (batch, vocabulary, tokens) against (batch, tokens) next-token targets, as
+    `cross_entropy` takes them)."""
     torch.manual_seed(seed)
     optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     with_batch = takes_batch(output_fn)
@@ -71,9 +73,9 @@ def train_classifier(
             loss.backward()
             optimiser.step()
             schedule.step()
-            loss_sum += loss.item() * len(y)
+            loss_sum += loss.item() * y.numel()  # per target: an example, or each token of a sequence
             correct += int((out.argmax(1) == y).sum())
-            total += len(y)
+            total += y.numel()
         progress(
             f"  training {label}: epoch {epoch + 1}/{epochs}  loss {loss_sum / total:.4f}  "
             f"train acc {correct / total:.4f}  ({time.perf_counter() - start:.1f}s)"
