@@ -17,17 +17,9 @@ from typing import ClassVar
 
 from torch import nn
 
-from techniques._base import (
-    Context,
-    LayerMap,
-    LayerSearch,
-    SearchSettings,
-    Technique,
-    TechniqueSpec,
-    register,
-)
+from techniques._base import LayerMap, TechniqueSpec
 from techniques.decoder_layout import LayoutTypes, is_decoder_mlp_class, mlp_of
-from techniques.decoder_units import Units, check_spec, prune
+from techniques.decoder_units import Units, check_spec
 
 NAME = "ffn_pruning"
 
@@ -58,30 +50,7 @@ class FfnPruningSpec(TechniqueSpec):
         check_spec(self, "ffn_ratio", self.importance, self.uniform)
 
 
-UNITS = Units(NAME, "channels", LAYER_TYPES, mlp_of)
-
-
-def apply(model: nn.Module, spec: FfnPruningSpec, ctx: Context) -> nn.Module:
-    """Remove the least important intermediate channels of the addressed feed-forward modules."""
-    return prune(model, spec.ffn_ratio, spec.importance, spec.uniform, ctx, UNITS)
-
-
-register(
-    Technique(
-        name=NAME,
-        spec_type=FfnPruningSpec,
-        apply=apply,
-        layer_types=LAYER_TYPES,
-        stage=21,  # after structured_pruning (20), before depth (25)
-        search=SearchSettings(
-            per_layer=LayerSearch(
-                setting="ffn_ratio",
-                choices=(0.0, 0.25, 0.5),
-                off=0.0,
-                title="feed-forward channels removed",
-                eligible=UNITS.prunable,
-            )
-        ),
-        structural=True,
-    )
-)
+UNITS = Units(NAME, "channels", "ffn_ratio", LAYER_TYPES, mlp_of)
+apply = UNITS.apply
+# after structured_pruning (20), before depth (25)
+UNITS.register(FfnPruningSpec, stage=21, title="feed-forward channels removed")

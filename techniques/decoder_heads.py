@@ -21,17 +21,9 @@ from typing import ClassVar
 
 from torch import nn
 
-from techniques._base import (
-    Context,
-    LayerMap,
-    LayerSearch,
-    SearchSettings,
-    Technique,
-    TechniqueSpec,
-    register,
-)
+from techniques._base import LayerMap, TechniqueSpec
 from techniques.decoder_layout import LayoutTypes, attention_of, is_decoder_attention_class
-from techniques.decoder_units import Units, check_spec, prune
+from techniques.decoder_units import Units, check_spec
 
 NAME = "decoder_head_pruning"
 
@@ -63,30 +55,7 @@ class DecoderHeadPruningSpec(TechniqueSpec):
         check_spec(self, "group_ratio", self.importance, self.uniform)
 
 
-UNITS = Units(NAME, "key/value groups", LAYER_TYPES, attention_of)
-
-
-def apply(model: nn.Module, spec: DecoderHeadPruningSpec, ctx: Context) -> nn.Module:
-    """Remove the least important key/value groups (with their query heads) of the addressed attention modules."""
-    return prune(model, spec.group_ratio, spec.importance, spec.uniform, ctx, UNITS)
-
-
-register(
-    Technique(
-        name=NAME,
-        spec_type=DecoderHeadPruningSpec,
-        apply=apply,
-        layer_types=LAYER_TYPES,
-        stage=16,  # beside head_pruning (15), before the feed-forward width (21) and depth (25)
-        search=SearchSettings(
-            per_layer=LayerSearch(
-                setting="group_ratio",
-                choices=(0.0, 0.25, 0.5),
-                off=0.0,
-                title="key/value groups removed",
-                eligible=UNITS.prunable,
-            )
-        ),
-        structural=True,
-    )
-)
+UNITS = Units(NAME, "key/value groups", "group_ratio", LAYER_TYPES, attention_of)
+apply = UNITS.apply
+# beside head_pruning (15), before the feed-forward width (21) and depth (25)
+UNITS.register(DecoderHeadPruningSpec, stage=16, title="key/value groups removed")

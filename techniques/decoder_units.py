@@ -34,11 +34,15 @@ from techniques._base import (
     LAYER_DEFAULT,
     Context,
     LayerMap,
+    LayerSearch,
+    SearchSettings,
     SpecError,
+    Technique,
     TechniqueSpec,
     check_range,
     is_number,
     layers_of,
+    register,
     resolve_layers,
     set_module,
 )
@@ -172,13 +176,24 @@ def keep_order(scores: torch.Tensor, keep: int) -> list[int]:
 
 @dataclass(frozen=True)
 class Units:
-    """What one technique removes: its name, the noun for its units, the registry's layer types and the layout
-    reader (`attention_of`, `mlp_of`)."""
+    """What one technique removes: its name, the noun for its units, its spec's per-layer setting, the registry's
+    layer types and the layout reader (`attention_of`, `mlp_of`)."""
 
     technique: str
     noun: str
+    setting: str
     layer_types: tuple[type[nn.Module], ...]
     layout: Callable[[nn.Module], Any]
+
+    def apply(self, model: nn.Module, spec: Any, ctx: Context) -> nn.Module:
+        """Remove the least important units of the modules `spec` addresses (its ratios, importance, uniform)."""
+        return prune(model, getattr(spec, self.setting), spec.importance, spec.uniform, ctx, self)
+
+    def register(self, spec_type: type[TechniqueSpec], *, stage: int, title: str) -> Technique:
+        """Register the technique, offering the search the ratios 0 (off), 0.25 and 0.5 per module."""
+        search = LayerSearch(self.setting, choices=(0.0, 0.25, 0.5), off=0.0, title=title, eligible=self.prunable)
+        settings = SearchSettings(search)
+        return register(Technique(self.technique, spec_type, self.apply, self.layer_types, stage, settings, True))
 
     def prunable(self, layers: Sequence[tuple[str, nn.Module]]) -> list[str]:
         """The modules a search prunes: those with a handled layout and two units or more."""

@@ -4,6 +4,7 @@ weights, the config, greedy generation with and without the KV cache, and checkp
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -352,8 +353,9 @@ def test_a_pruned_decoder_reloads_bitwise_in_a_fresh_process(tmp_path: Path) -> 
         assert record[0]["type"] == "blocks" and record[-1]["type"] == "config"
 
 
-def _record(arch: str = "qwen2") -> list[dict]:
-    return describe(_pruned(arch), build(arch))
+@functools.cache
+def _record_text(arch: str = "qwen2") -> str:
+    return json.dumps(describe(_pruned(arch), build(arch)))
 
 
 HOSTILE = {
@@ -374,7 +376,7 @@ HOSTILE = {
 @pytest.mark.parametrize("case", sorted(HOSTILE))
 def test_hostile_decoder_records_are_refused(case: str) -> None:
     kind, edit, words = HOSTILE[case]
-    record = json.loads(json.dumps(_record()))
+    record = json.loads(_record_text())
     edit(
         next(e["config"] for e in record if e["type"] == kind and (kind != "attributes" or "layer_idx" in e["config"]))
     )
