@@ -244,3 +244,37 @@ def test_an_uncompressed_policy_generates_exactly_the_original_tokens():
     result = executor.apply(policy(), workload)
     original = workload.load_baseline()
     assert greedy(result.model) == greedy(original) == greedy(result.model, use_cache=False)
+
+
+# compressed-tensors' pack-quantized format (optional: transformers loads it only with that package installed).
+
+
+def test_compressed_tensors_keeps_low_bit_linear_weights_packed_and_loads_back_the_same(tmp_path):
+    pytest.importorskip("compressed_tensors")
+    workload = lm_workloads.llama()
+    model = compressed(workload, W4_G16)
+    dense = export_model(model, workload, out=tmp_path / "dense", format="hf")
+    packed = export_model(model, workload, out=tmp_path / "packed", format="hf", compressed_tensors=True)
+    assert packed.passed and packed.bytes < dense.bytes / 2
+    config = json.loads((tmp_path / "packed" / "config.json").read_text())["quantization_config"]
+    assert config["format"] == "pack-quantized" and config["quant_method"] == "compressed-tensors"
+    linears = {n for n, m in model.named_modules() if isinstance(m, PackedLinear)}
+    assert {e["name"] for e in packed.report["packed"]} == linears  # every 4- and 8-bit Linear, lm_head included
+    assert [e["name"] for e in packed.report["dequantized"]] == ["model.embed_tokens"]
+    assert greedy(loaded(tmp_path / "packed")) == greedy(model)
+    with torch.no_grad():
+        assert torch.equal(loaded(tmp_path / "packed")(PROMPT).logits, model(PROMPT).logits)
+
+
+def test_compressed_tensors_without_the_package_or_off_hf_is_one_line(tmp_path, monkeypatch):
+    import importlib.util
+
+    workload = lm_workloads.llama()
+    with pytest.raises(UserError, match="use --format hf"):
+        export_model(workload.load_baseline(), workload, out=tmp_path / "m.onnx", compressed_tensors=True)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "compressed_tensors" else
+                        real(name, *a))  # fmt: skip
+    with pytest.raises(UserError, match="pip install compressed-tensors"):
+        export_model(workload.load_baseline(), workload, out=tmp_path / "hf", format="hf", compressed_tensors=True)
+    assert not (tmp_path / "hf").exists()

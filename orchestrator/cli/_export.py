@@ -37,6 +37,12 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
         "DynamicQuantizeMatMul; 2-4-bit: MatMulNBits at accuracy level 4); outputs drift further from PyTorch's, "
         "and the check's tolerance is looser",
     )
+    parser.add_argument(
+        "--compressed-tensors",
+        action="store_true",
+        help="hf: keep 2-8-bit Linear weights packed in compressed-tensors' pack-quantized format (llm-compressor's), "
+        "which transformers loads only where the compressed-tensors package is installed; default: dequantized float",
+    )
     parser.add_argument("--workload", help="workload (default: the one recorded in the checkpoint, if built in)")
     parser.add_argument(
         "--data-dir", metavar="DIR", help="data directory (default: none; cifar10 needs the CIFAR-10 python batches)"
@@ -57,6 +63,7 @@ def run_export(args: argparse.Namespace) -> int:
         workload=args.workload,
         report=args.report,
         int8_activations=args.int8_activations,
+        compressed_tensors=args.compressed_tensors,
         data_dir=args.data_dir,
         weights=args.weights,
     )

@@ -80,6 +80,7 @@ def export_checkpoint(
     workload: Workload | str | None = None,
     report: str | Path | None = None,
     int8_activations: bool = False,
+    compressed_tensors: bool = False,
     data_dir: str | None = None,
     weights: str | None = None,
 ) -> ExportResult:
@@ -90,10 +91,12 @@ def export_checkpoint(
     `workload` defaults to the built-in one the checkpoint names (pass yours, or `package.module:function`);
     `int8_activations` lets ONNX Runtime quantise activations its own way (DynamicQuantizeMatMul for 8-bit
     Linear layers, MatMulNBits at accuracy level 4 for 2-4-bit ones: faster; the check's tolerance is then
-    QUANTIZED_ACTIVATIONS_TOLERANCE, as for checkpoints with 8-bit activations). Bad input
-    (unknown format, existing `out`, missing or damaged checkpoint) raises UserError.
+    QUANTIZED_ACTIVATIONS_TOLERANCE, as for checkpoints with 8-bit activations); `compressed_tensors` (hf) keeps
+    low-bit Linear weights packed in compressed-tensors' pack-quantized format. Bad input (unknown format, existing
+    `out`, missing or damaged checkpoint) raises UserError.
     """
-    paths = _destination(format, str(out), report, int8_activations)
+    options = _Options(int8_activations, compressed_tensors)
+    paths = _destination(format, str(out), report, options)
     verified = store.read_verified(str(checkpoint))
     if not isinstance(workload, Workload):
         name = workload or recorded_workload(verified.manifest)
@@ -105,7 +108,7 @@ def export_checkpoint(
         "checkpoint_bytes": sum(manifest["files"][name]["bytes"] for name in manifest["artifact_files"]),
         "techniques": loaded.policy.techniques(),
     }
-    return _export(loaded.model, workload, format, paths, int8_activations, source)
+    return _export(loaded.model, workload, format, paths, options, source)
 
 
 def export_model(
@@ -116,18 +119,30 @@ def export_model(
     format: str = "onnx",
     report: str | Path | None = None,
     int8_activations: bool = False,
+    compressed_tensors: bool = False,
 ) -> ExportResult:
     """Export a model in memory (a finalized compressed model, or an uncompressed baseline) of `workload`, as
     `export_checkpoint` does."""
-    paths = _destination(format, str(out), report, int8_activations)
-    return _export(model, workload, format, paths, int8_activations, {"model": type(model).__name__})
+    options = _Options(int8_activations, compressed_tensors)
+    paths = _destination(format, str(out), report, options)
+    return _export(model, workload, format, paths, options, {"model": type(model).__name__})
 
 
-def _destination(format: str, out: str, report: str | Path | None, int8_activations: bool) -> tuple[str, str]:
+@dataclass(frozen=True)
+class _Options:
+    """The format-specific switches of one export."""
+
+    int8_activations: bool = False
+    compressed_tensors: bool = False
+
+
+def _destination(format: str, out: str, report: str | Path | None, options: _Options) -> tuple[str, str]:
     if format not in FORMATS:
         raise UserError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
-    if int8_activations and format != "onnx":
+    if options.int8_activations and format != "onnx":
         raise UserError("int8 activations (--int8-activations) are an ONNX Runtime option; use --format onnx")
+    if options.compressed_tensors and format != "hf":
+        raise UserError("--compressed-tensors is a Hugging Face directory option; use --format hf")
     report_path = str(report) if report is not None else f"{out}.json"
     if report_path == out:
         raise UserError(f"--report {report_path} is the --out path; give the report a path of its own")
@@ -161,12 +176,13 @@ def _export(
     workload: Workload,
     format: str,
     paths: tuple[str, str],
-    int8_activations: bool,
+    options: _Options,
     source: dict[str, Any],
 ) -> ExportResult:
     model = copy.deepcopy(model).cpu().eval()
     if format == "hf":
-        return _export_hf(model, workload, paths, source)
+        return _export_hf(model, workload, paths, source, options.compressed_tensors)
+    int8_activations = options.int8_activations
     inputs = workload.example_inputs(TRACE_BATCH)
     if format == "onnx":
         written = export_onnx(model, inputs, int8_activations=int8_activations)
@@ -193,12 +209,14 @@ def _export(
     return ExportResult(path=out, bytes=len(written.data), report=report, report_path=report_path)
 
 
-def _export_hf(model: nn.Module, workload: Workload, paths: tuple[str, str], source: dict[str, Any]) -> ExportResult:
+def _export_hf(
+    model: nn.Module, workload: Workload, paths: tuple[str, str], source: dict[str, Any], compressed_tensors: bool
+) -> ExportResult:
     """A transformers model directory (orchestrator.export.hf), then its report."""
     from orchestrator.export.hf import write_hf
 
     out, report_path = paths
-    report = write_hf(model, workload, out, source)
+    report = write_hf(model, workload, out, source, compressed_tensors=compressed_tensors)
     _write_report(out, report_path, report)
     return ExportResult(path=out, bytes=report["bytes"], report=report, report_path=report_path)
 

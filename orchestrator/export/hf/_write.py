@@ -8,6 +8,8 @@ Decisions:
   generation_config.json when the model generates) into a local staging directory, which is loaded back and checked
   (`_verify`) before `fs.publish_directory` moves it into place in one step (remote: file by file, config.json
   last). The caller (`_run`) writes the JSON report after it.
+- With `compressed_tensors`, low-bit Linear weights are saved packed instead (`_compressed`), through the same
+  `save_pretrained` given the packed state and the config's `quantization_config`.
 """
 
 from __future__ import annotations
@@ -17,10 +19,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from orchestrator.artifacts.fs import publish_directory
 from orchestrator.errors import UserError
+from orchestrator.export.hf._compressed import FORMAT, pack, packable, require_package
 from orchestrator.export.hf._shapes import derived_config
 from orchestrator.export.hf._verify import check_directory, quiet
 from orchestrator.export.hf._weights import dequantized, target_state, ties
@@ -58,30 +62,56 @@ def _build(model: nn.Module) -> tuple[nn.Module, dict[str, Any]]:
                     "dequantized": decoded}  # fmt: skip
 
 
-def _notes(decoded: list[dict[str, Any]], size: int, source: dict[str, Any]) -> list[str]:
-    if not decoded:
-        return []
-    against = source.get("checkpoint_bytes")
-    than = f" than the checkpoint's {against} bytes" if against else ""
-    names = ", ".join(entry["name"] for entry in decoded[:4]) + (", ..." if len(decoded) > 4 else "")
-    return [f"{len(decoded)} packed layer(s) ({names}) are written dequantized to float32, which transformers loads "
-            f"as it is: the directory ({size} bytes) is not smaller{than}"]  # fmt: skip
+def _packed_state(model: nn.Module, target: nn.Module, made: dict[str, Any]) -> dict[str, torch.Tensor] | None:
+    """The state to save with compressed-tensors' packed layers (`target.config` gets their quantization_config),
+    or None when no layer can be packed; `made` records which layers are packed and which stay dequantized."""
+    version = require_package()
+    layers = packable(model, target, made["tie_word_embeddings"])
+    made["packed"] = [{"name": name, "bits": m.bits, "group_size": m.group_size,
+                       "written_as": f"compressed-tensors {FORMAT} (written with compressed-tensors {version})"}
+                      for name, m in layers.items()]  # fmt: skip
+    made["dequantized"] = [entry for entry in made["dequantized"] if entry["name"] not in layers]
+    if not layers:
+        return None
+    state = dict(target.state_dict())
+    target.config.quantization_config = pack(state, layers)
+    return state
 
 
-def write_hf(model: nn.Module, workload: Workload, out: str, source: dict[str, Any]) -> dict[str, Any]:
-    """Write `model` as a transformers directory at `out`, checked before it is published; return its report."""
+def _notes(made: dict[str, Any], size: int, source: dict[str, Any]) -> list[str]:
+    notes, decoded, packed = [], made["dequantized"], made.get("packed", [])
+    if packed:
+        notes.append(f"{len(packed)} Linear layer(s) stay packed in compressed-tensors' {FORMAT} format: transformers "
+                     "loads this directory only where the compressed-tensors package is installed")  # fmt: skip
+    if decoded:
+        against = source.get("checkpoint_bytes")
+        than = f" than the checkpoint's {against} bytes" if against and not packed else ""
+        names = ", ".join(entry["name"] for entry in decoded[:4]) + (", ..." if len(decoded) > 4 else "")
+        notes.append(f"{len(decoded)} packed layer(s) ({names}) are written dequantized to float32, which transformers "
+                     f"loads as it is: the directory ({size} bytes) is not smaller{than} for them")  # fmt: skip
+    return notes
+
+
+def write_hf(
+    model: nn.Module, workload: Workload, out: str, source: dict[str, Any], *, compressed_tensors: bool = False
+) -> dict[str, Any]:
+    """Write `model` as a transformers directory at `out`, checked before it is published; return its report.
+    `compressed_tensors`: keep low-bit Linear weights packed in compressed-tensors' format (see `_compressed`)."""
     require_causal_lm(model)
+    if compressed_tensors:
+        require_package()
     target, made = _build(model)
+    state = _packed_state(model, target, made) if compressed_tensors else None
     with tempfile.TemporaryDirectory(prefix="hf-export-") as staging:
         local = Path(staging) / "model"
         with quiet():
-            target.save_pretrained(str(local))
+            target.save_pretrained(str(local), state_dict=state)
         files = {p.name: p.stat().st_size for p in sorted(local.iterdir()) if p.is_file()}
         size = sum(files.values())
         report = {
             "format": "hf", "path": out, "bytes": size, "files": files, "source": source, "workload": workload.name,
             "runtime": f"transformers {_version()} (AutoModelForCausalLM.from_pretrained)",
-            **made, "notes": _notes(made["dequantized"], size, source),
+            **made, "notes": _notes(made, size, source),
             "check": check_directory(model, local, workload),
         }  # fmt: skip
         publish_directory(local, out, last=COMPLETE_MARK)
