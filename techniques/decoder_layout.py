@@ -221,7 +221,7 @@ def decoder_stacks(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
 @dataclass(frozen=True)
 class BlockShape:
     """One decoder block: its position, its index in the original model, query heads, key/value heads, head size
-    and feed-forward width (None where the block has no recognised attention or feed-forward module)."""
+    and feed-forward width (None where the block has no recognised feed-forward module)."""
 
     index: int
     source: int
@@ -268,6 +268,12 @@ class DecoderLayout:
                 )
         else:
             problems.append(f"blocks keep different heads (heads, key/value heads, size): {self._per_block('heads')}")
+        moved = any(b.source != b.index for b in self.blocks)
+        if fused and moved and getattr(config, "scale_attn_by_inverse_layer_idx", False):
+            problems.append(
+                "GPT-2 scales attention by 1 / (layer_idx + 1) from its original position; a config "
+                "rebuilding the kept blocks at their new positions would scale them differently"
+            )
         ffn = self.ffn()
         if len(ffn) == 1 and None not in ffn:
             fields["n_inner" if fused else "intermediate_size"] = next(iter(ffn))

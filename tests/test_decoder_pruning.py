@@ -291,6 +291,23 @@ def test_depth_renumbers_the_cache_index_and_keeps_layer_types_in_step() -> None
     assert torch.equal(greedy(model, ids, cache=True), greedy(model, ids, cache=False))
 
 
+def test_gpt2_scaled_by_its_original_depth_cannot_be_described_after_depth_pruning() -> None:
+    model = build("gpt2")
+    model.config.scale_attn_by_inverse_layer_idx = True  # read by the attention's init only: build it again
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(model.config).eval()
+    with torch.no_grad():  # block 0 adds nothing: it goes, and the kept blocks move up
+        for layer in (model.transformer.h[0].attn.c_proj, model.transformer.h[0].mlp.c_proj):
+            layer.weight.zero_()
+            layer.bias.zero_()
+    model = techniques.apply_spec(model, DepthPruningSpec(depth_ratio=0.34), context())
+    assert getattr(blocks(model), SOURCE_LAYERS) == (1, 2)
+    with pytest.raises(ValueError, match="original position"):
+        decoder_layout(model).hf_fields(model.config)
+    ids = tokens(2, 5, seed=3)
+    assert torch.equal(greedy(model, ids, cache=True), greedy(model, ids, cache=False))
+
+
 # --------------------------------------------------------------------------- generation and checkpoints
 
 
