@@ -84,3 +84,18 @@ def test_the_workload_is_built_in_and_minimises_perplexity():
     assert len(workload.splits["validation"]) == len(workload.splits["test"]) == 256
     x, y = next(workload.batches("validation"))
     assert x["input_ids"].shape == y.shape == (workload.batch_size, WINDOW)
+
+
+def test_the_sensitivity_profile_ranks_an_lm_by_its_kl_to_the_original():
+    from orchestrator.search.cells import output_error
+
+    generator = torch.Generator().manual_seed(2)
+    reference = [torch.randn(2, 256, 3, generator=generator), torch.randn(1, 256, 3, generator=generator)]
+    found = [r + 0.5 * torch.randn(r.shape, generator=generator) for r in reference]
+    assert resolve_workload("lm").output_error_fn is kl_to_reference
+    assert output_error(found, reference, kl_to_reference) == pytest.approx(
+        kl_to_reference(torch.cat(found), torch.cat(reference))
+    )
+    assert output_error(reference, reference, kl_to_reference) == pytest.approx(0.0, abs=1e-6)
+    squared = sum(float((f - r).pow(2).sum()) for f, r in zip(found, reference, strict=True))
+    assert output_error(found, reference) == pytest.approx(squared / sum(float(r.pow(2).sum()) for r in reference))

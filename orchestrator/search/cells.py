@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -119,8 +119,15 @@ def score(workload: Workload, found: list[torch.Tensor], batches: Batches) -> fl
     return float(workload.metric_fn(torch.cat(found), torch.cat([y for _, y in batches])))
 
 
-def output_error(found: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
-    """Σ‖found − reference‖² / Σ‖reference‖² (0: the same outputs)."""
+def output_error(
+    found: list[torch.Tensor],
+    reference: list[torch.Tensor],
+    error_fn: Callable[[torch.Tensor, torch.Tensor], float] | None = None,
+) -> float:
+    """The workload's `output_error_fn` of the outputs (a language model's KL to the original's next-token
+    distribution), else Σ‖found − reference‖² / Σ‖reference‖² (0: the same outputs)."""
+    if error_fn is not None:
+        return float(error_fn(torch.cat(found), torch.cat(reference)))
     num = sum(float((f - r).pow(2).sum()) for f, r in zip(found, reference, strict=True))
     den = sum(float(r.pow(2).sum()) for r in reference)
     return num / den if den > 0 else num
@@ -152,7 +159,7 @@ def measure(
         metric = score(workload, found, batches)
     except Exception as exc:  # noqa: BLE001 - a cell that fails is recorded, the search goes on
         return Measured(None, None, None, (), f"{type(exc).__name__}: {exc}"[:300])
-    error = output_error(found, reference)
+    error = output_error(found, reference, workload.output_error_fn)
     if not (math.isfinite(metric) and math.isfinite(error)):
         return Measured(None, None, None, (), f"not finite: metric {metric}, output error {error}")
     return Measured(metric, error, state_bytes(model), touched(baseline, model))

@@ -41,6 +41,9 @@ class Workload:
       `metric_direction` is "minimize" (perplexity: the accuracy guard then reads as a fraction of the
       baseline, see `orchestrator.pareto.shortfall`);
     - `loss_fn(outputs, targets)` is the fine-tuning task loss;
+    - `output_error_fn(outputs, reference_outputs)` optionally says how far a model's outputs are from the
+      original's (0: the same), the cheap fidelity the sensitivity profile ranks settings by (default: relative
+      squared error; a language model's KL divergence to the original's next-token distribution);
     - `distill_loss(student_out, teacher_out, inputs)` optionally replaces distillation's built-in output
       loss (e.g. cosine for embeddings);
     - `search_ranges` optionally overrides the search's default ranges of global settings, as a search-space
@@ -60,6 +63,7 @@ class Workload:
     metric_fn: Callable[[torch.Tensor, torch.Tensor], float] = accuracy
     metric_direction: str = "maximize"
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = nn.functional.cross_entropy
+    output_error_fn: Callable[[torch.Tensor, torch.Tensor], float] | None = None
     batch_size: int = 128
     build_student: Callable[[float], nn.Module] | None = None
     prepare_fn: Callable[[Inputs], Inputs] | None = None

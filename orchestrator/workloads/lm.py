@@ -19,7 +19,8 @@ Decisions:
 - Metric: **perplexity** per byte, exp(mean next-byte cross-entropy over every scored byte), lower is better
   (`metric_direction="minimize"`): the accuracy guard reads as a fraction of the baseline's perplexity
   (`--max-accuracy-drop 0.05` = at most 5% higher). `kl_to_reference` is the cheap fidelity measure: the
-  mean KL divergence (nats per byte) of a model's next-byte distribution from the original's.
+  mean KL divergence (nats per byte) of a model's next-byte distribution from the original's, the workload's
+  `output_error_fn` (what the sensitivity profile ranks settings by).
 - `config.use_cache` is off (the search runs whole windows and does not need a key/value cache on every
   forward), `generation_config.use_cache` on, so `generate` decodes with the cache unless told otherwise.
 - `build_student(width)` keeps the depth, the head size and the query/KV grouping and scales the heads (hence
@@ -191,6 +192,7 @@ def make_lm() -> Workload:
         metric_name="perplexity",
         metric_fn=perplexity,
         metric_direction="minimize",
+        output_error_fn=kl_to_reference,
         batch_size=32,
         build_student=student_llama,
         output_fn=token_logits,
