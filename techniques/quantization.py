@@ -66,9 +66,9 @@ Decisions:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import torch
 from torch import nn
@@ -115,6 +115,8 @@ MAX_GROUP_SIZE = 1 << 20  # elements per weight group; a row this long is per-ch
 ALPHA_RANGE = (0.3, 0.9)  # SmoothQuant migration strengths searched (the paper's models use 0.4-0.85)
 MIN_FITTED_GROUP = 16  # `fit_groups` halves a group size down to this (the smallest MatMulNBits block)
 LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d, nn.Embedding)
+Bits = TypeVar("Bits")  # a layer's bits setting (or its weight bit-width)
+Found = TypeVar("Found")  # what calibration found for a layer (its input statistics, its Hessian)
 
 
 @dataclass(frozen=True)
@@ -426,8 +428,11 @@ def _smoothing_targets(
     model has no Linear layer at all."""
     method = spec.smoothing
     if not any(True for _ in layers_of(model, (nn.Linear,))):
-        raise SpecError(f"quantization: smoothing ({method}) scales the inputs of Linear layers, and the model has none")
-    targets, skipped = [], {}
+        raise SpecError(
+            f"quantization: smoothing ({method}) scales the inputs of Linear layers, and the model has none"
+        )
+    targets: list[tuple[str, nn.Module, int | str]] = []
+    skipped: dict[str, list[str]] = {}
     for name, module, bits in layers:
         if is_embedding(module):
             continue
@@ -477,6 +482,19 @@ def _layer_quantizers(
     return weights, {"dynamic": fake_quantize_rows, "static": static}.get(mode or "")
 
 
+def _seen(
+    targets: Sequence[tuple[str, nn.Module, Bits]], found: Mapping[str, Found | None], ctx: Context, skipped: str
+) -> Iterator[tuple[str, nn.Module, Bits, Found]]:
+    """(name, layer, bits, what calibration found) of the targets that ran during calibration; each other one is
+    noted as `skipped`."""
+    for name, module, bits in targets:
+        seen = found[name]
+        if seen is None:
+            ctx.note("quantization", name, f"{skipped}: the layer never ran during calibration")
+            continue
+        yield name, module, bits, seen
+
+
 def _smooth(
     targets: list[tuple[str, nn.Module, int | str]],
     found: dict[str, smoothing.InputStats | None],
@@ -485,11 +503,7 @@ def _smooth(
 ) -> dict[str, tuple[torch.Tensor, float]]:
     """Smooth each target from its input statistics (techniques.smoothing); name -> (s, α used)."""
     chosen = {}
-    for name, module, bits in targets:
-        stats = found[name]
-        if stats is None:
-            ctx.note("quantization", name, "not smoothed: the layer never ran during calibration")
-            continue
+    for name, module, bits, stats in _seen(targets, found, ctx, "not smoothed"):
         weight = weight_of(module).detach()
         if spec.smoothing == SMOOTHQUANT:
             scale, alpha = smoothing.smoothquant_scales(stats.amax, weight, spec.smoothing_alpha), spec.smoothing_alpha
@@ -534,11 +548,7 @@ def _gptq(
     """name -> (GPTQ's quantised weight, its (out, groups) scales) for the layers GPTQ handles, from the Hessians
     of their inputs (of the smoothed inputs, diag(1/s) H diag(1/s), where a layer was smoothed by `scales`)."""
     result = {}
-    for name, module, bits in targets:
-        hessian = found[name]
-        if hessian is None:
-            ctx.note("quantization", name, "round to nearest, not GPTQ: the layer never ran during calibration")
-            continue
+    for name, module, bits, hessian in _seen(targets, found, ctx, "round to nearest, not GPTQ"):
         if name in scales:
             hessian = smoothing.scaled_hessian(hessian, scales[name])
         weight = weight_of(module).detach()

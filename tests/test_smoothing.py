@@ -203,7 +203,9 @@ def test_fake_quant_equals_finalize_bitwise(spec):
 
 def test_the_integer_kernel_stays_close_to_fake_quant():
     batch = _bert_batch()
-    model = techniques.apply_spec(tiny_bert(), QuantizationSpec(bits="w8a8", smoothing="smoothquant"), _bert_context(batch))
+    model = techniques.apply_spec(
+        tiny_bert(), QuantizationSpec(bits="w8a8", smoothing="smoothquant"), _bert_context(batch)
+    )
     before = _logits(model, batch)
     final = finalize(model)
     assert "int8_int_mm" in {m.kernel for m in final.modules() if isinstance(m, PackedLinear)}
@@ -216,7 +218,9 @@ def test_save_reload_is_bitwise(tmp_path):
     final = finalize(techniques.apply_spec(tiny_bert(), spec, _bert_context(batch)))
     expected = _logits(final, batch)
     save_weights(final, tmp_path / "w.safetensors")
-    fresh = finalize(techniques.apply_spec(tiny_bert(seed=7), QuantizationSpec(bits="w8a8-dynamic"), _bert_context(batch)))
+    fresh = finalize(
+        techniques.apply_spec(tiny_bert(seed=7), QuantizationSpec(bits="w8a8-dynamic"), _bert_context(batch))
+    )
     for name, module in final.named_modules():
         if isinstance(module, PackedLinear):
             config = json.loads(json.dumps(module.rebuild_config()))
@@ -349,3 +353,18 @@ def test_dynamic_rows_after_smoothing_are_what_the_kernel_sees():
     with torch.no_grad():
         expected = torch.nn.functional.linear(fake_quantize_rows(x * inverse), weight, model[0].bias)
         assert torch.equal(model(x), expected)
+
+
+def test_the_example_policy_smooths_every_linear_and_keeps_embeddings_in_8_bits():
+    from pathlib import Path
+
+    policy = Policy.load(str(Path(__file__).parent.parent / "examples" / "policies" / "smoothquant_w8a8.json"))
+    (step,) = policy.steps
+    batch = _bert_batch()
+    ctx = _bert_context(batch)
+    final = finalize(techniques.apply_spec(tiny_bert(), step, ctx))
+    linears = [m for m in final.modules() if isinstance(m, PackedLinear)]
+    assert len(linears) == 2 * 6 + 2 and all(m.smoothed and m.act_bits == 8 and m.bits == 8 for m in linears)
+    tables = [m for m in final.modules() if type(m).__name__ == "PackedEmbedding"]
+    assert len(tables) == 3 and all(m.bits == 8 for m in tables)
+    assert not any(step.technique == "distillation" for step in policy.steps)
