@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM
 import techniques
 from orchestrator import executor
 from orchestrator.artifacts import store
+from orchestrator.cli import main
 from orchestrator.errors import UserError
 from orchestrator.export import export_checkpoint, export_model
 from orchestrator.policy import Policy
@@ -157,6 +158,19 @@ def test_pruned_heads_kv_groups_ffn_and_depth_are_written_into_the_config(name, 
     assert result.passed
 
 
+def test_low_rank_factors_are_multiplied_out_into_the_layer_transformers_expects(tmp_path):
+    workload = lm_workloads.llama()
+    lowrank = {"_type": "lowrank", "_version": 1, "_data": {"rank": {"_default": None, "re:.*mlp\\.up_proj$": 8}}}
+    model = compressed(workload, policy(lowrank, quantization(8)))
+    assert isinstance(model.model.layers[0].mlp.up_proj, nn.Sequential)
+    result = export_model(model, workload, out=tmp_path / "hf", format="hf")
+    factored = [e["name"] for e in result.report["dequantized"] if e["type"] == "low-rank factors"]
+    assert result.passed and factored == ["model.layers.0.mlp.up_proj", "model.layers.1.mlp.up_proj"]
+    written = loaded(tmp_path / "hf")
+    assert written.model.layers[0].mlp.up_proj.weight.shape == (64, 32)
+    assert greedy(written) == greedy(model)
+
+
 def _nonuniform_checkpoint(tmp_path) -> str:
     workload = lm_workloads.llama()
     model = workload.load_baseline()
@@ -164,7 +178,8 @@ def _nonuniform_checkpoint(tmp_path) -> str:
     return checkpoint(workload, model, policy(), tmp_path / "ckpt")
 
 
-def test_the_cli_writes_the_directory_and_refuses_bad_input_in_one_line(tmp_path):
+@pytest.mark.slow
+def test_the_cli_writes_the_directory_and_refuses_an_existing_out_with_exit_2(tmp_path):
     workload = lm_workloads.llama()
     source = checkpoint(workload, compressed(workload, W4_G16), W4_G16, tmp_path / "ckpt")
     args = ["export", source, "--format", "hf", "--workload", "tests.lm_workloads:llama"]
@@ -176,21 +191,34 @@ def test_the_cli_writes_the_directory_and_refuses_bad_input_in_one_line(tmp_path
     again = run_cli(*args, "--out", str(tmp_path / "hf"))  # --out exists
     assert again.returncode == 2 and again.stderr.count("\n") == 1 and "already exists" in again.stderr
 
-    uneven = _nonuniform_checkpoint(tmp_path / "uneven")
-    refused = run_cli("export", uneven, "--format", "hf", "--workload", "tests.lm_workloads:llama",
-                      "--out", str(tmp_path / "uneven-hf"))  # fmt: skip
-    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
-    assert "decoder layer 1 has intermediate_size=32 where layer 0 has 64" in refused.stderr
-    assert not (tmp_path / "uneven-hf").exists() and not (tmp_path / "uneven-hf.json").exists()
+
+def refused(capsys, *args: str) -> str:
+    """The one `error:` line `python -m orchestrator ARGS` prints when it exits with 2 (run in this process)."""
+    capsys.readouterr()
+    assert main(list(args)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    return err
 
 
-def test_a_model_transformers_cannot_load_as_a_causal_lm_is_one_line(digits, tmp_path):
-    source = checkpoint(digits, digits.load_baseline(), policy(), tmp_path / "ckpt")
-    refused = run_cli("export", source, "--format", "hf", "--out", str(tmp_path / "hf"))
-    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
-    assert "--format hf needs a transformers model" in refused.stderr and "--format onnx" in refused.stderr
+def test_non_uniform_decoder_layers_are_refused_naming_the_first_that_differs(tmp_path, capsys):
+    uneven = _nonuniform_checkpoint(tmp_path)
+    err = refused(capsys, "export", uneven, "--format", "hf", "--workload", "tests.lm_workloads:llama",
+                  "--out", str(tmp_path / "hf"))  # fmt: skip
+    assert "decoder layer 1 has intermediate_size=32 where layer 0 has 64" in err
+    assert not (tmp_path / "hf").exists() and not (tmp_path / "hf.json").exists()
+
+
+def test_a_model_transformers_cannot_load_as_a_causal_lm_is_one_line(tmp_path, capsys):
+    from tests.model_workloads import dict_workload
+
+    workload = dict_workload()  # a plain nn.Module taking a dict, not a transformers model
+    source = checkpoint(workload, workload.load_baseline(), policy(), tmp_path / "ckpt")
+    err = refused(capsys, "export", source, "--format", "hf", "--workload", "tests.model_workloads:dict_workload",
+                  "--out", str(tmp_path / "hf"))  # fmt: skip
+    assert "--format hf needs a transformers model" in err and "--format onnx" in err
     with pytest.raises(UserError, match="causal language models"):
-        export_model(_bert(), digits, out=tmp_path / "bert", format="hf")
+        export_model(_bert(), workload, out=tmp_path / "bert", format="hf")
 
 
 def _bert() -> nn.Module:
@@ -213,6 +241,7 @@ def test_activation_quantisation_is_refused_rather_than_written_as_another_model
 RELOAD = """
 import hashlib, json, sys, torch
 from orchestrator.artifacts import store
+from orchestrator.cli import main
 from tests import lm_workloads
 from tests.test_export_hf import PROMPT, greedy
 model = store.load(sys.argv[1], lm_workloads.llama()).model.eval()
@@ -239,6 +268,7 @@ def test_greedy_decoding_with_the_kv_cache_equals_decoding_without_it_before_and
     assert reloaded == {"cached": cached, "uncached": cached, "logits": logits}  # bitwise in a fresh process
 
 
+@pytest.mark.slow
 def test_an_uncompressed_policy_generates_exactly_the_original_tokens():
     workload = lm_workloads.qwen2()
     result = executor.apply(policy(), workload)

@@ -143,6 +143,8 @@ def _destination(format: str, out: str, report: str | Path | None, options: _Opt
         raise UserError("int8 activations (--int8-activations) are an ONNX Runtime option; use --format onnx")
     if options.compressed_tensors and format != "hf":
         raise UserError("--compressed-tensors is a Hugging Face directory option; use --format hf")
+    if format == "hf" and len(out) > 1:
+        out = out.rstrip("/")  # a directory named with a trailing slash: its report goes beside it, not inside
     report_path = str(report) if report is not None else f"{out}.json"
     if report_path == out:
         raise UserError(f"--report {report_path} is the --out path; give the report a path of its own")

@@ -12,8 +12,8 @@ Decisions:
   bitwise. One config group per (bits, group size) targets its layers by exact name (`re:^name$`); strategy "group"
   with the group size, or "channel" for per-channel scales.
 - Left in float (and listed as dequantized): embeddings (transformers' loader cannot initialise a packed
-  Embedding), smoothed layers (their scales fold into the weight's columns), GPT-2 Conv1D places, 16/32-bit
-  layers, and a tied output head (its tensor is the embedding's).
+  Embedding), smoothed layers (their scales fold into the weight's columns), low-rank factors (multiplied out),
+  GPT-2 Conv1D places, 16/32-bit layers, and a tied output head (its tensor is the embedding's).
 """
 
 from __future__ import annotations
@@ -43,11 +43,12 @@ def require_package() -> str:
 def packable(model: nn.Module, target: nn.Module, tied: bool) -> dict[str, PackedLinear]:
     """The packed layers of `model` that go into the directory packed (see the module docstring)."""
     head = "lm_head" if tied else None
+    places = dict(target.named_modules())  # a low-rank factor has no place of its own: multiplied out, float
     found = {}
     for name, module in model.named_modules():
         if not isinstance(module, PackedLinear) or module.bits in FLOAT_BITS or module.smoothed or name == head:
             continue
-        if module.act_bits is None and type(target.get_submodule(name)) is nn.Linear:
+        if module.act_bits is None and type(places.get(name)) is nn.Linear:
             found[name] = module
     return found
 

@@ -32,7 +32,10 @@ class ShapeError(UserError):
 
 
 def out_features(module: nn.Module) -> int:
-    """Output width of a Linear, a packed Linear or transformers' Conv1D (weight stored (in, out))."""
+    """Output width of a Linear, a packed Linear, transformers' Conv1D (weight stored (in, out)), or a low-rank
+    chain of them (its last factor's)."""
+    if isinstance(module, nn.Sequential) and len(module):
+        return out_features(module[-1])
     if isinstance(module, PackedLayer):
         return int(module.weight_shape[0])
     if type(module).__name__ == "Conv1D":
@@ -62,25 +65,23 @@ def _gpt2(layer: nn.Module) -> dict[str, int]:
 
 @dataclass(frozen=True)
 class Family:
-    """Where a family keeps its decoder layers, and how one layer's shapes read as config values."""
+    """Where a family keeps its decoder layers, the submodule that marks one of its layers, and how one layer's
+    shapes read as config values."""
 
     layers: str
+    marker: str
     shapes: Callable[[nn.Module], dict[str, int]]
     depth_key: str
 
 
-FAMILIES = (Family("layers", _gated, "num_hidden_layers"), Family("h", _gpt2, "n_layer"))
+FAMILIES = (Family("layers", "self_attn", _gated, "num_hidden_layers"), Family("h", "attn", _gpt2, "n_layer"))
 
 
 def _family(model: nn.Module) -> tuple[Family, nn.ModuleList]:
     base = getattr(model, "base_model", model)
     for family in FAMILIES:
         layers = getattr(base, family.layers, None)
-        if isinstance(layers, nn.ModuleList) and len(layers):
-            try:
-                family.shapes(layers[0])
-            except AttributeError:
-                continue
+        if isinstance(layers, nn.ModuleList) and len(layers) and hasattr(layers[0], family.marker):
             return family, layers
     raise ShapeError(
         f"--format hf writes decoders laid out like Llama/Qwen2 (q/k/v/o and gate/up/down projections) or GPT-2 "

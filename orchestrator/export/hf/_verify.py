@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from orchestrator.errors import UserError
 from orchestrator.export._check import TOLERANCE, compare
 from orchestrator.workloads import Workload
 from techniques.inputs import Inputs, batch_length, call_model, main_output
@@ -43,7 +44,8 @@ def prompts(workload: Workload) -> dict[str, torch.Tensor]:
     if isinstance(batch, torch.Tensor):
         batch = {"input_ids": batch}
     elif not isinstance(batch, dict) or "input_ids" not in batch:
-        raise ValueError("--format hf checks generation from the workload's input_ids (a tensor or a dict with them)")
+        raise UserError("--format hf checks generation from the workload's input_ids: its batches must be a tensor of "
+                        "token ids or a dict holding input_ids")  # fmt: skip
     return {key: batch[key][:, :PROMPT_TOKENS] for key in ("input_ids", "attention_mask") if key in batch}
 
 

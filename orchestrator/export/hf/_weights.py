@@ -5,6 +5,8 @@ Decisions:
   arithmetic the checkpoint's own forward uses (`dense_weight`: codes x scales, zeros where pruned); smoothing
   scales (techniques.smoothing's `input_scale`) are folded into the weight's columns. Each decoded layer is listed
   so the report can say the directory is not smaller than the checkpoint.
+- Low-rank factored Linears (techniques.lowrank: a Sequential of Linears) are multiplied out into one Linear
+  (in float64, then float32): transformers has no place for the factors, so they are listed, not smaller.
 - Activation quantisation (W8A8) cannot be written into a plain float model: a checkpoint with it is refused
   rather than written as a model that computes something else.
 - Weights are matched by name with the state the target architecture expects; a transformers Conv1D (GPT-2)
@@ -16,13 +18,13 @@ Decisions:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
 from orchestrator.errors import UserError
-from techniques._base import set_module
+from techniques import set_module
 from techniques.finalize import finalized_copy
 from techniques.packed import PackedConv2d, PackedLayer
 from techniques.packed_embedding import PackedEmbedding
@@ -59,7 +61,37 @@ def dequantized(model: nn.Module) -> tuple[nn.Module, list[dict[str, Any]]]:
         if isinstance(module, PackedLayer | PackedEmbedding):
             entries.append(_entry(name, module))
             set_module(dense, name, _float_module(module))
+    for name, module in list(dense.named_modules()):
+        if _factored(module):
+            entries.append({"name": name, "type": "low-rank factors", "bits": 32, "group_size": None,
+                            "sparse": False, "smoothed": False,
+                            "written_as": "float32 (the factors multiplied out into one Linear)"})  # fmt: skip
+            set_module(dense, name, _multiplied(module))
     return dense, entries
+
+
+def _factored(module: nn.Module) -> bool:
+    """A low-rank factored Linear (techniques.lowrank): an nn.Sequential of two or more nn.Linear."""
+    children = list(module.children())
+    return isinstance(module, nn.Sequential) and len(children) > 1 and all(type(c) is nn.Linear for c in children)
+
+
+def _multiplied(chain: nn.Sequential) -> nn.Linear:
+    """The one Linear computing what a chain of Linears computes: W = Wn...W1, b = Wn(...(W2 b1 + b2)...) + bn."""
+    layers = cast(list[nn.Linear], list(chain.children()))
+    with torch.no_grad():
+        weight, bias = layers[0].weight.double(), _bias(layers[0])
+        for layer in layers[1:]:
+            weight, bias = layer.weight.double() @ weight, layer.weight.double() @ bias + _bias(layer)
+        merged = nn.Linear(weight.shape[1], weight.shape[0], bias=any(layer.bias is not None for layer in layers))
+        merged.weight.copy_(weight.float())
+        if merged.bias is not None:
+            merged.bias.copy_(bias.float())
+    return merged
+
+
+def _bias(layer: nn.Linear) -> torch.Tensor:
+    return layer.bias.double() if layer.bias is not None else layer.weight.new_zeros(layer.out_features).double()
 
 
 def _entry(name: str, module: PackedLayer | PackedEmbedding) -> dict[str, Any]:
