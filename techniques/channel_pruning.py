@@ -36,6 +36,7 @@ from techniques._base import (
     register,
     resolve_layers,
 )
+from techniques.decoder_layout import decoder_stacks
 from techniques.head_pruning import Traced, attention_layer_names, check_outputs, projection_layers, trace
 
 NAME = "structured_pruning"
@@ -208,6 +209,11 @@ def apply(model: nn.Module, spec: StructuredPruningSpec, ctx: Context) -> nn.Mod
     """Remove the least important output channels of every addressed layer group, in place."""
     if any(parametrize.is_parametrized(m) for m in model.modules()):
         raise SpecError(f"{NAME}: the model has parametrised layers; structured pruning must run before them")
+    if decoder_stacks(model):
+        raise SpecError(
+            f"{NAME}: a transformers decoder's widths are pruned by ffn_pruning, decoder_head_pruning and "
+            "depth_pruning (Torch-Pruning's grouping of its residual stream does not finish in useful time)"
+        )
     ratios = {module: float(value) for _, module, value in resolve_layers(model, spec.ratio, LAYER_TYPES, NAME)}
     if not any(value > 0 for value in ratios.values()):
         ctx.note(NAME, None, "no layer asked for a ratio above 0; nothing pruned")
@@ -223,13 +229,31 @@ def apply(model: nn.Module, spec: StructuredPruningSpec, ctx: Context) -> nn.Mod
 def all_but_output(layers: Sequence[tuple[str, nn.Module]]) -> list[str]:
     """The layers a search prunes: all but the last, whose features are the model's output; in a transformer
     also none of an attention's projections (head pruning's) and none writing the hidden size (the residual
-    stream), which leaves the feed-forward intermediate layers."""
+    stream), which leaves the feed-forward intermediate layers; none of a decoder's gated feed-forward
+    (`gate_proj`, `up_proj` and `down_proj` siblings: ffn_pruning's, and `apply` refuses decoders)."""
     attention, hidden = attention_layer_names(layers)
+    gated = _gated_feed_forward([name for name, _ in layers])
     return [
         name
         for name, module in layers[:-1]
-        if name not in attention and (hidden is None or getattr(module, "out_features", None) != hidden)
+        if name not in attention
+        and name not in gated
+        and (hidden is None or getattr(module, "out_features", None) != hidden)
     ]
+
+
+GATED = ("gate_proj", "up_proj", "down_proj")  # a Llama-style gated feed-forward's projections
+
+
+def _gated_feed_forward(names: Sequence[str]) -> set[str]:
+    """The names of layers that, with their siblings, make a gated feed-forward."""
+    present, found = set(names), set()
+    for name in names:
+        parent, _, leaf = name.rpartition(".")
+        siblings = {f"{parent}.{part}" if parent else part for part in GATED}
+        if leaf == GATED[0] and siblings <= present:
+            found |= siblings
+    return found
 
 
 register(

@@ -217,9 +217,9 @@ def trace(model: nn.Module, ctx: Context) -> Traced:
     outputs: list[torch.Tensor] = []
 
     def forward(module: nn.Module, inputs: Inputs) -> Any:
-        out = call_model(module, inputs)
-        outputs.extend(output_tensors(out))
-        return out
+        found = list(output_tensors(call_model(module, inputs)))
+        outputs.extend(found)
+        return found  # the tensors alone: Torch-Pruning cannot walk a ModelOutput holding a key/value cache
 
     with torch.enable_grad():
         graph = tp.DependencyGraph().build_dependency(model, example_inputs=example, forward_fn=forward)

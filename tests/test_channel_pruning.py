@@ -252,3 +252,18 @@ def test_channels_the_graph_maps_past_a_layer_are_kept_with_a_note() -> None:
     assert any(n["layer"] == "extra" and "past a layer's width" in n["message"] for n in ctx.notes)
     with torch.no_grad():
         assert model(**inputs)["logits"].shape == (4, 10)
+
+
+def test_a_decoder_is_left_to_the_decoder_techniques() -> None:
+    """Llama's gated feed-forward is ffn_pruning's: never offered here, and a decoder is refused in one line
+    (Torch-Pruning's grouping of a decoder's residual stream ran for over ten minutes on a two-layer model)."""
+    from orchestrator.search.space import build_space
+    from tests.lm_workloads import llama_model
+
+    model = llama_model()
+    layers = list(techniques.layers_of(model, techniques.get("structured_pruning").layer_types))
+    eligible = techniques.get("structured_pruning").search.per_layer.eligible_layers(layers)
+    assert not [name for name in eligible if name.rpartition(".")[2] in ("gate_proj", "up_proj", "down_proj")]
+    assert "structured_pruning" not in build_space(model).groups
+    with pytest.raises(techniques.SpecError, match="ffn_pruning"):
+        _pruned(model, ratio=0.5)
