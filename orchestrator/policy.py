@@ -118,8 +118,9 @@ def check_seed(seed: Any) -> int:
 
 
 def check_order(policy: Policy) -> None:
-    """Steps must follow the canonical order (low-rank → structured → unstructured → quantization →
-    distillation) and name each technique once."""
+    """Steps must follow the canonical order (the techniques' stages: student → low-rank → head pruning →
+    decoder head pruning → structured → FFN → depth pruning → unstructured → quantization → distillation) and
+    name each technique once."""
     seen: dict[str, int] = {}
     previous: techniques.Technique | None = None
     for index, step in enumerate(policy.steps, start=1):
