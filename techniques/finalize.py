@@ -33,7 +33,6 @@ from torch.nn.utils import parametrize, prune
 from techniques._base import WeightMask, base_type, bias_of, parametrizations_of, set_module, weight_of
 from techniques.packed import INT_KERNEL, PackedConv2d, PackedLayer, PackedLinear
 from techniques.packed_embedding import PackedEmbedding
-from techniques.smoothing import InputSmoothing, smooth_input_hook
 from techniques.quantization import (
     LAYER_TYPES,
     ActivationFakeQuant,
@@ -42,6 +41,7 @@ from techniques.quantization import (
     is_embedding,
     quantize_input_hook,
 )
+from techniques.smoothing import InputSmoothing, smooth_input_hook
 
 PLAIN_KERNEL = "fp32"
 _Chain = tuple[torch.Tensor, torch.Tensor | None, WeightFakeQuant | None]
