@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import sys
@@ -81,6 +82,23 @@ def train_classifier(
             f"train acc {correct / total:.4f}  ({time.perf_counter() - start:.1f}s)"
         )
     return model.eval()
+
+
+def recipe_trainer(
+    recipe: Mapping[str, Any], train: DataSplit, label: str, **options: Any
+) -> Callable[[nn.Module], nn.Module]:
+    """`train_classifier` on `train` with the recipe's epochs, lr, batch size and seed (`options`: prepare,
+    output_fn)."""
+    return functools.partial(
+        train_classifier,
+        train=train,
+        epochs=recipe["epochs"],
+        lr=recipe["lr"],
+        batch_size=recipe["batch_size"],
+        seed=recipe["seed"],
+        label=label,
+        **options,
+    )
 
 
 def cached_baseline(

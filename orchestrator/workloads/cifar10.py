@@ -17,7 +17,7 @@ from torch import nn
 
 from orchestrator.digest import tensor_digest
 from orchestrator.errors import UserError
-from orchestrator.workloads._baseline import cached_baseline, progress, recipe_hash, train_classifier
+from orchestrator.workloads._baseline import cached_baseline, progress, recipe_hash, recipe_trainer
 from orchestrator.workloads._workload import Workload
 from orchestrator.workloads.data import Split
 
@@ -172,16 +172,7 @@ def make_cifar10(data_dir: str | Path, *, weights: str | Path | None = None, epo
         load = functools.partial(_load_weights_file, Path(weights), build)
         recipe["weights"] = tensor_digest(torch.frombuffer(bytearray(Path(weights).read_bytes()), dtype=torch.uint8))
     else:
-        train = functools.partial(
-            train_classifier,
-            train=splits["train"],
-            epochs=recipe["epochs"],
-            lr=recipe["lr"],
-            batch_size=recipe["batch_size"],
-            seed=recipe["seed"],
-            prepare=prepare,
-            label="cifar10",
-        )
+        train = recipe_trainer(recipe, splits["train"], "cifar10", prepare=prepare)
         load = functools.partial(cached_baseline, "cifar10", recipe, build, train)
     return Workload(
         name="cifar10",

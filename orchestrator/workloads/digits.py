@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from orchestrator.digest import tensor_digest
-from orchestrator.workloads._baseline import cached_baseline, recipe_hash, train_classifier
+from orchestrator.workloads._baseline import cached_baseline, recipe_hash, recipe_trainer
 from orchestrator.workloads._workload import Workload
 from orchestrator.workloads.data import Split
 
@@ -64,15 +64,7 @@ def make_digits() -> Workload:
     splits = load_splits(RECIPE["seed"])
     recipe = {**RECIPE, "data": tensor_digest(*splits["train"].digest_tensors())}
     build = functools.partial(DigitsCNN, RECIPE["width"])
-    train = functools.partial(
-        train_classifier,
-        train=splits["train"],
-        epochs=RECIPE["epochs"],
-        lr=RECIPE["lr"],
-        batch_size=RECIPE["batch_size"],
-        seed=RECIPE["seed"],
-        label="digits",
-    )
+    train = recipe_trainer(RECIPE, splits["train"], "digits")
     return Workload(
         name="digits",
         build_model=build,

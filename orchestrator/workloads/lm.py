@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from orchestrator.digest import tensor_digest
-from orchestrator.workloads._baseline import cached_baseline, recipe_hash, train_classifier
+from orchestrator.workloads._baseline import cached_baseline, recipe_hash, recipe_trainer
 from orchestrator.workloads._workload import Workload
 from orchestrator.workloads.data import Split
 from orchestrator.workloads.text import CORPUS_PACKAGE, CORPUS_VERSION, LANGUAGES, load_corpus, split_corpus
@@ -172,16 +172,7 @@ def make_lm() -> Workload:
         "corpus": f"{CORPUS_PACKAGE}=={CORPUS_VERSION}",
         "data": tensor_digest(*splits["train"].digest_tensors()),
     }
-    train = functools.partial(
-        train_classifier,
-        train=splits["train"],
-        epochs=RECIPE["epochs"],
-        lr=RECIPE["lr"],
-        batch_size=RECIPE["batch_size"],
-        seed=RECIPE["seed"],
-        output_fn=token_logits,
-        label="lm",
-    )
+    train = recipe_trainer(RECIPE, splits["train"], "lm", output_fn=token_logits)
     parameters = sum(p.numel() for p in build_llama().parameters())
     return Workload(
         name="lm",

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from orchestrator.digest import tensor_digest
-from orchestrator.workloads._baseline import cached_baseline, recipe_hash, train_classifier
+from orchestrator.workloads._baseline import cached_baseline, recipe_hash, recipe_trainer
 from orchestrator.workloads._workload import Workload
 from orchestrator.workloads.data import Split
 
@@ -273,15 +273,7 @@ def make_text() -> Workload:
         "data": tensor_digest(*train_split.digest_tensors()),
     }
     build = functools.partial(build_bert, len(vocab))
-    train = functools.partial(
-        train_classifier,
-        train=train_split,
-        epochs=RECIPE["epochs"],
-        lr=RECIPE["lr"],
-        batch_size=RECIPE["batch_size"],
-        seed=RECIPE["seed"],
-        label="text",
-    )
+    train = recipe_trainer(RECIPE, train_split, "text")
     counts = parameter_counts(build())
     return Workload(
         name="text",
