@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import nn
@@ -94,7 +94,7 @@ def block_influence(model: nn.Module, stacks: Sequence[nn.ModuleList], ctx: Cont
 def keep_blocks(model: nn.Module, name: str, kept: list[int]) -> nn.ModuleList:
     """Replace stack `name` by its blocks `kept` (positions), renumber their `layer_idx`, record where each came
     from, and keep the config's per-block `layer_types` in step."""
-    stack = model.get_submodule(name)
+    stack = cast(nn.ModuleList, model.get_submodule(name))
     sources = getattr(stack, SOURCE_LAYERS, None) or tuple(range(len(stack)))
     new = nn.ModuleList([stack[i] for i in kept])
     setattr(new, SOURCE_LAYERS, tuple(sources[i] for i in kept))
@@ -102,7 +102,7 @@ def keep_blocks(model: nn.Module, name: str, kept: list[int]) -> nn.ModuleList:
     for position, block in enumerate(new):
         for module in block.modules():
             if isinstance(vars(module).get("layer_idx"), int):
-                module.layer_idx = position
+                cast(Any, module).layer_idx = position
     found = model_config(model)
     types = getattr(found[1], "layer_types", None) if found else None
     if found and isinstance(types, list | tuple) and len(types) == len(stack):
@@ -117,9 +117,10 @@ def _targets(model: nn.Module, spec: DepthPruningSpec, ctx: Context) -> list[tup
             if ratio > 0:
                 ctx.note(NAME, name, "kept every block: not a stack of decoder blocks this technique handles")
             continue
-        drop = heads_to_remove(len(stack), float(ratio))
+        blocks = cast(nn.ModuleList, stack)
+        drop = heads_to_remove(len(blocks), float(ratio))
         if drop:
-            targets.append((name, stack, drop))
+            targets.append((name, blocks, drop))
     return targets
 
 
@@ -145,7 +146,7 @@ def _prune(model: nn.Module, targets: list[tuple[str, nn.ModuleList, int]], ctx:
 
 def prunable(layers: Sequence[tuple[str, nn.Module]]) -> list[str]:
     """Decoder stacks of two blocks or more."""
-    return [name for name, module in layers if is_decoder_stack(module) and len(module) > 1]
+    return [name for name, module in layers if is_decoder_stack(module) and len(cast(nn.ModuleList, module)) > 1]
 
 
 register(

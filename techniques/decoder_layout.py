@@ -32,7 +32,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from torch import nn
 
@@ -87,7 +87,8 @@ def is_projection(module: Any) -> bool:
 
 def widths(layer: nn.Module) -> tuple[int, int]:
     """(outputs, inputs) of a Linear or Conv1D."""
-    return (layer.out_features, layer.in_features) if type(layer) is nn.Linear else (layer.nf, layer.nx)
+    found = cast(Any, layer)
+    return (found.out_features, found.in_features) if type(layer) is nn.Linear else (found.nf, found.nx)
 
 
 def int_attr(module: nn.Module, name: str) -> int | None:
@@ -128,7 +129,7 @@ class Attention:
 
 
 def _split_attention(module: nn.Module, head_dim: int) -> Attention | None:
-    q, k, v, o = (getattr(module, name, None) for name in SPLIT)
+    q, k, v, o = (cast(Any, getattr(module, name, None)) for name in SPLIT)
     groups = int_attr(module, "num_key_value_groups")
     if groups is None or not all(type(layer) is nn.Linear for layer in (q, k, v, o)):
         return None
@@ -141,7 +142,7 @@ def _split_attention(module: nn.Module, head_dim: int) -> Attention | None:
 
 
 def _fused_attention(module: nn.Module, head_dim: int) -> Attention | None:
-    qkv, out = (getattr(module, name, None) for name in FUSED)
+    qkv, out = (cast(Any, getattr(module, name, None)) for name in FUSED)
     split, heads = int_attr(module, "split_size"), int_attr(module, "num_heads")
     if not (is_conv1d(qkv) and is_conv1d(out)) or split is None or heads is None:
         return None
@@ -183,7 +184,7 @@ def mlp_of(module: nn.Module) -> Mlp | None:
     if not is_decoder_mlp_class(type(module)):
         return None
     for names, gated in ((GATED_MLP, True), (FUSED_MLP, False)):
-        layers = [getattr(module, name, None) for name in names]
+        layers = [cast(Any, getattr(module, name, None)) for name in names]
         if not all(is_projection(layer) for layer in layers):
             continue
         *inputs, output = layers
@@ -276,7 +277,7 @@ class DecoderLayout:
             )
         ffn = self.ffn()
         if len(ffn) == 1 and None not in ffn:
-            fields["n_inner" if fused else "intermediate_size"] = next(iter(ffn))
+            fields["n_inner" if fused else "intermediate_size"] = cast(int, next(iter(ffn)))
         elif len(ffn) > 1:
             problems.append(f"blocks keep different feed-forward widths: {self._per_block('ffn')}")
         return fields, problems

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -75,12 +75,13 @@ def check_spec(spec: TechniqueSpec, setting: str, importance: Any, uniform: Any)
 
 def matrix(layer: nn.Module) -> torch.Tensor:
     """A Linear's or Conv1D's weight as (outputs, inputs)."""
-    return layer.weight if type(layer) is nn.Linear else layer.weight.t()
+    weight = cast(torch.Tensor, layer.weight)
+    return weight if type(layer) is nn.Linear else weight.t()
 
 
 def sliced(layer: nn.Module, rows: Sequence[int] | None = None, cols: Sequence[int] | None = None) -> nn.Module:
     """A new layer of the same type holding the kept output `rows` and input `cols` (None: all), bias included."""
-    weight, bias = matrix(layer).detach(), layer.bias
+    weight, bias = matrix(layer).detach(), cast(torch.Tensor | None, layer.bias)
     if rows is not None:
         weight = weight[torch.as_tensor(rows, device=weight.device)]
         bias = None if bias is None else bias.detach()[torch.as_tensor(rows, device=weight.device)]
@@ -91,12 +92,12 @@ def sliced(layer: nn.Module, rows: Sequence[int] | None = None, cols: Sequence[i
         new = (
             nn.Linear(inputs, outputs, bias=bias is not None)
             if type(layer) is nn.Linear
-            else type(layer)(outputs, inputs)
+            else cast(Any, type(layer))(outputs, inputs)
         )
     stored = weight if type(layer) is nn.Linear else weight.t()
-    new.weight = nn.Parameter(stored.clone().contiguous(), requires_grad=layer.weight.requires_grad)
+    new.weight = nn.Parameter(stored.clone().contiguous(), requires_grad=bool(cast(Any, layer).weight.requires_grad))
     if bias is not None:
-        new.bias = nn.Parameter(bias.clone().contiguous(), requires_grad=layer.bias.requires_grad)
+        new.bias = nn.Parameter(bias.clone().contiguous(), requires_grad=bool(cast(Any, layer).bias.requires_grad))
     return new.train(layer.training)
 
 
