@@ -66,9 +66,9 @@ Decisions:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -96,8 +96,15 @@ from techniques._base import (
     resolve_layers,
     weight_of,
 )
+from techniques.fake_quant import (
+    ActivationFakeQuant,
+    DynamicActivationFakeQuant,
+    WeightFakeQuant,
+    per_tensor_scale,
+    quantize_input_hook,
+)
 from techniques.inputs import call_model, to_device
-from techniques.packed import ACT_QMAX, dequantize, fake_quantize_rows, quantize_activation, weight_codes
+from techniques.packed import dequantize, fake_quantize_rows, quantize_activation, weight_codes
 from techniques.smoothing import ALPHA, AWQ, SMOOTHQUANT
 
 RTN, GPTQ = "rtn", "gptq"
@@ -186,95 +193,6 @@ class QuantizationSpec(TechniqueSpec):
             methods = ", ".join(smoothing.METHODS)
             raise SpecError(f"quantization: smoothing must be null or one of {methods}, got {self.smoothing!r}")
         check_range("quantization", "smoothing_alpha", self.smoothing_alpha, 0.0, 1.0)
-
-
-class _StraightThrough(torch.autograd.Function):
-    """Forward `fn(x)` exactly; backward passes the gradient to `x` unchanged."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        return fn(x)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return grad, None
-
-
-class WeightFakeQuant(nn.Module):
-    """Parametrisation: the weight as symmetric `bits`-bit codes times float32 scales (float16 at 16 bits).
-
-    Scales are recomputed from the weight on every forward (round to nearest), or, when `scale` (out, groups)
-    is given, frozen: a calibrated algorithm's (GPTQ's) scales, a buffer that `finalize` packs with.
-    """
-
-    scale: torch.Tensor | None  # registered buffer (None: recomputed from the weight)
-
-    def __init__(
-        self, bits: int, group_size: int | None = None, kernel: str = "auto", scale: torch.Tensor | None = None
-    ) -> None:
-        super().__init__()
-        self.bits = bits
-        self.group_size = group_size
-        self.kernel = kernel
-        self.register_buffer("scale", None if scale is None else scale.detach().float().clone())
-
-    def quantize(self, weight: torch.Tensor) -> torch.Tensor:
-        """The fake-quantised weight, without gradient bookkeeping."""
-        if self.bits == 16:
-            return weight.half().float()
-        codes, scale = weight_codes(weight, self.bits, self.group_size, self.scale)
-        return dequantize(codes, scale, weight.shape)
-
-    def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return _StraightThrough.apply(weight, self.quantize)
-
-    def extra_repr(self) -> str:
-        frozen = ", frozen scales" if self.scale is not None else ""
-        return f"bits={self.bits}, group_size={self.group_size}{frozen}"
-
-
-class ActivationFakeQuant(nn.Module):
-    """8-bit static per-tensor fake-quant of a layer's input; records max|x| while `observing`."""
-
-    bits = 8
-    scale: torch.Tensor  # registered buffers
-    amax: torch.Tensor
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.register_buffer("scale", torch.ones(()))
-        self.register_buffer("amax", torch.zeros(()))
-        self.observing = False
-
-    def freeze(self) -> None:
-        """Stop observing; the scale becomes max|x| / 127 (1.0 when nothing non-zero was seen)."""
-        amax = self.amax
-        self.scale.copy_(torch.where(amax > 0, amax / ACT_QMAX, torch.ones_like(amax)))
-        self.observing = False
-
-    def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        return quantize_activation(x, self.scale) * self.scale
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.observing:
-            self.amax.copy_(torch.maximum(self.amax, x.detach().abs().amax().float()))
-            return x
-        return _StraightThrough.apply(x, self.quantize)
-
-
-class DynamicActivationFakeQuant(nn.Module):
-    """8-bit dynamic per-row fake-quant of a Linear's input (scales from each row at run time; nothing to
-    calibrate); gradients pass straight through."""
-
-    bits = 8
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _StraightThrough.apply(x, fake_quantize_rows)
-
-
-def quantize_input_hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
-    """Forward pre-hook: pass the layer's first input through its `input_quant`."""
-    return (cast(nn.Module, module.input_quant)(args[0]), *args[1:])
 
 
 def is_embedding(module: nn.Module) -> bool:
@@ -474,8 +392,7 @@ def _layer_quantizers(
         return dequantize(*weight_codes(w, wbits, group), w.shape)
 
     def static(x: torch.Tensor) -> torch.Tensor:
-        amax = x.abs().amax()
-        scale = torch.where(amax > 0, amax / ACT_QMAX, torch.ones_like(amax))
+        scale = per_tensor_scale(x.abs().amax())
         return quantize_activation(x, scale) * scale
 
     mode = activation_mode(module, bits, spec)

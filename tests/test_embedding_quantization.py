@@ -18,12 +18,13 @@ from torch.nn.utils import parametrize
 import techniques
 import techniques.packed_embedding
 from orchestrator.artifacts.store import STRUCTURE, WEIGHTS, measure_artifact, read_artifact, write_artifact
+from techniques.fake_quant import ActivationFakeQuant, WeightFakeQuant
 from techniques.finalize import finalize, kernel_report
 from techniques.inputs import Inputs, call_model, first_rows
 from techniques.packed import PackedLinear
 from techniques.packed_embedding import GATHER_KERNEL, PackedEmbedding
 from techniques.packing import packed_nbytes
-from techniques.quantization import ActivationFakeQuant, QuantizationSpec, WeightFakeQuant
+from techniques.quantization import QuantizationSpec
 from tests.technique_contract import TechniqueContract
 from tests.tiny_models import TINY_BERT, seeded, text_data, tiny_bert
 

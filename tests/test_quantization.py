@@ -8,8 +8,9 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import techniques
+from techniques.fake_quant import ActivationFakeQuant, WeightFakeQuant
 from techniques.finalize import finalize
-from techniques.quantization import MAX_GROUP_SIZE, ActivationFakeQuant, QuantizationSpec, WeightFakeQuant
+from techniques.quantization import MAX_GROUP_SIZE, QuantizationSpec
 from tests.technique_contract import TechniqueContract, make_context
 from tests.tiny_models import DictInputNet, TinyCNN, dict_data, seeded
 
