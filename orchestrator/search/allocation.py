@@ -30,6 +30,7 @@ from typing import Any
 import techniques
 from orchestrator.search.sensitivity import SensitivityTable
 from orchestrator.search.space import SearchSpace
+from orchestrator.search.space_options import per_layer_of
 
 BUDGETS = (4.0, 6.0, 8.0)  # times smaller than the float32 baseline's stored bytes
 Unit = tuple[str, str]  # (technique, group): one search parameter
@@ -63,7 +64,7 @@ def options(table: SensitivityTable, space: SearchSpace) -> list[Option]:
     for cell in table.cells:
         drop, delta = table.drop(cell), table.delta_bytes(cell)
         offered = space.group_choices(cell.setting, cell.group) if cell.setting in space.choices else ()
-        off = techniques.get(cell.technique).search.per_layer.off
+        off = per_layer_of(techniques.get(cell.technique)).off
         if drop is None or delta is None or cell.output_error is None or cell.value not in offered:
             continue
         if off in offered:

@@ -29,6 +29,7 @@ import techniques
 from orchestrator.executor import make_context
 from orchestrator.policy import Policy
 from orchestrator.search.space import SearchSpace
+from orchestrator.search.space_options import per_layer_of
 from orchestrator.workloads import Workload
 from techniques.finalize import finalize
 from techniques.inputs import Inputs, to_device
@@ -75,8 +76,12 @@ class Job:
     policies: tuple[Policy, ...]
 
     def cells(self, measured: Sequence[Measured]) -> list[Cell]:
-        where = {"technique": self.technique, "setting": self.setting, "group": self.group, "layers": self.layers}
-        return [Cell(**vars(m), **where, value=value) for value, m in zip(self.values, measured, strict=True)]
+        return [
+            Cell(
+                **vars(m), technique=self.technique, setting=self.setting, group=self.group, layers=self.layers, value=v
+            )
+            for v, m in zip(self.values, measured, strict=True)
+        ]
 
     def identity(self, value: Any) -> tuple[str, tuple[str, ...], str]:
         return self.technique, self.layers, json.dumps(value)
@@ -86,7 +91,7 @@ def jobs_of(space: SearchSpace) -> list[Job]:
     """One job per layer group of every technique with a per-layer setting, over its values but the off one."""
     jobs = []
     for name, groups in space.groups.items():
-        per_layer = techniques.get(name).search.per_layer
+        per_layer = per_layer_of(techniques.get(name))
         values = tuple(v for v in space.choices[per_layer.setting] if v != per_layer.off)
         for group, layers in groups.items():
             if values:
@@ -224,7 +229,8 @@ def run_jobs(jobs: Sequence[Job], shared: Shared, cpus: float, gpus: float) -> l
     cells: list[Cell] = []
     for future, job in pending.items():
         try:
-            cells += ray.get(future)
+            found: list[Cell] = ray.get(future)
+            cells += found
         except (ray.exceptions.RayError, OSError) as exc:
             text = str(exc).strip()
             line = text.splitlines()[-1][:300] if text else type(exc).__name__

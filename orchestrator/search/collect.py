@@ -230,11 +230,11 @@ def _pareto_metrics(
 def _baseline_info(prepared: Prepared, rows: list[TrialRow]) -> BaselineInfo:
     baseline_row = next((r for r in rows if r.role == "baseline" and r.status == "completed"), None)
     measured = prepared.reference.measurements
+    timed = baseline_row.latency_ms if baseline_row else None  # timed inside a trial, like every other row
     return BaselineInfo(
         validation=prepared.reference.metric,
         size_bytes=measured.size_bytes,
-        # timed inside a trial, like every other row, when the baseline ran as one
-        latency_ms=baseline_row.latency_ms if baseline_row else measured.latency.median_ms,
+        latency_ms=timed if timed is not None else measured.latency.median_ms,
         flops=measured.flops,
         params=measured.params,
         test=prepared.workload.evaluate(prepared.baseline, "test", prepared.device),

@@ -125,7 +125,9 @@ def _run_pinned(run_dir: str, nodes: list[Node], token: str, simulate_failure_on
         task.options(
             name="storage-preflight",
             scheduling_strategy=NodeAffinitySchedulingStrategy(node.node_id, soft=False),
-        ).remote(run_dir, node.node_id, token, simulate_failure=node.node_id == simulate_failure_on): node
+        ).remote(  # type: ignore[call-arg]  # ray's typed .remote stubs take no keywords; the real one does
+            run_dir, node.node_id, token, simulate_failure=node.node_id == simulate_failure_on
+        ): node
         for node in nodes
     }
     ready, pending = ray.wait(list(refs), num_returns=len(refs), timeout=TIMEOUT_S)

@@ -31,6 +31,7 @@ from orchestrator.search.sensitivity import (
     write_table,
 )
 from orchestrator.search.space import SearchSpace
+from orchestrator.search.space_options import settings_of
 
 SCHEMA = pa.schema(
     [
@@ -114,7 +115,7 @@ def parquet_rows(table: SensitivityTable, removed: dict[str, tuple[Any, ...]]) -
     """One row per cell, as the report reads them."""
     rows = []
     for cell in table.cells:
-        per_layer = techniques.get(cell.technique).search.per_layer
+        per_layer = settings_of(techniques.get(cell.technique)).per_layer
         rows.append(
             {
                 "technique": cell.technique,

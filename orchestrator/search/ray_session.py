@@ -105,7 +105,7 @@ def _init_ray(config: Any, target: RayTarget, configure_logging: bool) -> None:
         include_dashboard=False,
         log_to_driver=False,
         configure_logging=configure_logging,
-        logging_level="WARNING",
+        logging_level="WARNING",  # type: ignore[arg-type]  # ray annotates int; its own default is "info"
         **config.extra_ray_init,
     )
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypedDict, TypeGuard
 
 import optuna
 from ray.tune.search import Searcher
@@ -49,6 +49,20 @@ _FINISHED = (_State.COMPLETE, _State.FAIL, _State.PRUNED)
 _ADOPTABLE = (_State.RUNNING, *_FINISHED)
 
 
+class _Recipe(TypedDict):
+    """What a `JournalSearcher` is built from again when unpickled (its keyword arguments but the rest)."""
+
+    space: Callable[[Any], Any]
+    metric: list[str]
+    mode: list[str]
+    sampler: SamplerRecipe
+    seed: int
+    journal: str
+    study_name: str
+    constraint: AccuracyDropConstraint | None
+    compresses: Callable[[dict[str, Any]], bool] | None
+
+
 class JournalSearcher(Searcher):
     """A multi-objective Optuna study behind Tune (see the module's decisions)."""
 
@@ -67,8 +81,9 @@ class JournalSearcher(Searcher):
         references: Sequence[tuple[str, dict[str, Any]]] = (),
         compresses: Callable[[dict[str, Any]], bool] | None = None,
     ) -> None:
-        super().__init__(metric=list(metric), mode=list(mode))
-        self._recipe = {
+        # Tune's `Searcher` annotates one metric and mode, but takes lists (its own `OptunaSearch` passes them)
+        super().__init__(metric=list(metric), mode=list(mode))  # type: ignore[arg-type]
+        self._recipe: _Recipe = {
             "space": space,
             "metric": list(metric),
             "mode": list(mode),
@@ -192,7 +207,8 @@ class JournalSearcher(Searcher):
         trial = self._bound[trial_id]
         known = self._frozen(trial.number)
         values = None if error or not result else [result.get(m) for m in self._objectives]
-        good = values is not None and all(_finite(v) for v in values)
+        finite = values if values is not None and _all_finite(values) else None
+        good = finite is not None
         attrs = {"ray_trial_id": trial_id, **_record(result or {})}
         constraints = {CONSTRAINT: float(self._constraint(result))} if good and self._constraint and result else {}
         if known.state == _State.RUNNING:
@@ -200,13 +216,13 @@ class JournalSearcher(Searcher):
                 trial.set_user_attr(key, value)
             for key, value in constraints.items():
                 trial.set_constraint(key, value)
-            self._study.tell(trial, values if good else None, state=_State.COMPLETE if good else _State.FAIL)
+            self._study.tell(trial, finite, state=_State.COMPLETE if good else _State.FAIL)
         elif known.state == _State.FAIL and good and not self._retried(known.number):
             self._study.add_trial(
                 optuna.trial.create_trial(
                     params=known.params,
                     distributions=known.distributions,
-                    values=values,
+                    values=finite,
                     user_attrs={**known.user_attrs, **attrs, RETRY_ATTR: known.number},
                     constraints=constraints,
                 )
@@ -218,6 +234,10 @@ class JournalSearcher(Searcher):
 
 def _finite(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _all_finite(values: list[Any]) -> TypeGuard[list[float]]:
+    return all(_finite(v) for v in values)
 
 
 def _record(result: dict[str, Any]) -> dict[str, Any]:

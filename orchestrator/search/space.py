@@ -47,7 +47,9 @@ from orchestrator.search.space_options import (
     SpaceOptions,
     flat_ranges,
     global_setting,
+    per_layer_of,
     searchable,
+    settings_of,
 )
 from techniques.student import NAME as STUDENT
 
@@ -87,15 +89,13 @@ STUDENT_WIDTH = f"{STUDENT}.width"  # the parameter holding a student's width
 
 
 def _global_name(technique: techniques.Technique, setting: str) -> str:
-    assert technique.search is not None
-    return f"{technique.search.prefix or technique.name}.{setting}"
+    return f"{settings_of(technique).prefix or technique.name}.{setting}"
 
 
 def _compresses(technique: techniques.Technique) -> bool:
     """Whether a technique is a family trials combine: it has a per-layer setting, or it does not fine-tune (a
     whole-model change searched by its global settings, such as a student); distillation joins every policy."""
-    assert technique.search is not None
-    return technique.search.per_layer is not None or not technique.fine_tunes
+    return settings_of(technique).per_layer is not None or not technique.fine_tunes
 
 
 @dataclass(frozen=True)
@@ -119,7 +119,7 @@ class SearchSpace:
 
     def _offered(self, technique: techniques.Technique) -> bool:
         """Whether a family has something to search: layers for a per-layer setting, or global settings."""
-        per_layer = technique.search.per_layer
+        per_layer = settings_of(technique).per_layer
         if per_layer is not None:  # a group left only its off value compresses nothing
             groups = self.groups.get(technique.name, {})
             return any(v != per_layer.off for g in groups for v in self.group_choices(per_layer.setting, g))
@@ -145,12 +145,12 @@ class SearchSpace:
         for technique in self._techniques():
             if _compresses(technique) and technique.name not in used:
                 continue
-            per_layer = technique.search.per_layer
+            per_layer = settings_of(technique).per_layer
             if per_layer is not None:
                 for group in self.groups.get(technique.name, {}):
                     choices = list(self.group_choices(per_layer.setting, group))
                     trial.suggest_categorical(f"{per_layer.setting}.{group}", choices)
-            for declared in technique.search.globals:
+            for declared in settings_of(technique).globals:
                 self._suggest_global(trial, technique, declared)
 
     def _suggest_global(self, trial: Any, technique: techniques.Technique, declared: techniques.GlobalSearch) -> None:
@@ -169,7 +169,7 @@ class SearchSpace:
         kept = self.student_layers.get(params.get(STUDENT_WIDTH, 0.0)) if STUDENT in used else None
         steps, fine_tune = [], []
         for technique in self._techniques():
-            per_layer = technique.search.per_layer
+            per_layer = settings_of(technique).per_layer
             if not _compresses(technique):
                 fine_tune.append(technique)
                 continue
@@ -199,10 +199,10 @@ class SearchSpace:
         """Every parameter the space can suggest (per-layer ones only when their technique is picked)."""
         names = [COMBINATION]
         for technique in self._techniques():
-            per_layer = technique.search.per_layer
+            per_layer = settings_of(technique).per_layer
             if per_layer is not None:
                 names += [f"{per_layer.setting}.{g}" for g in self.groups.get(technique.name, {})]
-            names += [_global_name(technique, g.setting) for g in technique.search.globals]
+            names += [_global_name(technique, g.setting) for g in settings_of(technique).globals]
         return names
 
     def max_epochs(self) -> int | None:
@@ -216,10 +216,7 @@ class SearchSpace:
 
     def searches(self, setting: str) -> bool:
         """Whether some technique with layers to act on searches the per-layer `setting`."""
-        return any(
-            t.search.per_layer is not None and t.search.per_layer.setting == setting and self.groups.get(t.name)
-            for t in self._techniques()
-        )
+        return any(per_layer_of(t).setting == setting and self.groups.get(t.name) for t in self._per_layer())
 
     def fixed_points(self) -> list[tuple[str, str, dict[str, Any]]]:
         """(name, role, params) evaluated before the sampler starts: the baseline (first; the driver runs it
@@ -229,9 +226,9 @@ class SearchSpace:
         for name, settings in REFERENCES:
             if all(v in self.choices.get(s, ()) and self.searches(s) for s, v in settings.items()):
                 values = {
-                    t.name: {group: settings[t.search.per_layer.setting] for group in self.groups[t.name]}
+                    t.name: {group: settings[per_layer_of(t).setting] for group in self.groups[t.name]}
                     for t in self._per_layer()
-                    if t.search.per_layer.setting in settings and self.groups.get(t.name)
+                    if per_layer_of(t).setting in settings and self.groups.get(t.name)
                 }
                 point, left_alone = self._point(values)
                 suffix = f", {left_alone} group{'s' if left_alone > 1 else ''} left alone" if left_alone else ""
@@ -240,7 +237,7 @@ class SearchSpace:
         return _distinct(points)
 
     def _per_layer(self) -> list[techniques.Technique]:
-        return [t for t in self._techniques() if t.search.per_layer is not None]
+        return [t for t in self._techniques() if settings_of(t).per_layer is not None]
 
     def _point(self, values: Mapping[str, Mapping[str, Any]]) -> tuple[dict[str, Any], int]:
         """The parameters of a fixed point giving `values` (technique → group → value; other groups of those
@@ -249,7 +246,7 @@ class SearchSpace:
         point: dict[str, Any] = {COMBINATION: "+".join(t.name for t in used)}
         left_alone = 0
         for technique in used:
-            per_layer = technique.search.per_layer
+            per_layer = per_layer_of(technique)
             for group in self.groups[technique.name]:
                 value = values[technique.name].get(group, per_layer.off)
                 if value not in self.group_choices(per_layer.setting, group):
@@ -257,7 +254,7 @@ class SearchSpace:
                 point[f"{per_layer.setting}.{group}"] = value
         for technique in self._techniques():
             if not _compresses(technique) or technique in used:
-                for declared in technique.search.globals:
+                for declared in settings_of(technique).globals:
                     values_range = self.ranges[technique.name][declared.setting]
                     point[_global_name(technique, declared.setting)] = _reference_value(declared, values_range)
         return point, left_alone
@@ -304,7 +301,7 @@ def _distinct(points: list[tuple[str, str, dict[str, Any]]]) -> list[tuple[str, 
 def _globals(technique: techniques.Technique, params: Mapping[str, Any]) -> dict[str, Any]:
     """A technique's global settings as a trial's parameters give them (a setting the parameters lack, e.g. in a
     run recorded before it was declared, keeps the spec's default)."""
-    names = {g.setting: _global_name(technique, g.setting) for g in technique.search.globals}
+    names = {g.setting: _global_name(technique, g.setting) for g in settings_of(technique).globals}
     return {setting: params[name] for setting, name in names.items() if name in params}
 
 
@@ -322,11 +319,10 @@ def _reference_value(declared: techniques.GlobalSearch, values: tuple[Any, ...])
 
 def _eligible(model: nn.Module, technique: techniques.Technique, excluded: Sequence[str]) -> list[str]:
     """The layers of the model a technique's search acts on, less the user's exclusions."""
-    assert technique.search is not None and technique.search.per_layer is not None
     layers = list(techniques.layers_of(model, technique.layer_types))
     return [
         name
-        for name in technique.search.per_layer.eligible_layers(layers)
+        for name in per_layer_of(technique).eligible_layers(layers)
         if not any(re.fullmatch(p.removeprefix("re:"), name) for p in excluded)
     ]
 
@@ -349,13 +345,13 @@ def build_space(
     chosen = _chosen(options, build_student is not None)
     groups, choices = {}, {}
     for technique in chosen:
-        per_layer = technique.search.per_layer
+        per_layer = settings_of(technique).per_layer
         if per_layer is not None:
             choices[per_layer.setting] = options.choices.get(per_layer.setting, per_layer.choices)
             layers = _eligible(model, technique, options.exclude.get(technique.name, ()))
             if layers:
                 groups[technique.name] = dict(group_layers(model, layers, options.grouping, options.groups))
-    if not any(groups.values()) and not any(t.search.per_layer is None and _compresses(t) for t in chosen):
+    if not any(groups.values()) and not any(settings_of(t).per_layer is None and _compresses(t) for t in chosen):
         raise SpaceError(f"no layer of the model can be compressed by {', '.join(t.name for t in chosen)}")
     _check_groups_match(options, groups)
     ranges, sources = global_ranges(chosen, model, options, defaults or {})
@@ -442,11 +438,12 @@ def global_ranges(
     sources: dict[str, dict[str, str]] = {}
     layers = (("options", options.ranges), ("workload", workload), ("model", derived))
     for technique in chosen:
-        for declared in technique.search.globals:
-            value = declared.bounds if declared.bounds is not None else declared.choices
+        for declared in settings_of(technique).globals:
             source = next((name for name, layer in layers if declared.setting in layer.get(technique.name, {})), None)
             if source is not None:
                 value = dict(layers)[source][technique.name][declared.setting]
+            else:
+                value = _declared(declared)
             ranges.setdefault(technique.name, {})[declared.setting] = tuple(value)
             sources.setdefault(technique.name, {})[declared.setting] = source or "technique"
         if technique.name in ranges:
@@ -454,12 +451,20 @@ def global_ranges(
     return ranges, sources
 
 
+def _declared(declared: techniques.GlobalSearch) -> tuple[Any, ...]:
+    """The range a technique declares for a global setting: its float bounds, else its choices."""
+    value = declared.bounds if declared.bounds is not None else declared.choices
+    if value is None:
+        raise ValueError(f"global setting {declared.setting!r} declares neither bounds nor choices")
+    return value
+
+
 def _check_combinations(
     technique: techniques.Technique, ranges: Mapping[str, tuple[Any, ...]], sources: Mapping[str, str]
 ) -> None:
     """Every combination of the searched values (a float range at both ends) must make a valid spec: ranges
     that are each fine may still clash (`epochs` 0 with no step budget), and a trial would fail late."""
-    declared = {g.setting: g for g in technique.search.globals}
+    declared = {g.setting: g for g in settings_of(technique).globals}
     axes = [(s, v if declared[s].bounds is None else (v[0], v[-1])) for s, v in ranges.items()]
     names = [s for s, _ in axes]
     for combination in itertools.islice(itertools.product(*(v for _, v in axes)), MAX_CHECKED):

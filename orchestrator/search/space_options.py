@@ -49,6 +49,21 @@ def searchable() -> dict[str, techniques.Technique]:
     return {name: t for name, t in techniques.registry().items() if t.search is not None}
 
 
+def settings_of(technique: techniques.Technique) -> techniques.SearchSettings:
+    """What a searchable technique (one `searchable()` returns) offers the search."""
+    if technique.search is None:
+        raise ValueError(f"{technique.name} offers nothing to a search")
+    return technique.search
+
+
+def per_layer_of(technique: techniques.Technique) -> techniques.LayerSearch:
+    """The per-layer setting of a technique that has one (a family with layers in a space)."""
+    per_layer = settings_of(technique).per_layer
+    if per_layer is None:
+        raise ValueError(f"{technique.name} has no per-layer setting")
+    return per_layer
+
+
 def _fail(path: str, message: str) -> SpaceError:
     return SpaceError(f"{path}: {message}")
 
@@ -119,12 +134,12 @@ def _check_value(
 
 
 def _choices(value: Any) -> dict[str, tuple[Any, ...]]:
-    owners = {t.search.per_layer.setting: t for t in searchable().values() if t.search.per_layer is not None}
+    owners = {per_layer_of(t).setting: t for t in searchable().values() if settings_of(t).per_layer is not None}
     parsed = {}
     for setting, values in _object(value, "choices").items():
         if setting not in owners:
             raise _fail(f"choices.{setting}", f"unknown per-layer setting; known: {', '.join(owners)}")
-        per_layer = owners[setting].search.per_layer
+        per_layer = per_layer_of(owners[setting])
         for index, item in enumerate(_list(values, f"choices.{setting}")):
             if item != per_layer.off or isinstance(item, bool):
                 _check_value(owners[setting], setting, item, f"choices.{setting}[{index}]")
@@ -144,7 +159,7 @@ def _exclude(value: Any) -> dict[str, tuple[str, ...]]:
 
 
 def _ranges(technique: techniques.Technique, value: Any, where: str = "") -> dict[str, tuple[Any, ...]]:
-    declared = {g.setting: g for g in technique.search.globals}
+    declared = {g.setting: g for g in settings_of(technique).globals}
     parsed = {}
     given = _object(value, where or technique.name)
     for setting, values in given.items():
@@ -169,8 +184,9 @@ def global_setting(key: str) -> tuple[techniques.Technique, str] | None:
     setting), or None when no searchable technique declares it."""
     head, _, setting = key.partition(".")
     for technique in searchable().values():
-        if head in (technique.search.prefix, technique.name):
-            declared = {g.setting for g in technique.search.globals}
+        search = settings_of(technique)
+        if head in (search.prefix, technique.name):
+            declared = {g.setting for g in search.globals}
             return (technique, setting) if setting in declared else None
     return None
 
@@ -184,7 +200,9 @@ def flat_ranges(value: Mapping[str, Any], path: str = "search_ranges") -> dict[s
         found = global_setting(key) if isinstance(key, str) else None
         if found is None:
             known = [
-                f"{t.search.prefix or t.name}.{g.setting}" for t in searchable().values() for g in t.search.globals
+                f"{settings_of(t).prefix or t.name}.{g.setting}"
+                for t in searchable().values()
+                for g in settings_of(t).globals
             ]
             raise _fail(f"{path}.{key}", f"unknown global setting; known: {', '.join(known)}")
         technique, setting = found
@@ -196,7 +214,7 @@ def flat_ranges(value: Mapping[str, Any], path: str = "search_ranges") -> dict[s
 def options_from_json(doc: Any) -> SpaceOptions:
     """Parse a search-space document into SpaceOptions, checking every field."""
     doc = _object(doc, "search space")
-    with_globals = {name: t for name, t in searchable().items() if t.search.globals}
+    with_globals = {name: t for name, t in searchable().items() if settings_of(t).globals}
     unknown = [key for key in doc if key not in _FIXED_KEYS and key not in with_globals]
     if unknown:
         known = ", ".join([*_FIXED_KEYS, *with_globals])

@@ -69,7 +69,8 @@ def _wandb_callback(prepared: Prepared) -> Any:
     except ImportError:
         raise UserError(f"--wandb needs Weights & Biases: {INSTALL}") from None
     os.environ.setdefault("WANDB_MODE", "offline")  # Ray's callback reads it here: no API key needed offline
-    options = {"mode": os.environ["WANDB_MODE"]}  # and passed on: the logging actors run in other processes
+    # and passed on: the logging actors run in other processes
+    options: dict[str, Any] = {"mode": os.environ["WANDB_MODE"]}
     if not is_uri(prepared.run_dir):
         options["dir"] = prepared.run_dir  # offline runs in RUN/wandb/
     return WandbLoggerCallback(project=PROJECT, group=prepared.name, log_config=True, **options)
