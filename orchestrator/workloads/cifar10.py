@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import pickle
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -20,12 +21,13 @@ from orchestrator.errors import UserError
 from orchestrator.workloads._baseline import cached_baseline, progress, recipe_hash, recipe_trainer
 from orchestrator.workloads._workload import Workload
 from orchestrator.workloads.data import Split
+from techniques.inputs import Inputs
 
 TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_FILE = "test_batch"
 MEAN = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)
 STD = torch.tensor([0.2470, 0.2435, 0.2616]).view(1, 3, 1, 1)
-RECIPE = {"arch": "resnet18-cifar", "epochs": 30, "lr": 2e-3, "batch_size": 128, "seed": 0}
+RECIPE: dict[str, Any] = {"arch": "resnet18-cifar", "epochs": 30, "lr": 2e-3, "batch_size": 128, "seed": 0}
 
 CLASSES = 10
 PIXELS_PER_IMAGE = 3 * 32 * 32
@@ -138,9 +140,9 @@ def load_splits(data_dir: str | Path, seed: int = 0) -> dict[str, Split]:
     }
 
 
-def prepare(images: torch.Tensor) -> torch.Tensor:
-    """uint8 images → normalised float tensors."""
-    return (images.float() / 255.0 - MEAN) / STD
+def prepare(images: Inputs) -> torch.Tensor:
+    """uint8 images → normalised float tensors (this workload's inputs are one tensor of images)."""
+    return (cast(torch.Tensor, images).float() / 255.0 - MEAN) / STD
 
 
 def resnet18_cifar(classes: int = 10) -> nn.Module:
@@ -164,7 +166,8 @@ def make_cifar10(data_dir: str | Path, *, weights: str | Path | None = None, epo
     """The cifar10 workload; baseline from `weights` (a local safetensors file) or trained and cached."""
     splits = load_splits(data_dir)
     recipe = {**RECIPE, "epochs": epochs or RECIPE["epochs"]}
-    recipe["data"] = tensor_digest(splits["train"].inputs[:4096], splits["train"].targets)
+    images = cast(torch.Tensor, splits["train"].inputs)  # `load_splits` stores the images as one tensor
+    recipe["data"] = tensor_digest(images[:4096], splits["train"].targets)
     build = resnet18_cifar
     if weights is not None:
         if not Path(weights).is_file():

@@ -131,8 +131,7 @@ def as_batch(batch: Any) -> Batch:
         key = next((k for k in ("labels", "targets", "label") if k in batch), None)
         if key is None:
             raise ValueError(f"a dict batch needs a 'labels' or 'targets' entry; it has {', '.join(map(str, batch))}")
-        inputs = {k: v for k, v in batch.items() if k != key}
-        return inputs, torch.as_tensor(batch[key])
+        return {k: v for k, v in batch.items() if k != key}, torch.as_tensor(batch[key])
     if isinstance(batch, Sequence) and len(batch) == 2:
         inputs, targets = batch
         if isinstance(inputs, list):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import torch
 from torch import nn
@@ -12,7 +13,7 @@ from orchestrator.workloads._baseline import cached_baseline, recipe_hash, recip
 from orchestrator.workloads._workload import Workload
 from orchestrator.workloads.data import Split
 
-RECIPE = {"arch": "DigitsCNN", "width": 1.0, "epochs": 40, "lr": 3e-3, "batch_size": 64, "seed": 0}
+RECIPE: dict[str, Any] = {"arch": "DigitsCNN", "width": 1.0, "epochs": 40, "lr": 3e-3, "batch_size": 64, "seed": 0}
 
 
 class DigitsCNN(nn.Module):

@@ -48,7 +48,7 @@ EVAL_WINDOWS = 256  # windows kept of the validation and test streams (32,768 sc
 CALIBRATION_WINDOWS = 64
 VOCAB = 256  # byte values
 
-RECIPE = {
+RECIPE: dict[str, Any] = {
     "arch": "llama-bytes",
     "hidden": 192,
     "heads": 6,

@@ -74,7 +74,7 @@ TEST_FRACTION = 0.15
 VALIDATION_FRACTION = 0.15
 CALIBRATION_SIZE = 256
 
-RECIPE = {
+RECIPE: dict[str, Any] = {
     "arch": "bert-char",
     "hidden": 192,
     "heads": 4,
@@ -223,7 +223,7 @@ def build_bert(vocab_size: int, *, classes: int = len(LANGUAGES), **sizes: Any) 
         max_position_embeddings=size["max_length"],
         type_vocab_size=1,
         pad_token_id=SPECIAL_TOKENS.index(PAD),
-        num_labels=classes,
+        num_labels=classes,  # type: ignore[call-arg]  # transformers' typed config __init__ omits its **kwargs
     )
     return BertForSequenceClassification(config)
 
