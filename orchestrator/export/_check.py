@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import io
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -69,7 +69,7 @@ def with_tensors(template: Any, values: Iterator[torch.Tensor]) -> Any:
         if dataclasses.is_dataclass(template):  # a ModelOutput: its fields by keyword
             return type(template)(**items)
         try:
-            return type(template)(items)
+            return cast(Any, type(template))(items)  # the concrete mapping class (dict, OrderedDict, ...)
         except TypeError:  # a mapping type that cannot be built from a dict
             return items
     if isinstance(template, tuple | list):

@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -39,13 +39,13 @@ def out_features(module: nn.Module) -> int:
     if isinstance(module, PackedLayer):
         return int(module.weight_shape[0])
     if type(module).__name__ == "Conv1D":
-        return int(module.nf)  # type: ignore[arg-type]
-    return int(module.weight.shape[0])  # type: ignore[union-attr,index]
+        return int(cast(Any, module).nf)  # a plain attribute of transformers' Conv1D
+    return int(cast(torch.Tensor, module.weight).shape[0])
 
 
 def _gated(layer: nn.Module) -> dict[str, int]:
     """Llama/Qwen2/Mistral: q/k/v/o projections and a gated FFN."""
-    attn, mlp = layer.self_attn, layer.mlp
+    attn, mlp = cast(Any, layer).self_attn, cast(Any, layer).mlp  # transformers' modules, read by attribute
     head_dim = int(attn.head_dim)
     q, k, v = (out_features(getattr(attn, name)) for name in ("q_proj", "k_proj", "v_proj"))
     gate, up = out_features(mlp.gate_proj), out_features(mlp.up_proj)
@@ -57,10 +57,11 @@ def _gated(layer: nn.Module) -> dict[str, int]:
 
 def _gpt2(layer: nn.Module) -> dict[str, int]:
     """GPT-2: fused c_attn (query, key, value side by side) and c_fc."""
-    head_dim, qkv = int(layer.attn.head_dim), out_features(layer.attn.c_attn)
+    attn, mlp = cast(Any, layer).attn, cast(Any, layer).mlp  # transformers' modules, read by attribute
+    head_dim, qkv = int(attn.head_dim), out_features(attn.c_attn)
     if qkv % (3 * head_dim):
         raise ShapeError(f"c_attn's width {qkv} is not 3 x heads x head_dim {head_dim}")
-    return {"n_head": qkv // (3 * head_dim), "n_inner": out_features(layer.mlp.c_fc)}
+    return {"n_head": qkv // (3 * head_dim), "n_inner": out_features(mlp.c_fc)}
 
 
 @dataclass(frozen=True)
@@ -119,7 +120,7 @@ def uniform(shapes: list[dict[str, int]]) -> dict[str, int]:
 def _implied(model: nn.Module) -> dict[str, int]:
     """The shapes the model's own (uncompressed) config gives every layer: its class built on the meta device."""
     with torch.device("meta"):
-        original = type(model)(copy.deepcopy(model.config))  # type: ignore[call-arg]
+        original = type(model)(copy.deepcopy(model.config))
     family, shapes = layer_shapes(original)
     return {**shapes[0], family.depth_key: len(shapes)}
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -26,6 +26,9 @@ from orchestrator.errors import UserError
 from orchestrator.export._check import TOLERANCE, compare
 from orchestrator.workloads import Workload
 from techniques.inputs import Inputs, batch_length, call_model, main_output
+
+if TYPE_CHECKING:
+    from transformers import GenerationConfig
 
 CHECK_BATCH = 8
 PROMPTS = 2
@@ -52,7 +55,7 @@ def prompts(workload: Workload) -> dict[str, torch.Tensor]:
 def greedy(model: nn.Module, prompt: dict[str, torch.Tensor], *, use_cache: bool = True) -> list[list[int]]:
     """The GENERATED_TOKENS tokens greedy decoding appends to each prompt row (fewer where it stops at EOS)."""
     with torch.no_grad():
-        out = model.generate(  # type: ignore[operator]
+        out = cast(Any, model).generate(  # a transformers causal LM (`write_hf` checked), whose generate takes **prompt
             **prompt, max_new_tokens=GENERATED_TOKENS, do_sample=False, use_cache=use_cache,
             pad_token_id=_pad(model),
         )  # fmt: skip
@@ -60,7 +63,7 @@ def greedy(model: nn.Module, prompt: dict[str, torch.Tensor], *, use_cache: bool
 
 
 def _pad(model: nn.Module) -> int:
-    config = model.generation_config  # type: ignore[union-attr]
+    config = cast("GenerationConfig", model.generation_config)
     for value in (config.pad_token_id, config.eos_token_id, 0):
         value = value[0] if isinstance(value, list) and value else value
         if isinstance(value, int):

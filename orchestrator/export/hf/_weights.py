@@ -18,7 +18,7 @@ Decisions:
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -28,6 +28,9 @@ from techniques import set_module
 from techniques.finalize import finalized_copy
 from techniques.packed import PackedConv2d, PackedLayer
 from techniques.packed_embedding import PackedEmbedding
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 def _float_module(module: PackedLayer | PackedEmbedding) -> nn.Module:
@@ -39,7 +42,7 @@ def _float_module(module: PackedLayer | PackedEmbedding) -> nn.Module:
         if isinstance(module, PackedConv2d):
             raise UserError("--format hf writes decoder language models; this one holds a packed Conv2d")
         if getattr(module, "smoothed", False):
-            weight = weight * module.input_scale.float()
+            weight = weight * cast(torch.Tensor, module.input_scale).float()
         layer = nn.Linear(weight.shape[1], weight.shape[0], bias=module.bias is not None)
         layer.weight.copy_(weight)
         if module.bias is not None:
@@ -103,10 +106,12 @@ def _entry(name: str, module: PackedLayer | PackedEmbedding) -> dict[str, Any]:
 
 def ties(dense: nn.Module) -> bool:
     """Whether the float model's output head holds exactly its input embedding's weights."""
-    head, table = dense.get_output_embeddings(), dense.get_input_embeddings()  # type: ignore[operator]
-    if head is None or table is None or head.weight.shape != table.weight.shape:
+    pretrained = cast("PreTrainedModel", dense)  # a transformers model's float copy
+    head, table = pretrained.get_output_embeddings(), pretrained.get_input_embeddings()
+    if head is None or table is None:
         return False
-    return bool(torch.equal(head.weight, table.weight))
+    head_weight, table_weight = cast(torch.Tensor, head.weight), cast(torch.Tensor, table.weight)
+    return head_weight.shape == table_weight.shape and bool(torch.equal(head_weight, table_weight))
 
 
 def _transposed(dense: nn.Module, target: nn.Module, key: str) -> bool:

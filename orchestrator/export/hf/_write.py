@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -29,6 +29,9 @@ from orchestrator.export.hf._shapes import derived_config
 from orchestrator.export.hf._verify import check_directory, quiet
 from orchestrator.export.hf._weights import dequantized, target_state, ties
 from orchestrator.workloads import Workload
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 COMPLETE_MARK = "config.json"  # what a remote publish writes last
 
@@ -46,7 +49,7 @@ def require_causal_lm(model: nn.Module) -> None:
                         "one: use --format onnx")  # fmt: skip
 
 
-def _build(model: nn.Module) -> tuple[nn.Module, dict[str, Any]]:
+def _build(model: nn.Module) -> tuple[PreTrainedModel, dict[str, Any]]:
     """The float model to save (the checkpoint's class, derived config, decoded weights) and what the report says
     about how it was made."""
     config, changes = derived_config(model)
@@ -55,14 +58,15 @@ def _build(model: nn.Module) -> tuple[nn.Module, dict[str, Any]]:
     if tied != bool(getattr(config, "tie_word_embeddings", False)):
         changes["tie_word_embeddings"] = [True, False]
     config.tie_word_embeddings = tied
-    target = type(model)(config).eval()
+    source = cast("PreTrainedModel", model)  # `write_hf` checked that it is one
+    target = type(source)(config).eval()
     target.load_state_dict(target_state(dense, target), strict=True)
-    target.generation_config = copy.deepcopy(model.generation_config)  # type: ignore[union-attr]
+    target.generation_config = copy.deepcopy(source.generation_config)
     return target, {"architecture": type(model).__name__, "config_changes": changes, "tie_word_embeddings": tied,
                     "dequantized": decoded}  # fmt: skip
 
 
-def _packed_state(model: nn.Module, target: nn.Module, made: dict[str, Any]) -> dict[str, torch.Tensor] | None:
+def _packed_state(model: nn.Module, target: PreTrainedModel, made: dict[str, Any]) -> dict[str, torch.Tensor] | None:
     """The state to save with compressed-tensors' packed layers (`target.config` gets their quantization_config),
     or None when no layer can be packed; `made` records which layers are packed and which stay dequantized."""
     version = require_package()
@@ -74,7 +78,7 @@ def _packed_state(model: nn.Module, target: nn.Module, made: dict[str, Any]) -> 
     if not layers:
         return None
     state = dict(target.state_dict())
-    target.config.quantization_config = pack(state, layers)
+    cast(Any, target.config).quantization_config = pack(state, layers)  # not a declared field of the config
     return state
 
 
