@@ -20,7 +20,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import torch
 from torch import nn
@@ -174,7 +174,7 @@ def count_weights(model: nn.Module) -> tuple[int, int]:
     for module in model.modules():
         tensors = [p for _, p in module.named_parameters(recurse=False)]
         if hasattr(module, "dense_weight"):
-            tensors = [module.dense_weight()] + [b for b in [getattr(module, "bias", None)] if b is not None]
+            tensors = [cast(Any, module).dense_weight()] + [b for b in [getattr(module, "bias", None)] if b is not None]
         for tensor in tensors:
             total += tensor.numel()
             nonzero += int(torch.count_nonzero(tensor.detach()).item())

@@ -16,7 +16,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from torch import nn
 
@@ -64,7 +64,7 @@ class Policy:
         step = next((step for step in self.steps if techniques.get(step.technique).fine_tunes), None)
         if step is None:
             return 0
-        return None if getattr(step, "steps", None) else step.epochs
+        return None if getattr(step, "steps", None) else cast(Any, step).epochs  # the fine-tuning spec's field
 
     @classmethod
     def from_json(cls, doc: Any) -> Policy:

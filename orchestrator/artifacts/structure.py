@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, Protocol, cast
 
 import torch
 from torch import nn
@@ -57,6 +57,12 @@ def _conv_config(m: nn.Conv2d) -> dict[str, Any]:
     }
 
 
+def _conv(config: dict[str, Any]) -> nn.Conv2d:
+    """A Conv2d from its recorded config (JSON lists back to the tuples its constructor takes)."""
+    kwargs: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
+    return nn.Conv2d(**kwargs)
+
+
 def _norm_config(m: nn.BatchNorm1d | nn.BatchNorm2d) -> dict[str, Any]:
     return {
         "num_features": m.num_features,
@@ -77,7 +83,7 @@ _BUILTIN: dict[str, tuple[type[nn.Module], Callable[[Any], dict[str, Any]], Call
     "Conv2d": (
         nn.Conv2d,
         _conv_config,
-        lambda c: nn.Conv2d(**{k: tuple(v) if isinstance(v, list) else v for k, v in c.items()}),
+        _conv,
     ),
     "BatchNorm1d": (nn.BatchNorm1d, _norm_config, lambda c: nn.BatchNorm1d(**c)),
     "BatchNorm2d": (nn.BatchNorm2d, _norm_config, lambda c: nn.BatchNorm2d(**c)),
@@ -123,6 +129,15 @@ CONFIG_COUNTS = frozenset(
 CONFIG_FIELDS = CONFIG_COUNTS | {"layer_types"}
 
 
+class _Rebuildable(Protocol):
+    """A module type registered with `techniques.rebuildable`: it has both methods (checked at registration)."""
+
+    def rebuild_config(self) -> dict[str, Any]: ...
+
+    @classmethod
+    def from_rebuild_config(cls, config: dict[str, Any]) -> nn.Module: ...
+
+
 class StructureError(ValueError):
     """A structure record names an unknown module type or a bad configuration."""
 
@@ -134,7 +149,7 @@ def module_entry(module: nn.Module) -> tuple[str, dict[str, Any]] | None:
     if builtin is not None and builtin[0] is cls:
         return cls.__name__, builtin[1](module)
     if techniques.module_types().get(cls.__name__) is cls:
-        return cls.__name__, module.rebuild_config()
+        return cls.__name__, cast(_Rebuildable, module).rebuild_config()
     if is_conv1d(module):
         return "Conv1D", {"nf": module.nf, "nx": module.nx}
     return None
@@ -192,7 +207,7 @@ def _module_entries(name: str, module: nn.Module, original: nn.Module | None) ->
     return []
 
 
-def _config_of(model: nn.Module) -> tuple[str, Any]:
+def _config_of(model: nn.Module) -> tuple[str | None, Any]:
     """(its entry's name, the model's transformers config) — `config`, or `lm.config` in a user's wrapper —
     else (None, None)."""
     found = model_config(model)
@@ -260,7 +275,7 @@ def build_module(type_name: str, config: dict[str, Any]) -> nn.Module:
     cls = techniques.module_types().get(type_name)
     if cls is None:
         raise StructureError(f"unknown module type {type_name!r} in structure record")
-    return cls.from_rebuild_config(config)
+    return cast(type[_Rebuildable], cls).from_rebuild_config(config)
 
 
 def _positive(config: Mapping[str, Any], key: str) -> int:
@@ -335,7 +350,7 @@ def keep_blocks(model: nn.Module, name: str, config: dict[str, Any]) -> None:
     techniques.set_module(model, name, new)
 
 
-def check_positions(stack: nn.Module) -> None:
+def check_positions(stack: nn.ModuleList) -> None:
     """Every kept block's `layer_idx` (the KV cache's index) is its position in the stack."""
     for position, block in enumerate(stack):
         for module in block.modules():
@@ -442,7 +457,7 @@ def check_attributes(module: nn.Module, recorded: Mapping[str, Any]) -> None:
     if count is None or size is None:
         return
     children = dict(module.named_children())
-    totals = {key: held[key] for key in TOTALS if key in held}
+    totals: dict[str, float] = {key: held[key] for key in TOTALS if key in held}
     query = next((_outputs(children[t[0]]) for t in PROJECTIONS if t[0] in children), None)
     if query is not None:
         totals["the query projection's outputs"] = query
@@ -450,7 +465,7 @@ def check_attributes(module: nn.Module, recorded: Mapping[str, Any]) -> None:
         totals["split_size"] = held["split_size"]
         fused = children.get("c_attn")
         if is_conv1d(fused):
-            totals["a third of c_attn's outputs"] = fused.nf / 3
+            totals["a third of c_attn's outputs"] = cast(Any, fused).nf / 3  # transformers' Conv1D: outputs `nf`
     for key, total in totals.items():
         if total != count * size:
             raise StructureError(f"{count} heads of size {size} do not make {key} = {total}")
@@ -480,7 +495,7 @@ def rebuild(
             if entry["type"] == ATTRIBUTES_TYPE:
                 check_attributes(base.get_submodule(entry["name"]), entry["config"])
             elif entry["type"] == BLOCKS_TYPE:
-                check_positions(base.get_submodule(entry["name"]))
+                check_positions(cast(nn.ModuleList, base.get_submodule(entry["name"])))  # its setter built one
             elif entry["type"] == CONFIG_TYPE:
                 check_config(base)
     return base

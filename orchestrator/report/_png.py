@@ -6,6 +6,7 @@ A Figure bound to its own Agg canvas avoids pyplot's process-wide state and plot
 from __future__ import annotations
 
 import io
+from typing import Any
 
 import numpy as np
 from matplotlib.axes import Axes
@@ -48,7 +49,7 @@ def _scatter(ax: Axes, style: Style, xs: list[float], ys: list[float]) -> None:
     edge = style.colour if style.hollow else "white"
     marker = _MARKERS[style.marker]
     # "x" is a line marker in matplotlib: it takes a colour, not a face and an edge.
-    kwargs = {"c": style.colour} if marker == "x" else {"facecolors": face, "edgecolors": edge}
+    kwargs: dict[str, Any] = {"c": style.colour} if marker == "x" else {"facecolors": face, "edgecolors": edge}
     ax.scatter(
         xs,
         ys,
@@ -149,7 +150,7 @@ def front_plot(run: RunData) -> Figure:
     so that none overlaps another (the figure is drawn once for its layout)."""
     axes = [x for x in ("size_bytes", "latency_ms") if any(has_point(r, x) for r in run.trials + run.front)]
     fig = Figure(figsize=(5.2 * max(1, len(axes)), 4.4), dpi=DPI, layout="constrained")
-    FigureCanvasAgg(fig)
+    canvas = FigureCanvasAgg(fig)
     panels = fig.subplots(1, max(1, len(axes)), squeeze=False)[0]
     for ax, x in zip(panels, axes, strict=False):
         _panel(ax, run, x)
@@ -158,8 +159,8 @@ def front_plot(run: RunData) -> Figure:
         handles, labels, loc="outside lower center", ncols=min(3, max(1, len(labels))), fontsize=8, frameon=False
     )
     fig.suptitle(f"Pareto front — {run.run_info.get('workload') or 'run'}", x=0.01, ha="left", fontsize=12)
-    fig.canvas.draw()  # fixes the layout, so labels are placed in final pixels
-    renderer = fig.canvas.get_renderer()
+    canvas.draw()  # fixes the layout, so labels are placed in final pixels
+    renderer = canvas.get_renderer()
     for ax, x in zip(panels, axes, strict=False):
         _labels(ax, run, x, renderer)
     return fig
