@@ -123,7 +123,7 @@ class JournalSearcher(Searcher):
 
     def __getstate__(self) -> dict[str, Any]:
         """Only the recipe and the in-flight bookkeeping: the study (and its sampler) live in the journal."""
-        return {"recipe": self._recipe, "unsampled": self._unsampled, "metric": self._metric, "mode": self._mode}
+        return {"recipe": self._recipe, "unsampled": self._unsampled, "metric": self.metric, "mode": self.mode}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         recipe = state["recipe"]
