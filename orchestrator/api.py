@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from orchestrator.digest import model_fingerprint
 from orchestrator.executor import CompressedModel
 from orchestrator.executor import apply as apply_policy
+from orchestrator.files.digest import model_fingerprint
 from orchestrator.policy import Policy
 from orchestrator.search import SearchConfig, SearchOutcome, SpaceOptions
 from orchestrator.search import run as run_search

@@ -23,7 +23,7 @@ from orchestrator.device import resolve_device
 from orchestrator.executor import compressed_metrics, measure_on, measure_reference, scores
 from orchestrator.measure import torch_threads
 from orchestrator.runtime import DEFAULT_TARGET, check_target, deploy
-from orchestrator.workloads import BUILTIN, Workload, resolve_workload
+from orchestrator.workloads import Workload, resolve_workload
 
 
 def measure_baseline(
@@ -39,17 +39,6 @@ def measure_baseline(
         **scores(model, workload, device, deployed, ("validation", "test")),
         **measure_on(model, workload, device, latency_batch_size, deployed=deployed).metrics(),
     }
-
-
-def recorded_workload(manifest: dict[str, Any]) -> str:
-    """The built-in workload a verified manifest names; any other name must come from the user."""
-    name = manifest["workload"]
-    if name not in BUILTIN:
-        raise store.CheckpointError(
-            f"the checkpoint is of workload {name!r}, which is not built in; "
-            "pass --workload package.module:function yourself to load it"
-        )
-    return name
 
 
 def _recorded(metrics: dict[str, Any], key: str, default: Any) -> Any:
@@ -78,7 +67,7 @@ def evaluate_checkpoint(
     verified = store.read_verified(source)
     target = check_target(target or _recorded(verified.metrics, "target", DEFAULT_TARGET))
     latency_batch_size = latency_batch_size or _recorded(verified.metrics, "latency_batch_size", 1)
-    work = resolve_workload(workload or recorded_workload(verified.manifest), data_dir=data_dir, weights=weights)
+    work = resolve_workload(workload or store.recorded_workload(verified.manifest), data_dir=data_dir, weights=weights)
     checkpoint = store.load_verified(verified, work)
     model = checkpoint.model.to(torch_device)
     baseline = work.load_baseline().to(torch_device)

@@ -31,10 +31,10 @@ from typing import Any
 
 from torch import nn
 
-from orchestrator.artifacts.fs import cache_root, directory_lock, write_atomic
-from orchestrator.artifacts.jsondoc import parse_json
-from orchestrator.digest import model_fingerprint
 from orchestrator.errors import UserError
+from orchestrator.files.digest import model_fingerprint
+from orchestrator.files.fs import cache_root, directory_lock, write_atomic
+from orchestrator.files.jsondoc import parse_json
 
 MAX_SAMPLES = 2000
 MAX_LOG_BYTES = 1 << 20  # a full log is ~100 KB; a larger one is not read at all

@@ -21,8 +21,8 @@ from typing import Any, cast
 from torch import nn
 
 import techniques
-from orchestrator.artifacts.jsondoc import parse_json
 from orchestrator.errors import UserError
+from orchestrator.files.jsondoc import parse_json
 from techniques import LAYER_DEFAULT, SpecError, TechniqueSpec
 
 POLICY_VERSION = 1

@@ -11,7 +11,7 @@ from torch.nn.utils import parametrize, prune
 
 import techniques
 from orchestrator.artifacts.store import measure_artifact
-from orchestrator.artifacts.weights import load_weights, save_weights
+from orchestrator.files.weights import load_weights, save_weights
 from orchestrator.measure import count_weights
 from techniques.finalize import finalize, integer_layers, kernel_report
 from techniques.packed import PackedConv2d, PackedLinear

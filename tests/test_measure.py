@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from orchestrator.artifacts.store import ARTIFACT_FILES, measure_artifact, write_artifact
-from orchestrator.artifacts.weights import save_weights
+from orchestrator.files.weights import save_weights
 from orchestrator.measure import (
     REPRODUCIBILITY,
     count_flops,

@@ -308,7 +308,7 @@ def test_a_second_search_of_the_same_name_is_refused_while_the_first_runs(tmp_pa
         [
             sys.executable,
             "-c",
-            "import sys, time\nfrom orchestrator.artifacts.fs import directory_lock\n"
+            "import sys, time\nfrom orchestrator.files.fs import directory_lock\n"
             f"with directory_lock({str(tmp_path / 'same')!r}):\n    print('held', flush=True)\n    time.sleep(3600)",
         ],
         stdout=subprocess.PIPE,

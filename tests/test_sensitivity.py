@@ -13,7 +13,7 @@ import torch
 
 import techniques
 from orchestrator import executor
-from orchestrator.artifacts.fs import cache_root
+from orchestrator.files.fs import cache_root
 from orchestrator.policy import Policy
 from orchestrator.report import SENSITIVITY_FILE, write_report
 from orchestrator.search.allocation import Option, allocate, budget_seeds, removals

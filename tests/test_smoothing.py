@@ -16,9 +16,9 @@ from torch import nn
 import techniques
 from orchestrator import executor
 from orchestrator.artifacts import store
-from orchestrator.artifacts.weights import load_weights, save_weights
 from orchestrator.export._check import TOLERANCE, compare, onnx_outputs, reference_outputs
 from orchestrator.export._onnx import export_onnx
+from orchestrator.files.weights import load_weights, save_weights
 from orchestrator.policy import Policy
 from orchestrator.search.space import build_space
 from techniques import smoothing

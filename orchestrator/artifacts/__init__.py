@@ -1,1 +1,2 @@
-"""What a search leaves behind: checkpoints (store, structure, weights) and Parquet tables, on any filesystem."""
+"""What a search leaves behind: checkpoints (store, structure) and Parquet tables, on any filesystem
+(`orchestrator.files`)."""

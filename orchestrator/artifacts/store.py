@@ -37,13 +37,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from torch import nn
 
-from orchestrator.artifacts.fs import is_uri, read_bytes, resolve, write_atomic
-from orchestrator.artifacts.jsondoc import finite_json, parse_json
 from orchestrator.artifacts.structure import StructureError, describe, rebuild
-from orchestrator.artifacts.weights import save_weights, tensor_shapes
 from orchestrator.errors import UserError
+from orchestrator.files.fs import is_uri, read_bytes, resolve, write_atomic
+from orchestrator.files.jsondoc import finite_json, parse_json
+from orchestrator.files.weights import save_weights, tensor_shapes
 from orchestrator.policy import Policy
-from orchestrator.workloads import Workload
+from orchestrator.workloads import BUILTIN, Workload
 from techniques import SpecError
 from techniques.student import base_architecture as policy_base
 
@@ -411,6 +411,17 @@ def read_verified(source: str) -> Verified:
 def read_manifest(source: str) -> dict[str, Any]:
     """The manifest of a checkpoint whose every file and document has been verified."""
     return read_verified(source).manifest
+
+
+def recorded_workload(manifest: dict[str, Any]) -> str:
+    """The built-in workload a verified manifest names; any other name must come from the user."""
+    name = manifest["workload"]
+    if name not in BUILTIN:
+        raise CheckpointError(
+            f"the checkpoint is of workload {name!r}, which is not built in; "
+            "pass --workload package.module:function yourself to load it"
+        )
+    return name
 
 
 def load_verified(verified: Verified, workload: Workload) -> Checkpoint:

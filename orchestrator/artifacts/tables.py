@@ -20,9 +20,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from orchestrator.artifacts.fs import join, read_bytes, write_atomic
-from orchestrator.artifacts.jsondoc import parse_json
 from orchestrator.errors import UserError
+from orchestrator.files.fs import join, read_bytes, write_atomic
+from orchestrator.files.jsondoc import parse_json
 
 TRIALS_FILE = "trials.parquet"
 PARETO_FILE = "pareto.parquet"

@@ -30,9 +30,7 @@ import pyarrow.fs as pafs
 from torch import nn
 
 from orchestrator.artifacts import store
-from orchestrator.artifacts.fs import is_uri, resolve, write_atomic
 from orchestrator.errors import UserError
-from orchestrator.evaluate import recorded_workload
 from orchestrator.export import FORMATS
 from orchestrator.export._check import (
     QUANTIZED_ACTIVATIONS_TOLERANCE,
@@ -46,7 +44,7 @@ from orchestrator.export._onnx import export_onnx
 from orchestrator.export._onnx_layers import SPARSITY_NOTE
 from orchestrator.export._program import export_program
 from orchestrator.export._trace import ExportError, Written
-from orchestrator.search.preflight import write_problem
+from orchestrator.files.fs import is_uri, resolve, write_atomic, write_problem
 from orchestrator.workloads import Workload, resolve_workload, unused_layers
 from techniques.inputs import batch_length
 from techniques.packed import PackedLayer
@@ -99,7 +97,7 @@ def export_checkpoint(
     paths = _destination(format, str(out), report, options)
     verified = store.read_verified(str(checkpoint))
     if not isinstance(workload, Workload):
-        name = workload or recorded_workload(verified.manifest)
+        name = workload or store.recorded_workload(verified.manifest)
         workload = resolve_workload(name, data_dir=data_dir, weights=weights)
     loaded = store.load_verified(verified, workload)
     manifest = verified.manifest

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from orchestrator.artifacts.fs import write_atomic
+from orchestrator.files.fs import write_atomic
 from orchestrator.report._compare import fmt_speed
 from orchestrator.report._data import SENSITIVITY_FILE, load_run
 from orchestrator.report._html import render_html

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from orchestrator.artifacts.fs import directory_note, exists, locate
 from orchestrator.artifacts.tables import PARETO_FILE, TRIALS_FILE, ResultsError, read_table
+from orchestrator.files.fs import directory_note, exists, locate
 
 SENSITIVITY_FILE = "sensitivity.parquet"  # the sensitivity table of a search with the prior (search.prior)
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import techniques
-from orchestrator.artifacts.jsondoc import parse_json
 from orchestrator.errors import UserError
+from orchestrator.files.jsondoc import parse_json
 
 
 def layer_settings() -> dict[str, tuple[str, str]]:

@@ -14,7 +14,6 @@ import numpy as np
 
 from orchestrator import latency_log
 from orchestrator.artifacts import store
-from orchestrator.artifacts.fs import exists, join
 from orchestrator.artifacts.tables import (
     PARETO_FILE,
     PARETO_SCHEMA,
@@ -26,6 +25,7 @@ from orchestrator.artifacts.tables import (
     write_table,
 )
 from orchestrator.executor import Reference, compressed_metrics, measure_reference
+from orchestrator.files.fs import exists, join
 from orchestrator.measure import drift_widened, latency_range, torch_threads
 from orchestrator.pareto import feasible_pareto_front, shortfall
 from orchestrator.policy import Policy

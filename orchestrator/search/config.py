@@ -7,9 +7,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from orchestrator.artifacts.fs import join
 from orchestrator.artifacts.tables import RunInfo, TrialRow
 from orchestrator.errors import UserError
+from orchestrator.files.fs import join
 from orchestrator.policy import MAX_SEED
 from orchestrator.runtime import DEFAULT_TARGET, check_target
 from orchestrator.search.space_options import SpaceOptions

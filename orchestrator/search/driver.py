@@ -21,10 +21,10 @@ from typing import Any
 
 import torch
 
-from orchestrator.artifacts.fs import LockHeld, cache_root, directory_lock, is_uri, upload_file
 from orchestrator.artifacts.store import CheckpointError
 from orchestrator.artifacts.tables import RunInfo
 from orchestrator.errors import StorageFull, UserError
+from orchestrator.files.fs import LockHeld, cache_root, directory_lock, is_uri, upload_file
 from orchestrator.search.config import SearchConfig, SearchOutcome
 from orchestrator.search.pause import pause_point
 from orchestrator.search.preflight import (

@@ -22,7 +22,7 @@ from typing import Any
 
 from ray.tune import Callback
 
-from orchestrator.artifacts.fs import read_bytes, upload_file
+from orchestrator.files.fs import read_bytes, upload_file
 
 JOURNAL_FILE = "optuna-journal.log"  # beside the results (optuna-dashboard opens it)
 

@@ -27,15 +27,14 @@ import os
 import re
 import socket
 import sys
-import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from orchestrator.artifacts.fs import is_uri, join, read_bytes, resolve, write_atomic
 from orchestrator.errors import UserError
+from orchestrator.files.fs import is_uri, join, read_bytes, resolve, write_atomic, write_problem
 from orchestrator.search.config import SearchConfig
 
 PREFLIGHT_DIR = ".preflight"
@@ -261,24 +260,6 @@ def _remove_preflight(run_dir: str) -> None:
 def _first_line(exc: Any) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
-
-
-def write_problem(location: str) -> str:
-    """'' when this process can create files in the local directory `location` (made when missing), else why not.
-
-    The nearest existing directory on the way is probed with a real file: permissions alone do not say (root
-    passes them, /proc refuses root)."""
-    path = Path(os.path.abspath(location))
-    existing = next(p for p in (path, *path.parents) if p.exists())
-    if not existing.is_dir():
-        return f"{existing} is not a directory"
-    try:
-        handle, probe = tempfile.mkstemp(prefix=".write-probe-", dir=existing)
-        os.close(handle)
-        os.unlink(probe)
-    except OSError as exc:
-        return f"cannot create files in {existing} ({exc.strerror or type(exc).__name__})"
-    return ""
 
 
 def check_storage_path(storage: str) -> None:

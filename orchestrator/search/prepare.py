@@ -15,10 +15,10 @@ import torch
 from torch import nn
 
 from orchestrator import executor
-from orchestrator.artifacts.fs import LOCK_FILE, absolute, cache_root, exists, is_uri, join, read_bytes, write_atomic
-from orchestrator.artifacts.jsondoc import parse_json
 from orchestrator.device import resolve_device
 from orchestrator.errors import UserError
+from orchestrator.files.fs import LOCK_FILE, absolute, cache_root, exists, is_uri, join, read_bytes, write_atomic
+from orchestrator.files.jsondoc import parse_json
 from orchestrator.runtime import DEFAULT_TARGET
 from orchestrator.search.config import DEFAULT_TRIALS, SearchConfig
 from orchestrator.search.journal_sync import JOURNAL_FILE

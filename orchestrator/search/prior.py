@@ -17,7 +17,7 @@ from typing import Any
 import pyarrow as pa
 
 import techniques
-from orchestrator.artifacts.fs import exists
+from orchestrator.files.fs import exists
 from orchestrator.search.allocation import Seed, budget_seeds, removals
 from orchestrator.search.config import SearchConfig
 from orchestrator.search.prepare import Prepared

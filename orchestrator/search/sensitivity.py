@@ -35,10 +35,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from orchestrator.artifacts.fs import cache_root, read_bytes, write_atomic
-from orchestrator.artifacts.jsondoc import finite_json, parse_json
-from orchestrator.digest import model_fingerprint, tensor_digest
 from orchestrator.errors import UserError
+from orchestrator.files.digest import model_fingerprint, tensor_digest
+from orchestrator.files.fs import cache_root, read_bytes, write_atomic
+from orchestrator.files.jsondoc import finite_json, parse_json
 from orchestrator.pareto import shortfall
 from orchestrator.search.cells import Batches, Cell, jobs_of, outputs, run_jobs, score, scored_batches, state_bytes
 from orchestrator.search.space import SearchSpace

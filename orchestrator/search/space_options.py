@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import techniques
-from orchestrator.artifacts.jsondoc import parse_json
 from orchestrator.errors import UserError
+from orchestrator.files.jsondoc import parse_json
 
 GROUPINGS = ("auto", "layer", "block", "type")
 _FIXED_KEYS = ("families", "grouping", "groups", "choices", "exclude")

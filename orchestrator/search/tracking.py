@@ -15,8 +15,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from orchestrator.artifacts.fs import cache_root, is_uri
 from orchestrator.errors import UserError
+from orchestrator.files.fs import cache_root, is_uri
 from orchestrator.search.config import SearchConfig
 from orchestrator.search.prepare import Prepared
 

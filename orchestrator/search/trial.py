@@ -17,9 +17,9 @@ import torch
 
 from orchestrator import executor
 from orchestrator.artifacts import store
-from orchestrator.artifacts.fs import join, publish_directory, read_bytes, resolve, set_aside
-from orchestrator.artifacts.jsondoc import finite_json, parse_json
 from orchestrator.errors import UserError
+from orchestrator.files.fs import join, publish_directory, read_bytes, resolve, set_aside
+from orchestrator.files.jsondoc import finite_json, parse_json
 from orchestrator.policy import Policy
 from orchestrator.search.pause import pause_point
 from orchestrator.search.prepare import recorded_target

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from orchestrator.artifacts.fs import cache_root
-from orchestrator.artifacts.weights import load_weights, save_weights
+from orchestrator.files.fs import cache_root
+from orchestrator.files.weights import load_weights, save_weights
 from orchestrator.workloads._reduction import OutputFn, reduce_output, takes_batch
 from orchestrator.workloads.data import DataSplit
 from techniques.inputs import Inputs, call_model, main_output

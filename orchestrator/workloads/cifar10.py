@@ -16,8 +16,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from orchestrator.digest import tensor_digest
 from orchestrator.errors import UserError
+from orchestrator.files.digest import tensor_digest
 from orchestrator.workloads._baseline import cached_baseline, progress, recipe_hash, recipe_trainer
 from orchestrator.workloads._workload import Workload
 from orchestrator.workloads.data import Split

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from orchestrator.digest import tensor_digest
+from orchestrator.files.digest import tensor_digest
 from orchestrator.workloads._baseline import cached_baseline, recipe_hash, recipe_trainer
 from orchestrator.workloads._workload import Workload
 from orchestrator.workloads.data import Split

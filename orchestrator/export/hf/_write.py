@@ -22,12 +22,12 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from torch import nn
 
-from orchestrator.artifacts.fs import publish_directory
 from orchestrator.errors import UserError
 from orchestrator.export.hf._compressed import FORMAT, pack, packable, require_package
 from orchestrator.export.hf._shapes import derived_config
 from orchestrator.export.hf._verify import check_directory, quiet
 from orchestrator.export.hf._weights import dequantized, target_state, ties
+from orchestrator.files.fs import publish_directory
 from orchestrator.workloads import Workload
 
 if TYPE_CHECKING:

@@ -16,8 +16,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from orchestrator.artifacts.jsondoc import parse_json
 from orchestrator.errors import UserError
+from orchestrator.files.jsondoc import parse_json
 
 # bytes per element of each safetensors dtype
 ITEM_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,

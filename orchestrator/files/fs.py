@@ -12,6 +12,7 @@ import fcntl
 import os
 import posixpath
 import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -71,6 +72,24 @@ def exists(location: str, name: str) -> bool:
     """Whether `location/name` is a file."""
     filesystem, root = resolve(location)
     return filesystem.get_file_info(f"{root}/{name}").type == pafs.FileType.File
+
+
+def write_problem(location: str) -> str:
+    """'' when this process can create files in the local directory `location` (made when missing), else why not.
+
+    The nearest existing directory on the way is probed with a real file: permissions alone do not say (root
+    passes them, /proc refuses root)."""
+    path = Path(os.path.abspath(location))
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        return f"{existing} is not a directory"
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".write-probe-", dir=existing)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as exc:
+        return f"cannot create files in {existing} ({exc.strerror or type(exc).__name__})"
+    return ""
 
 
 def write_atomic(location: str, name: str, data: bytes) -> str:
