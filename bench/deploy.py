@@ -40,10 +40,17 @@ from torch import nn
 from bench import _common
 from orchestrator.artifacts import store
 from orchestrator.artifacts.tables import PARETO_FILE, read_table
-from orchestrator.executor import Reference, apply
-from orchestrator.measure import Timed, time_latency, time_paired
+from orchestrator.executor import apply
+from orchestrator.measure import (
+    OnnxSession,
+    Reference,
+    Timed,
+    measure_artifact,
+    onnx_session,
+    time_latency,
+    time_paired,
+)
 from orchestrator.policy import Policy
-from orchestrator.runtime import OnnxSession, onnx_session
 from orchestrator.search import SearchConfig, SpaceOptions
 from orchestrator.search import run as run_search
 from orchestrator.search.space_options import load_space_file
@@ -141,7 +148,7 @@ def front_candidates(workload: Workload, run_dir: str, rows: list[dict[str, Any]
         label = f"{row['trial_id']} ({', '.join(loaded.policy.techniques())})"
         recorded = {"recorded_speedup": [row.get("speedup_low"), row.get("speedup"), row.get("speedup_high")],
                     "search_speedup": row.get("search_speedup"), "validation": row.get("validation")}  # fmt: skip
-        size = store.measure_artifact(loaded.model, store.base_architecture(loaded.policy, workload))
+        size = measure_artifact(loaded.model, store.base_architecture(loaded.policy, workload))
         found.append(torch_candidate(f"{label} torch", "front", loaded.model, size, workload, recorded))
         found.append(onnx_candidate(f"{label} onnx", "front", onnx_session(loaded.model, workload), workload))
     return found
@@ -394,7 +401,7 @@ def run(
     run_dir = search_front(workload, preset, space, run_dir, storage, quick)
     rows = front_rows(run_dir)
     budget = reference_budget(workload, space, baseline)
-    base = torch_candidate("torch fp32 (baseline)", "baseline", baseline, store.measure_artifact(baseline), workload)
+    base = torch_candidate("torch fp32 (baseline)", "baseline", baseline, measure_artifact(baseline), workload)
     candidates = [base, *front_candidates(workload, run_dir, rows), torch_dynamic_int8(baseline, workload)]
     candidates += onnxruntime_candidates(baseline, workload)
     candidates += trained_comparisons(workload, preset, budget, baseline, quick)

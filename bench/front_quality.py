@@ -34,6 +34,7 @@ from torch import nn
 from bench import _common
 from orchestrator import executor
 from orchestrator.artifacts.tables import TrialRow
+from orchestrator.measure import measure_reference
 from orchestrator.policy import Policy
 from orchestrator.search import SearchConfig, run
 from orchestrator.search.space import COMBINATION, build_space
@@ -138,7 +139,7 @@ def _applier_class(gpus: float) -> Any:
             self.device = torch.device("cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu")
             self.workload = resolve_workload("digits")
             self.baseline = self.workload.load_baseline().to(self.device)
-            self.reference = executor.measure_reference(self.workload, self.baseline, self.device)
+            self.reference = measure_reference(self.workload, self.baseline, self.device)
 
         def apply(self, doc: dict[str, Any]) -> dict[str, Any]:
             policy = Policy.from_json(doc)
@@ -269,7 +270,7 @@ def run_recipes(settings: Settings, seed: int, baseline: nn.Module) -> list[dict
 def measure_baseline(workload: Workload, model: nn.Module) -> dict[str, Any]:
     """The baseline's accuracies and bytes (deterministic; its latency is the trials' business: a driver-side
     timing with every core's threads on a busy machine says nothing about a one-thread trial)."""
-    reference = executor.measure_reference(workload, model, torch.device("cpu"))
+    reference = measure_reference(workload, model, torch.device("cpu"))
     return {
         "validation": reference.metric,
         "test": workload.evaluate(model, "test"),

@@ -33,6 +33,7 @@ import torch
 from bench import _common
 from orchestrator import executor
 from orchestrator.artifacts.tables import TrialRow
+from orchestrator.measure import measure_reference
 from orchestrator.policy import Policy
 from orchestrator.search import SearchConfig, run
 from orchestrator.search.space_options import options_from_json
@@ -106,7 +107,7 @@ def _bare_loop(policies: Sequence[str], gpus: float) -> dict[str, Any]:
     device = torch.device("cuda" if gpus > 0 and torch.cuda.is_available() else "cpu")
     workload = resolve_workload("digits")
     baseline = workload.load_baseline().to(device)
-    reference = executor.measure_reference(workload, baseline, device)
+    reference = measure_reference(workload, baseline, device)
     walls = []
     print(f"bare loop over {len(policies)} policies ...", file=sys.stderr, flush=True)
     started = time.perf_counter()

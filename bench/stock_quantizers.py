@@ -40,10 +40,8 @@ from torch import nn
 
 from bench import _common, deploy
 from bench.deploy import Candidate
-from orchestrator.artifacts import store
 from orchestrator.errors import UserError
-from orchestrator.executor import measure_reference
-from orchestrator.measure import time_latency, time_paired
+from orchestrator.measure import measure_artifact, measure_reference, time_latency, time_paired
 from orchestrator.policy import Policy
 from orchestrator.workloads import Workload, resolve_workload
 from techniques.inputs import Inputs
@@ -172,7 +170,7 @@ def run(workload_name: str, batches: Sequence[int], rounds: int, command: str) -
     workload = resolve_workload(workload_name)
     baseline = workload.load_baseline().eval()
     policies, pending = project_policies()
-    size = store.measure_artifact(baseline)
+    size = measure_artifact(baseline)
     base = deploy.torch_candidate("torch fp32 (baseline)", "baseline", baseline, size, workload)
     candidates = [base, *ort_candidates(baseline, workload), deploy.torch_dynamic_int8(baseline, workload)]
     candidates += project_candidates(policies, workload, baseline, pending)

@@ -35,7 +35,7 @@ import techniques
 from bench import _common
 from orchestrator import executor
 from orchestrator.artifacts import store
-from orchestrator.measure import count_weights, time_latency
+from orchestrator.measure import Reference, count_weights, measure_reference, time_latency
 from orchestrator.policy import Policy
 from orchestrator.workloads import Workload, resolve_workload
 
@@ -180,7 +180,7 @@ def paired_latency(
 
 
 def measure_row(
-    name: str, workload: Workload, baseline: nn.Module, reference: executor.Reference
+    name: str, workload: Workload, baseline: nn.Module, reference: Reference
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Apply one row's policy and record its artifact metrics, reload check and claim-specific extras."""
     claim, policy = ROWS[name].claim, ROWS[name].policy
@@ -354,7 +354,7 @@ def run(*, quick: bool, out: Path, command: str) -> dict[str, Any]:
     timing = QUICK_TIMING if quick else FULL_TIMING
     workload = resolve_workload("digits")
     baseline = workload.load_baseline()
-    reference = executor.measure_reference(workload, baseline, torch.device("cpu"))
+    reference = measure_reference(workload, baseline, torch.device("cpu"))
     rows: dict[str, dict[str, Any]] = {
         BASELINE: {
             "name": BASELINE,

@@ -50,16 +50,16 @@ TIMED = (
     ("techniques", "apply_spec", "technique {}", False),
     ("orchestrator.workloads._workload", "Workload.evaluate", "torch metric on {}", False),
     ("orchestrator.workloads._workload", "Workload.unused_layers", "unused-layer search", True),
-    ("orchestrator.runtime", "OnnxSession.evaluate", "ONNX session metric on {}", False),
+    ("orchestrator.measure.targets", "OnnxSession.evaluate", "ONNX session metric on {}", False),
     ("orchestrator.export._run", "export_model", "ONNX export + check", False),
-    ("orchestrator.runtime", "_session", "ONNX Runtime session load", False),
-    ("orchestrator.measure", "time_paired", "paired timing", False),
-    ("orchestrator.measure", "time_latency", "unpaired timing", False),
-    ("orchestrator.measure", "count_flops", "FLOPs count", False),
-    ("orchestrator.measure", "measure_artifact", "checkpoint bytes (size)", False),
+    ("orchestrator.measure.targets", "_session", "ONNX Runtime session load", False),
+    ("orchestrator.measure.measurements", "time_paired", "paired timing", False),
+    ("orchestrator.measure.measurements", "time_latency", "unpaired timing", False),
+    ("orchestrator.measure.measurements", "count_flops", "FLOPs count", False),
+    ("orchestrator.measure.measurements", "measure_artifact", "checkpoint bytes (size)", False),
     ("orchestrator.executor", "finalized_copy", "finalize (preview copy)", False),
     ("orchestrator.executor", "finalize", "finalize", False),
-    ("orchestrator.latency_log", "append", "latency log", False),
+    ("orchestrator.measure.latency_log", "append", "latency log", False),
     ("orchestrator.artifacts.store", "save", "checkpoint save", False),
 )
 
@@ -158,6 +158,7 @@ def trial(workload: Any, policy: Policy, target: str, batch: int, timers: Timers
 
     from orchestrator import executor
     from orchestrator.artifacts import store
+    from orchestrator.measure import measure_reference
 
     state = workload.load_baseline().state_dict()
     timers.phase = "setup"
@@ -171,7 +172,7 @@ def trial(workload: Any, policy: Policy, target: str, batch: int, timers: Timers
     with instrumented(timers, baseline):
         timers.phase = REFERENCE
         with timers("measure_reference (own)"):
-            reference = executor.measure_reference(workload, baseline, device, latency_batch_size=batch, target=target)
+            reference = measure_reference(workload, baseline, device, latency_batch_size=batch, target=target)
         timers.phase = "apply: before fine-tune"
         with timers("apply (executor's own)"):
             outcome = executor.apply(policy, workload, device=device, baseline=baseline, reference=reference,

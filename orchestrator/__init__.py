@@ -32,7 +32,7 @@ _EXPORTS = {
     "Checkpoint": "orchestrator.artifacts.store",
     "load_checkpoint": "orchestrator.artifacts.store",
     "save_checkpoint": "orchestrator.artifacts.store",
-    "evaluate_checkpoint": "orchestrator.evaluate",
+    "evaluate_checkpoint": "orchestrator.measure",
     "export_checkpoint": "orchestrator.export",
     "write_report": "orchestrator.report",
     "UserError": "orchestrator.errors",

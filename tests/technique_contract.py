@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 import techniques
-from orchestrator.artifacts.store import STRUCTURE, WEIGHTS, measure_artifact, read_artifact, write_artifact
-from orchestrator.measure import count_weights
+from orchestrator.artifacts.store import STRUCTURE, WEIGHTS, read_artifact, write_artifact
+from orchestrator.measure import count_weights, measure_artifact
 from tests.tiny_models import TinyCNN, seeded, tiny_data
 
 

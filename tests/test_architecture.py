@@ -1,5 +1,6 @@
-"""The layout keeps its promises: no import cycles (module- or function-level), no reaching into another
-package's private names, techniques never import the orchestrator, short functions, a public face."""
+"""The layout keeps its promises: no import cycles (module- or function-level, between modules or between
+packages), each package imports only the packages beneath it (LAYERS), no reaching into another package's private
+names, techniques never import the orchestrator, few top-level modules, short functions, a public face."""
 
 from __future__ import annotations
 
@@ -11,6 +12,35 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("orchestrator", "techniques")
 MAX_FUNCTION_LINES = 60
+MAX_TOP_LEVEL_MODULES = 8  # files directly in orchestrator/, __init__ and __main__ included; the rest in packages
+# Which orchestrator packages (and top-level modules) each may import, lazy imports included: the layers from the
+# bottom (errors, files) up to the command line. `techniques` imports none; every orchestrator package may import
+# techniques, and every module imports the root `orchestrator` (Python runs it first), so neither is listed.
+LAYERS: dict[str, set[str]] = {
+    "techniques": set(),
+    "orchestrator": set(),  # the public face names its modules by string and loads them lazily
+    "orchestrator.errors": set(),
+    "orchestrator.pareto": set(),
+    "orchestrator.files": {"errors"},
+    "orchestrator.device": {"errors"},
+    "orchestrator.policy": {"errors", "files"},
+    "orchestrator.workloads": {"errors", "files"},
+    "orchestrator.artifacts": {"errors", "files", "policy", "workloads"},
+    "orchestrator.export": {"errors", "files", "artifacts", "workloads"},
+    "orchestrator.measure": {"errors", "files", "device", "policy", "workloads", "artifacts", "export"},
+    "orchestrator.executor": {"errors", "policy", "workloads", "artifacts", "measure"},
+    "orchestrator.report": {"errors", "files", "pareto", "artifacts"},
+    "orchestrator.search": {
+        *("errors", "files", "device", "pareto", "policy", "workloads", "artifacts", "export", "measure"),
+        *("executor", "report"),
+    },
+    "orchestrator.api": {"errors", "files", "policy", "workloads", "artifacts", "measure", "executor", "search"},
+    "orchestrator.cli": {
+        *("errors", "files", "device", "pareto", "policy", "workloads", "artifacts", "export", "measure"),
+        *("executor", "report", "search"),
+    },
+    "orchestrator.__main__": {"cli"},
+}
 # Functions allowed to be longer, each with the reason in its docstring.
 LONG_FUNCTIONS: set[str] = set()
 
@@ -86,8 +116,82 @@ def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
+def package_of(module: str) -> str:
+    """The package a module belongs to for layering: `orchestrator.<first part>`, or `techniques`."""
+    parts = module.split(".")
+    return ".".join(parts[:2]) if parts[0] == "orchestrator" else parts[0]
+
+
+def package_graph(edges: dict[str, set[str]]) -> dict[str, set[str]]:
+    """The module graph collapsed to packages (self-edges and edges to the root package left out)."""
+    collapsed: dict[str, set[str]] = {}
+    for name, targets in edges.items():
+        found = collapsed.setdefault(package_of(name), set())
+        found |= {package_of(t) for t in targets if t != "orchestrator"} - {package_of(name)}
+    for package in {t for targets in list(collapsed.values()) for t in targets}:
+        collapsed.setdefault(package, set())
+    return collapsed
+
+
+def layering_violations(edges: dict[str, set[str]], layers: dict[str, set[str]]) -> list[str]:
+    """Every import of a package its layer does not allow (`techniques` is allowed to orchestrator packages), and
+    every package missing from `layers`."""
+    found = []
+    for package, targets in sorted(package_graph(edges).items()):
+        if package not in layers:
+            found.append(f"{package} is not in LAYERS: say which packages it may import")
+            continue
+        allowed = {f"orchestrator.{name}" for name in layers[package]} | ({"techniques"} - {package})
+        found += [f"{package} imports {target}" for target in sorted(targets - allowed)]
+    return found
+
+
 def test_no_import_cycles():
     assert cycles(graph()) == []
+
+
+def test_no_package_cycles():
+    assert cycles(package_graph(graph())) == []
+
+
+def test_each_package_imports_only_the_layers_beneath_it():
+    assert layering_violations(graph(), LAYERS) == []
+
+
+def test_the_layers_themselves_have_no_cycle():
+    as_edges = {package: {f"orchestrator.{name}" for name in allowed} for package, allowed in LAYERS.items()}
+    assert cycles({name: targets & set(as_edges) for name, targets in as_edges.items()}) == []
+
+
+def test_the_layering_check_catches_a_violation_and_an_unlisted_package():
+    layers = {"techniques": set(), "orchestrator.artifacts": {"files"}, "orchestrator.files": set()}
+    layers["orchestrator.search"] = {"artifacts"}
+    edges = {
+        "orchestrator.artifacts.store": {"orchestrator.files.fs", "orchestrator.search.driver", "techniques"},
+        "orchestrator.files.fs": {"orchestrator"},
+        "orchestrator.search.driver": {"orchestrator.artifacts.store"},
+        "orchestrator.newpart": {"orchestrator.files"},
+    }
+    assert layering_violations(edges, layers) == [
+        "orchestrator.artifacts imports orchestrator.search",
+        "orchestrator.newpart is not in LAYERS: say which packages it may import",
+    ]
+    assert cycles(package_graph(edges)) == [["orchestrator.artifacts", "orchestrator.search"]]
+
+
+def test_a_lazy_import_inside_a_function_is_an_edge(tmp_path: Path):
+    source = tmp_path / "store.py"
+    source.write_text("def load():\n    from orchestrator.search import driver\n    return driver\n")
+    known = {"orchestrator.search": Path("__init__.py"), "orchestrator.search.driver": Path("driver.py")}
+    assert imports("orchestrator.artifacts.store", source, known) == {
+        "orchestrator.search",
+        "orchestrator.search.driver",
+    }
+
+
+def test_few_top_level_modules():
+    top = sorted(path.name for path in (ROOT / "orchestrator").glob("*.py"))
+    assert len(top) <= MAX_TOP_LEVEL_MODULES, f"{len(top)} modules directly in orchestrator/: {top}"
 
 
 def test_the_cycle_finder_finds_a_cycle():

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.artifacts.store import measure_artifact
+from orchestrator.measure import measure_artifact
 from tests.waiting import HANG_S
 
 ROOT = Path(__file__).resolve().parents[1]

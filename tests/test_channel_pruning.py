@@ -7,8 +7,7 @@ import torch
 from torch import nn
 
 import techniques
-from orchestrator.artifacts.store import measure_artifact
-from orchestrator.measure import count_flops, count_weights
+from orchestrator.measure import count_flops, count_weights, measure_artifact
 from techniques.channel_pruning import MAX_RATIO, MAX_ROUND_TO, StructuredPruningSpec, apply, kept_channels
 from techniques.pruning import UnstructuredPruningSpec
 from techniques.pruning import apply as apply_unstructured

@@ -22,8 +22,8 @@ from orchestrator import executor
 from orchestrator.artifacts import store
 from orchestrator.cli import main
 from orchestrator.errors import UserError
-from orchestrator.evaluate import evaluate_checkpoint
 from orchestrator.files import weights
+from orchestrator.measure import evaluate_checkpoint
 from orchestrator.policy import Policy
 from orchestrator.workloads import Workload
 from orchestrator.workloads.data import Split

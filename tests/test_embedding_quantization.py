@@ -17,7 +17,8 @@ from torch.nn.utils import parametrize
 
 import techniques
 import techniques.packed_embedding
-from orchestrator.artifacts.store import STRUCTURE, WEIGHTS, measure_artifact, read_artifact, write_artifact
+from orchestrator.artifacts.store import STRUCTURE, WEIGHTS, read_artifact, write_artifact
+from orchestrator.measure import measure_artifact
 from techniques.fake_quant import ActivationFakeQuant, WeightFakeQuant
 from techniques.finalize import finalize, kernel_report
 from techniques.inputs import Inputs, call_model, first_rows

@@ -10,9 +10,8 @@ from torch import nn
 from torch.nn.utils import parametrize, prune
 
 import techniques
-from orchestrator.artifacts.store import measure_artifact
 from orchestrator.files.weights import load_weights, save_weights
-from orchestrator.measure import count_weights
+from orchestrator.measure import count_weights, measure_artifact
 from techniques.finalize import finalize, integer_layers, kernel_report
 from techniques.packed import PackedConv2d, PackedLinear
 from techniques.quantization import QuantizationSpec

@@ -329,7 +329,7 @@ def latency_logs(draw) -> bytes:
 @settings(max_examples=300, deadline=None)
 @given(text=latency_logs())
 def test_a_latency_log_reads_as_plausible_latencies_or_none(text):
-    from orchestrator import latency_log
+    from orchestrator.measure import latency_log
 
     described = {"fuzz": True}
     path = latency_log.log_dir() / f"{latency_log.key_of(described)}.json"

@@ -13,9 +13,9 @@ import pytest
 import torch
 from torch import nn
 
-from orchestrator import latency_log
 from orchestrator.artifacts.tables import METADATA_KEY, ResultsError, read_table
 from orchestrator.cli import main
+from orchestrator.measure import latency_log
 from orchestrator.policy import Policy, PolicyError
 from orchestrator.search.space_options import SpaceError, load_space_file
 from tests.test_checkpoint_hostile import TINY

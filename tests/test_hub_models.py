@@ -18,8 +18,8 @@ from examples.sentence_encoder import make_workload, mean_cosine, mean_pooled, p
 from orchestrator import executor, workload_from
 from orchestrator.errors import UserError
 from orchestrator.export import export_model
+from orchestrator.measure import measure_reference, onnx_session
 from orchestrator.policy import Policy
-from orchestrator.runtime import onnx_session
 from orchestrator.workloads._reduction import takes_batch
 from orchestrator.workloads._unused import unused_layers
 from techniques.finalize import INT_KERNEL, kernel_report
@@ -139,13 +139,12 @@ def test_unused_layers_are_found_in_float_and_integer_models(pooler_workload):
 @pytest.mark.slow
 def test_a_pooler_the_outputs_never_read_is_left_out_of_the_export_and_said_once(pooler_workload, tmp_path,
                                                                                    capfd, monkeypatch):  # fmt: skip
-    monkeypatch.setattr(executor, "_SAID", set())
-    reference = executor.measure_reference(pooler_workload, pooler_workload.load_baseline(), CPU,
-                                           target="onnxruntime")  # fmt: skip
+    monkeypatch.setattr("orchestrator.measure.reference._SAID", set())
+    reference = measure_reference(pooler_workload, pooler_workload.load_baseline(), CPU, target="onnxruntime")
     result = executor.apply(
         policy(quantization(bits={"_default": 4})), pooler_workload, reference=reference, target="onnxruntime"
     )  # fmt: skip (was KeyError: 'bert.pooler.dense')
-    executor.measure_reference(pooler_workload, pooler_workload.load_baseline(), CPU)
+    measure_reference(pooler_workload, pooler_workload.load_baseline(), CPU)
     said = [line for line in capfd.readouterr().err.splitlines() if "bert.pooler.dense" in line]
     assert len(said) == 1 and "spare" in said[0]
     assert not {"bert.pooler.dense", "spare"} & set(result.metrics["kernels"])

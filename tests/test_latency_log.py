@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from orchestrator import latency_log
+from orchestrator.measure import latency_log
 from tests.waiting import HANG_S
 
 
@@ -95,7 +95,7 @@ def test_processes_appending_at_once_lose_nothing(cache):
 
 
 def test_every_timing_of_a_baseline_is_logged(cache, digits, digits_baseline):
-    from orchestrator.executor import compressed_metrics, measure_reference
+    from orchestrator.measure import compressed_metrics, measure_reference
 
     reference = measure_reference(digits, digits_baseline, torch.device("cpu"))
     assert latency_log.observed(reference.timings) == [reference.measurements.latency.median_ms]

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from orchestrator.artifacts.store import ARTIFACT_FILES, measure_artifact, write_artifact
+from orchestrator.artifacts.store import ARTIFACT_FILES, write_artifact
 from orchestrator.files.weights import save_weights
 from orchestrator.measure import (
     REPRODUCIBILITY,
@@ -16,6 +16,7 @@ from orchestrator.measure import (
     drift_widened,
     latency_range,
     measure,
+    measure_artifact,
     time_latency,
 )
 from orchestrator.search.config import SearchConfig
@@ -167,7 +168,7 @@ def test_a_spread_is_widened_by_how_far_the_baseline_moved_at_other_moments():
 
 
 def test_a_timed_block_lasts_long_enough_for_one_busy_moment_to_miss_most_rounds():
-    from orchestrator.measure import MIN_BLOCK_S, _block_runs
+    from orchestrator.measure.timing import MIN_BLOCK_S, _block_runs
 
     assert _block_runs([0.03, 0.01, 0.01], 20) == round(MIN_BLOCK_S * 1000 / 0.01)  # a 10 us model: 2,500 forwards
     assert _block_runs([100.0, 90.0], 20) == 20  # a slow model: the minimum count
@@ -175,7 +176,7 @@ def test_a_timed_block_lasts_long_enough_for_one_busy_moment_to_miss_most_rounds
 
 
 def test_evaluate_compares_its_re_timing_with_the_recorded_spread_and_the_baselines_range():
-    from orchestrator.evaluate import against_recorded
+    from orchestrator.measure import against_recorded
 
     recorded = {"target": "torch", "latency_batch_size": 256, "speedup_low": 7.0, "speedup": 9.2,
                 "speedup_high": 13.2, "baseline_latency_range_ms": [10.5, 14.7]}  # fmt: skip
@@ -188,3 +189,10 @@ def test_evaluate_compares_its_re_timing_with_the_recorded_spread_and_the_baseli
     assert against_recorded(recorded, {**now, "speedup": 9.0})["reproduced"]
     assert against_recorded(recorded, {**now, "latency_batch_size": 1}) == {}  # timed for another batch size
     assert against_recorded({**recorded, "speedup_low": None}, now) == {}  # recorded without a spread
+
+
+def test_every_name_the_measure_package_offers_resolves_lazily():
+    import orchestrator.measure as package
+
+    assert all(getattr(package, name) is not None for name in package.__all__)
+    assert not hasattr(package, "no_such_name")

@@ -14,6 +14,7 @@ import torch
 import techniques
 from orchestrator import executor
 from orchestrator.files.fs import cache_root
+from orchestrator.measure import measure_reference
 from orchestrator.policy import Policy
 from orchestrator.report import SENSITIVITY_FILE, write_report
 from orchestrator.search.allocation import Option, allocate, budget_seeds, removals
@@ -50,7 +51,7 @@ def test_cells_equal_an_independent_one_layer_evaluation(digits, digits_baseline
     table, computed = profile(space, digits, digits_baseline)
     assert computed == len(table.cells) == 5 * 3 + 5 * 2  # 5 layers × (3 bit-widths, 2 sparsities)
     assert table.baseline_metric == digits.evaluate(digits_baseline, "validation")  # 270 examples: all of them
-    reference = executor.measure_reference(digits, digits_baseline, "cpu")
+    reference = measure_reference(digits, digits_baseline, "cpu")
     for technique, setting, layer, value in (
         ("quantization", "bits", "fc1", 2),
         ("unstructured_pruning", "sparsity", "conv1", 0.95),

@@ -19,11 +19,19 @@ from orchestrator.artifacts import store
 from orchestrator.artifacts.tables import TRIALS_FILE, read_table
 from orchestrator.cli import main
 from orchestrator.errors import UserError
-from orchestrator.evaluate import evaluate_checkpoint, measure_baseline
 from orchestrator.export import export_model
-from orchestrator.measure import REPRODUCIBILITY, measure, time_paired
+from orchestrator.measure import (
+    REPRODUCIBILITY,
+    OnnxSession,
+    evaluate_checkpoint,
+    measure,
+    measure_artifact,
+    measure_baseline,
+    measure_reference,
+    onnx_session,
+    time_paired,
+)
 from orchestrator.policy import Policy
-from orchestrator.runtime import OnnxSession, onnx_session
 from orchestrator.search import SearchConfig
 
 FOUR_BIT = {"_type": "policy", "_version": 1, "seed": 0, "steps": [
@@ -47,7 +55,7 @@ def op_types(data: bytes) -> set[str]:
 
 @pytest.fixture(scope="module")
 def onnx_reference(digits, digits_baseline):
-    return executor.measure_reference(digits, digits_baseline, torch.device("cpu"), target="onnxruntime")
+    return measure_reference(digits, digits_baseline, torch.device("cpu"), target="onnxruntime")
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +71,7 @@ def test_the_reference_is_the_fp32_onnx_file_in_its_session(digits, digits_basel
     assert onnx_reference.target == measured.target == "onnxruntime"
     assert isinstance(onnx_reference.deployed, OnnxSession) and onnx_reference.deployed.data == fp32
     assert measured.size_bytes == len(fp32) and not op_types(fp32) & {"MatMulNBits", "DequantizeLinear"}
-    assert measured.checkpoint_bytes == store.measure_artifact(digits_baseline, digits.build_model())
+    assert measured.checkpoint_bytes == measure_artifact(digits_baseline, digits.build_model())
     metrics = measured.metrics()
     assert metrics["runtime"].startswith("onnxruntime ") and metrics["threads"] == torch.get_num_threads()
     assert 0 < metrics["latency_p10_ms"] <= metrics["latency_ms"] <= metrics["latency_p90_ms"]
@@ -79,7 +87,7 @@ def test_apply_for_onnxruntime_weighs_the_onnx_file_and_times_it_beside_the_base
     assert metrics["baseline_size_bytes"] == onnx_reference.measurements.size_bytes
     assert metrics["compression_ratio"] == onnx_reference.measurements.size_bytes / len(shipped) > 5
     base = store.base_architecture(four_bit.policy, digits)
-    assert metrics["checkpoint_bytes"] == store.measure_artifact(four_bit.model, base) != metrics["size_bytes"]
+    assert metrics["checkpoint_bytes"] == measure_artifact(four_bit.model, base) != metrics["size_bytes"]
     assert metrics["speedup_low"] <= metrics["speedup"] <= metrics["speedup_high"]
     assert metrics["speedup_rounds"] == 7 and metrics["baseline_latency_ms"] > 0
     assert metrics["runtime"].startswith("onnxruntime ") and metrics["device"] == "cpu"
@@ -210,15 +218,12 @@ ONCE_SLOWER = 3.0
 
 @pytest.fixture(scope="module")
 def onnx_search(tmp_path_factory, digits):
-    from orchestrator import latency_log
-    from orchestrator.measure import torch_threads
+    from orchestrator.measure import latency_log, torch_threads
     from orchestrator.search import run
     from orchestrator.search.space_options import options_from_json
 
     with torch_threads(1):  # the search's trials time with one thread each
-        reference = executor.measure_reference(
-            digits, digits.load_baseline(), torch.device("cpu"), target="onnxruntime"
-        )
+        reference = measure_reference(digits, digits.load_baseline(), torch.device("cpu"), target="onnxruntime")
     once_slow_ms = ONCE_SLOWER * reference.measurements.latency.median_ms
     latency_log.append(reference.timings, [once_slow_ms] * 40, at=1.0)  # long before this run (0 is no time)
     storage = tmp_path_factory.mktemp("runs")

@@ -23,7 +23,7 @@ from bench.techniques_digits import (
 )
 from orchestrator import executor
 from orchestrator.artifacts import store
-from orchestrator.measure import count_weights
+from orchestrator.measure import Reference, count_weights, measure_reference
 
 pytestmark = pytest.mark.slow
 
@@ -31,8 +31,8 @@ Apply = Callable[[str], executor.CompressedModel]
 
 
 @pytest.fixture(scope="module")
-def reference(digits, digits_baseline) -> executor.Reference:
-    return executor.measure_reference(digits, digits_baseline, torch.device("cpu"))
+def reference(digits, digits_baseline) -> Reference:
+    return measure_reference(digits, digits_baseline, torch.device("cpu"))
 
 
 @pytest.fixture(scope="module")

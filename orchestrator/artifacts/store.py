@@ -124,16 +124,6 @@ def read_artifact(structure: bytes, weights: bytes, base: nn.Module) -> nn.Modul
     return model.eval()
 
 
-def measure_artifact(model: nn.Module, base: nn.Module | None = None) -> int:
-    """The model's size: bytes on disk of its deployable artifact, by writing it to a temporary directory.
-
-    The one definition of size in the project; checkpoints, trials and the baseline all use it. `base` is
-    the architecture the structure record is written against (None: the model's own, an empty record).
-    """
-    with tempfile.TemporaryDirectory(prefix="artifact-") as tmp:
-        return write_artifact(model, model if base is None else base, Path(tmp))
-
-
 def base_architecture(policy: Policy, workload: Workload) -> nn.Module:
     """The untrained architecture a model made by `policy` is saved and rebuilt against: the workload's
     `build_student(width)` when the policy has a student step, else its `build_model()` (SpecError when the

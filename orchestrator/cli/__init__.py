@@ -39,7 +39,7 @@ def _add_workload_args(parser: argparse.ArgumentParser) -> None:
 
 def _baseline(args: argparse.Namespace) -> int:
     from orchestrator.device import resolve_device
-    from orchestrator.evaluate import measure_baseline
+    from orchestrator.measure import measure_baseline
     from orchestrator.workloads import resolve_workload
 
     if args.latency_batch_size < 1:
@@ -74,7 +74,7 @@ def _apply(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from orchestrator.evaluate import evaluate_checkpoint
+    from orchestrator.measure import evaluate_checkpoint
 
     metrics = evaluate_checkpoint(
         args.checkpoint,

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from importlib import metadata
 from typing import Any, NoReturn
 
-from orchestrator.runtime import DEFAULT_TARGET, TARGETS
+from orchestrator.measure.targets import DEFAULT_TARGET, TARGETS
 
 DISTRIBUTION = "compression-orchestrator"
 EXIT_CODES = """\

@@ -1,34 +1,32 @@
 """ONNX nodes and initializers for one packed layer, keeping its weights at (or near) their stored bit-width.
 
-Decisions (the speeds are ONNX Runtime 1.31 on x86 CPUs, measured here):
+Decisions (the speeds are ONNX Runtime's CPU kernels; the measurements are in docs/BENCHMARKS.md):
 - Linear layers with 2-4-bit codes run the contrib `com.microsoft.MatMulNBits` with 4-bit storage (blocks of
   16-256 along K; codes offset by the default zero point 8, which is the project's symmetric quantisation
   exactly). 4-bit MatMulNBits with float activations runs at fp32 speed; its 2- and 8-bit kernels are slow
-  fallbacks there (25x and 15x slower than fp32 at batch 1), so 2- and 3-bit codes are stored in 4 bits.
+  fallbacks (many times slower than fp32), so 2- and 3-bit codes are stored in 4 bits.
 - With `int8_activations` ONNX Runtime quantises activations its own way, faster; outputs move away from
   PyTorch's by that rounding, so it is a choice, off by default. 2-4-bit Linear layers run MatMulNBits at
-  accuracy_level 4 (int8 activations on the fly, 1.4-7x faster than fp32 on its own); 5-8-bit Linear layers with
-  one scale per output channel, weight-only or `w8a8-dynamic`, run ORT's fused `DynamicQuantizeMatMul`
-  (per-tensor uint8 activations, the kernel ORT's own `quantize_dynamic` produces: on the text workload's BERT at
-  batch 1 on one thread 1.8x faster than the exact per-row graph below, whose 15 small nodes per layer cost more
-  than the GEMM saves); other 5-8-bit layers run 8-bit MatMulNBits.
+  accuracy_level 4 (int8 activations on the fly, faster than fp32); 5-8-bit Linear layers with one scale per
+  output channel, weight-only or `w8a8-dynamic`, run ORT's fused `DynamicQuantizeMatMul` (per-tensor uint8
+  activations, the kernel ORT's own `quantize_dynamic` produces: faster than the exact per-row graph below, whose
+  15 small nodes per layer cost more than the GEMM saves); other 5-8-bit layers run 8-bit MatMulNBits.
 - The int8 kernel (8-bit weights, 8-bit static activations) becomes Div, Round, Clip to +-127 (PyTorch's
   arithmetic, so the codes are the same; `QuantizeLinear` rounds a few boundary values the other way), +128 and
   a Cast to uint8, then `MatMulInteger` (u8 x u8 -> int32, both zero points 128; int8 activations take a slow
   path) + rescale + bias: the same integers as `torch._int_mm`. Weights are shifted to uint8 too: ONNX Runtime's
   u8 x s8 kernel on AVX2 without VNNI sums pairs of products in saturating int16 (`vpmaddubsw`; its docs
-  suggest u8 x u8 or reduced-range weights), which put outputs off by up to 4 on such a CPU.
+  suggest u8 x u8 or reduced-range weights), which puts outputs off by whole units on such CPUs.
 - With dynamic per-row activations (bits "w8a8-dynamic") the scale is computed in the graph as PyTorch does:
   ReduceMax(Abs(x)) over the last axis, Div by 127, Where(> 0, ., 1); then the same Div, Round, Clip, uint8
-  shift and `MatMulInteger`, its float result multiplied by the row scales, then by the channel scales (1.9x
-  faster than fp32 MatMul on one thread for 384x256 by 256x1024). Not first the product of the two scales:
-  ORT's MatMulIntegerToFloat fusion (extended optimisations) splits such a Mul into a per-tensor A scale and a
-  per-column B scale and gets per-row scales wrong (measured: outputs off by 3.3). Not ONNX's
+  shift and `MatMulInteger`, its float result multiplied by the row scales, then by the channel scales. Not
+  first the product of the two scales: ORT's MatMulIntegerToFloat fusion (extended optimisations) splits such a
+  Mul into a per-tensor A scale and a per-column B scale and gets per-row scales wrong. Not ONNX's
   `DynamicQuantizeLinear` either: one asymmetric uint8 scale per tensor, the precision per-row scales keep.
 - Layers with no fast low-bit kernel (5-8-bit float-activation Linear layers, every Conv, groups MatMulNBits
   blocks cannot take) store int4/int8 codes and scales, decoded by Cast + Mul + Reshape, which ORT
   constant-folds to float32 at load. Not `DequantizeLinear`: ORT keeps that unfolded and dequantizes on every
-  run (digits at 4 bits: 2-3x slower than fp32).
+  run (slower than fp32).
 - Embeddings run `com.microsoft.GatherBlockQuantized` (uint8-packed 2/4/8-bit rows; only the gathered rows are
   dequantized); shapes it cannot take fall back to a Gather of int8 codes and one of scales, then a Mul.
 - A smoothed Linear's per-input-channel Mul (techniques.smoothing) is written by `_onnx` before the layer's nodes;

@@ -12,7 +12,6 @@ from typing import Any
 
 import numpy as np
 
-from orchestrator import latency_log
 from orchestrator.artifacts import store
 from orchestrator.artifacts.tables import (
     PARETO_FILE,
@@ -24,9 +23,16 @@ from orchestrator.artifacts.tables import (
     TrialRow,
     write_table,
 )
-from orchestrator.executor import Reference, compressed_metrics, measure_reference
 from orchestrator.files.fs import exists, join
-from orchestrator.measure import drift_widened, latency_range, torch_threads
+from orchestrator.measure import (
+    Reference,
+    compressed_metrics,
+    drift_widened,
+    latency_log,
+    latency_range,
+    measure_reference,
+    torch_threads,
+)
 from orchestrator.pareto import feasible_pareto_front, shortfall
 from orchestrator.policy import Policy
 from orchestrator.search.config import SearchConfig, SearchOutcome
@@ -159,13 +165,12 @@ def checkpoint_front(
     """Verify each Pareto trial's checkpoint, measure it once on the test split, re-time it, and keep it in the
     run.
 
-    Trials are timed while other trials train on the same cores, which moves a paired ratio (on 2 hyperthreads:
-    a digits student at 2.43x in its trial, 1.63x alone); the front is chosen on those numbers, then each Pareto
-    checkpoint is re-timed beside the baseline with nothing else running and the trial's thread count, as
-    `orchestrator evaluate` re-times it, and that is the speed its row and metrics keep (the trial's own ratio
-    as `search_speedup`). Its spread is widened by how far the baseline's latency moved over the run and every
-    earlier timing of it on this machine (`baseline_ms`, every trial's; the baseline timed again here; its
-    `latency_log`: `measure.drift_widened`): a later re-timing on this machine falls inside it while the machine
+    Trials are timed while other trials train on the same cores, which moves a paired ratio; the front is chosen on
+    those numbers, then each Pareto checkpoint is re-timed beside the baseline with nothing else running and the
+    trial's thread count, as `orchestrator evaluate` re-times it, and that is the speed its row and metrics keep
+    (the trial's own ratio as `search_speedup`). Its spread is widened by how far the baseline's latency moved over
+    the run and every earlier timing of it on this machine (`baseline_ms`, every trial's; the baseline timed again
+    here; its `latency_log`: `drift_widened`): a later re-timing on this machine falls inside it while the machine
     runs the baseline at a speed it has shown before."""
     if not any(result.checkpoint is not None for result in results):
         return

@@ -10,8 +10,8 @@ from typing import Any
 from orchestrator.artifacts.tables import RunInfo, TrialRow
 from orchestrator.errors import UserError
 from orchestrator.files.fs import join
+from orchestrator.measure import DEFAULT_TARGET, check_target
 from orchestrator.policy import MAX_SEED
-from orchestrator.runtime import DEFAULT_TARGET, check_target
 from orchestrator.search.space_options import SpaceOptions
 from orchestrator.workloads import Workload
 

@@ -14,12 +14,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from orchestrator import executor
 from orchestrator.device import resolve_device
 from orchestrator.errors import UserError
 from orchestrator.files.fs import LOCK_FILE, absolute, cache_root, exists, is_uri, join, read_bytes, write_atomic
 from orchestrator.files.jsondoc import parse_json
-from orchestrator.runtime import DEFAULT_TARGET
+from orchestrator.measure import DEFAULT_TARGET, Reference, measure_reference
 from orchestrator.search.config import DEFAULT_TRIALS, SearchConfig
 from orchestrator.search.journal_sync import JOURNAL_FILE
 from orchestrator.search.sampler import repair_journal
@@ -38,7 +37,7 @@ class Prepared:
     run_dir: str
     workload: Workload
     baseline: nn.Module
-    reference: executor.Reference
+    reference: Reference
     space: SearchSpace
     device: torch.device
     started: float
@@ -81,7 +80,7 @@ def prepare(config: SearchConfig) -> Prepared:
     )
     baseline = workload.load_baseline()
     device = resolve_device("auto")
-    reference = executor.measure_reference(
+    reference = measure_reference(
         workload, baseline.to(device), device, latency_batch_size=config.latency_batch_size, target=config.target
     )
     space = build_space(

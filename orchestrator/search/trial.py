@@ -20,6 +20,7 @@ from orchestrator.artifacts import store
 from orchestrator.errors import UserError
 from orchestrator.files.fs import join, publish_directory, read_bytes, resolve, set_aside
 from orchestrator.files.jsondoc import finite_json, parse_json
+from orchestrator.measure import Reference, measure_reference
 from orchestrator.policy import Policy
 from orchestrator.search.pause import pause_point
 from orchestrator.search.prepare import recorded_target
@@ -49,16 +50,16 @@ class TrialSetup:
         return self.target if self.target is not None else recorded_target(self.run_dir)
 
 
-_REFERENCES: dict[tuple[str, str, int, str, int], executor.Reference] = {}
+_REFERENCES: dict[tuple[str, str, int, str, int], Reference] = {}
 
 
-def _reference_on(setup: TrialSetup, device: str, target: str) -> executor.Reference:
+def _reference_on(setup: TrialSetup, device: str, target: str) -> Reference:
     """The baseline measured for `target` on this trial's device and threads (once per worker process and
     workload); the baseline is still timed again beside every trial's model."""
     key = (setup.workload.fingerprint, device, setup.latency_batch_size, target, torch.get_num_threads())
     if key not in _REFERENCES:
         baseline = _baseline(setup).to(device)
-        _REFERENCES[key] = executor.measure_reference(
+        _REFERENCES[key] = measure_reference(
             setup.workload,
             baseline,
             torch.device(device),

@@ -1,7 +1,7 @@
 """How fast this machine has run a baseline, across runs: every time the baseline is timed (a search's reference,
 beside each trial's model, collect's re-timing, `evaluate`), its median latency is appended to a small log in
 the tool's cache, so a search's recorded spread can be widened by every speed the machine has shown, not only
-the ones seen during that run (`measure.drift_widened`).
+the ones seen during that run (`timing.drift_widened`).
 
 Decisions: a log is keyed by the baseline's weights (a digest, so a retrained baseline starts a new one), the
 deployment target, batch size, threads, device and the machine (host name, CPU model, core count); it is JSON

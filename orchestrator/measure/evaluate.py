@@ -2,13 +2,13 @@
 
 Decisions: a checkpoint is verified in full (every checksum, every document's schema) before its
 workload is even resolved, and the workload comes from the built-in names or the caller (`--workload`):
-nothing a checkpoint names is ever imported; measurements go through `executor.measure_on`, like every
+nothing a checkpoint names is ever imported; measurements go through `reference.measure_on`, like every
 trial's. A checkpoint is re-measured for the deployment target and at the latency batch size its metrics
 record (unless told otherwise): for onnxruntime it is exported again and timed beside the baseline's fp32 ONNX
 session, so the speedup is comparable with the one the search recorded; and with the torch thread count they
 record (at most this machine's cores), as the search re-timed its Pareto checkpoints; the result says
 whether the re-timed speedup falls inside the spread the checkpoint recorded. Metrics are scored as trials score
-them (`executor.scores`): for onnxruntime, the ONNX session's validation and test metrics, PyTorch's beside them.
+them (`reference.scores`): for onnxruntime, the ONNX session's validation and test metrics, PyTorch's beside them.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ import torch
 
 from orchestrator.artifacts import store
 from orchestrator.device import resolve_device
-from orchestrator.executor import compressed_metrics, measure_on, measure_reference, scores
-from orchestrator.measure import torch_threads
-from orchestrator.runtime import DEFAULT_TARGET, check_target, deploy
+from orchestrator.measure.reference import compressed_metrics, measure_on, measure_reference, scores
+from orchestrator.measure.targets import DEFAULT_TARGET, check_target, deploy
+from orchestrator.measure.timing import torch_threads
 from orchestrator.workloads import Workload, resolve_workload
 
 

@@ -1,4 +1,4 @@
-"""Deployment targets: the runtime a model's size and latency are measured in.
+"""Deployment targets: the runtime a model's size and latency are measured in (`torch` or `onnxruntime`).
 
 `torch` (the default): size is the checkpoint's deployable files, latency the PyTorch model's. `onnxruntime`:
 size is the ONNX file the exporter writes for the model, latency an ONNX Runtime session's on the same inputs
@@ -7,10 +7,9 @@ size is the ONNX file the exporter writes for the model, latency an ONNX Runtime
 Decisions:
 - The session runs on CPUExecutionProvider with `intra_op_num_threads` = torch's thread count when it is made
   (the trial's), one inter-op thread, every graph optimisation but `SkipLayerNormFusion`; it is timed by
-  `measure` like a module. That fusion makes transformers slower here (ORT 1.31, AMD EPYC, one thread: the text
-  workload's BERT 1.26x slower in fp32 and 1.25x with ORT's own dynamic int8, 1.5x with the project's int8
-  export; its fused node takes ~40 us where LayerNormalization + Add take ~10), so every ONNX model measured
-  here, baselines and comparisons included, runs without it (`SESSION_DISABLED_OPTIMIZERS`).
+  `measure` like a module. That fusion made transformers slower than the nodes it replaces on the CPUs measured
+  (docs/BENCHMARKS.md), so every ONNX model measured here, baselines and comparisons included, runs without it
+  (`SESSION_DISABLED_OPTIMIZERS`).
 - The ONNX file is the exporter's own (`orchestrator.export.export_model`) with `int8_activations` (ONNX
   Runtime quantises the activations of 8-bit Linear layers with its fused dynamic kernel, and 2-4-bit ones in
   MatMulNBits: the fast kernels a user deploying to ORT gets). An export that cannot be made is a
@@ -18,6 +17,7 @@ Decisions:
   scored (`OnnxSession.evaluate`: the workload's metric over a split, batched as PyTorch evaluation batches it,
   the session's flat outputs put back in the structure the model returns and reduced by the workload's
   `output_fn`), and the check's difference is kept (`check_metrics`) as a measurement beside the PyTorch score.
+  The exporter is imported where it is used: it loads onnx (seconds), which the torch target never needs.
 - A session pickles as its file's bytes and thread count and is rebuilt on load, so a record holding one can
   cross a process boundary.
 """
@@ -40,7 +40,7 @@ from orchestrator.workloads import Workload
 from techniques.inputs import Inputs, call_model, tensors
 
 TARGETS = ("torch", "onnxruntime")
-SESSION_DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)  # slower than what it replaces here (see Decisions)
+SESSION_DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)  # slower than what it replaces (see Decisions)
 DEFAULT_TARGET = "torch"
 
 
