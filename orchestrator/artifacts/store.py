@@ -2,7 +2,8 @@
 
 Files and what counts as the model's size:
 - `model.safetensors` (packed weights) and `structure.json` (how to rebuild the architecture from the
-  workload's base model) are the deployable artifact: `size_bytes` is the sum of their bytes;
+  workload's base model) are the deployable artifact: `size_bytes` is the sum of their bytes (written by
+  `write_artifact`; `orchestrator.measure.measure_artifact` sizes a model that way);
 - `policy.json`, `metrics.json` are provenance; `manifest.json` lists sha256 and bytes of every file,
   the workload and the package versions, and is written last.
 
