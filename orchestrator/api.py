@@ -6,7 +6,8 @@ import, `compress` runs `search.run`, `apply` runs `executor.apply`):
     outcome = orchestrator.compress(model=model, train=train_loader, validation=val_loader, num_trials=16)
     best = orchestrator.load_checkpoint(outcome.checkpoints[0], outcome_workload)
 
-`compress` is not called `search` because `orchestrator.search` is the search package.
+`compress` is not called `search` because `orchestrator.search` is the search package. Its search settings default
+to the search config's dataclasses' (`orchestrator.search.config`), as `search.py`'s flags do.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from orchestrator.files.digest import model_fingerprint
 from orchestrator.policy import Policy
 from orchestrator.search import SearchConfig, SearchOutcome, SpaceOptions
 from orchestrator.search import run as run_search
-from orchestrator.search.config import DEFAULT_SENSITIVITY
+from orchestrator.search.config import MeasureSettings, Resources, RunSettings, SearchStrategy
 from orchestrator.workloads import LoaderSplit, Split, Workload, accuracy, split_of
 from techniques.inputs import Inputs, OutputFn, main_output
 
@@ -89,25 +90,28 @@ def compress(
     train: Any = None,
     validation: Any = None,
     workload: Workload | str | None = None,
-    num_trials: int = 16,
-    objectives: tuple[str, ...] = ("accuracy", "size"),
-    max_accuracy_drop: float | None = 0.01,
-    families: tuple[str, ...] | None = None,
-    storage_path: str | Path = "runs",
-    name: str | None = None,
-    resume: bool = False,
-    address: str | None = None,
-    seed: int = 0,
-    target: str = "torch",
-    sensitivity: bool = DEFAULT_SENSITIVITY,
+    # each default is the one field of the search config's dataclasses that holds it, as the CLI's flags read
+    num_trials: int | None = SearchStrategy.num_trials,
+    objectives: tuple[str, ...] = SearchStrategy.objectives,
+    max_accuracy_drop: float | None = SearchStrategy.max_accuracy_drop,
+    families: tuple[str, ...] | None = SpaceOptions.families,
+    storage_path: str | Path = RunSettings.storage_path,
+    name: str | None = RunSettings.name,
+    resume: bool = RunSettings.resume,
+    address: str | None = Resources.address,
+    seed: int = SearchStrategy.seed,
+    target: str = MeasureSettings.target,
+    sensitivity: bool = SearchStrategy.sensitivity,
     **workload_options: Any,
 ) -> SearchOutcome:
     """Search compression policies for a model (or a Workload) and return the front with its checkpoints.
 
     Give `model`, `train`, `validation` (and any `workload_from` option), or `workload`. Runs locally on a
     private Ray, or on the cluster at `address`; the run directory holds the tables, checkpoints and report.
-    `target` ("torch" or "onnxruntime") is where sizes and latencies are measured; `sensitivity` profiles each
-    layer group first to seed budgeted policies and drop settings predicted past the guard (`search.prior`).
+    The defaults are `python search.py`'s: `num_trials` None is DEFAULT_TRIALS (32) for a new run and a resumed
+    run's own budget with `resume`; `max_accuracy_drop` is 0.05. `target` ("torch" or "onnxruntime") is where
+    sizes and latencies are measured; `sensitivity` profiles each layer group first to seed budgeted policies and
+    drop settings predicted past the guard (`search.prior`).
     """
     chosen = _workload(model, train, validation, workload, workload_options)
     config = SearchConfig(
@@ -136,7 +140,7 @@ def apply(
     validation: Any = None,
     seed: int | None = None,
     device: str = "cpu",
-    target: str = "torch",
+    target: str = MeasureSettings.target,
     **workload_options: Any,
 ) -> CompressedModel:
     """Apply a policy (a Policy or a policy.json path) to a model and its data (or a Workload): the compressed,

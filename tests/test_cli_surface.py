@@ -20,7 +20,7 @@ import pytest
 from orchestrator.cli import build_parser, main, search_main
 from orchestrator.cli._search import config_from_args
 from orchestrator.errors import UserError
-from orchestrator.search.config import DEFAULT_MAX_DROP
+from orchestrator.search.config import DEFAULTS
 from tests.waiting import HANG_S, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,7 +134,7 @@ def search_config(*flags: str):
 @pytest.mark.parametrize(
     "flags, expected",
     [
-        ([], DEFAULT_MAX_DROP),
+        ([], DEFAULTS["max_accuracy_drop"]),
         (["--max-accuracy-drop", "0.01"], 0.01),
         (["--max-accuracy-drop", "0"], 0.0),
         (["--max-accuracy-drop", "1"], 1.0),
@@ -144,7 +144,7 @@ def search_config(*flags: str):
     ],
 )
 def test_the_accuracy_guard_is_a_fraction_or_none(flags, expected):
-    assert search_config(*flags).max_accuracy_drop == expected
+    assert search_config(*flags).strategy.max_accuracy_drop == expected
 
 
 @pytest.mark.parametrize("value", ["lots", "-1", "nan", "1.5", "inf", ""])
@@ -167,14 +167,14 @@ def test_a_bad_accuracy_guard_is_a_usage_error(value, capsys):
 )
 def test_tracking_flags_reach_the_search_config(flags, mlflow, wandb):
     config = search_config(*flags)
-    assert (config.mlflow, config.wandb) == (mlflow, wandb)
+    assert (config.run.mlflow, config.run.wandb) == (mlflow, wandb)
 
 
 def test_the_trial_budget_is_left_to_the_run_unless_given():
-    assert search_config().num_trials is None  # a new run's default, or the resumed run's own budget
-    assert search_config("--num-trials", "7").num_trials == 7
-    assert search_config("--smoke-test").num_trials == 6
-    assert search_config("--smoke-test", "--num-trials", "3").num_trials == 3
+    assert search_config().strategy.num_trials is None  # a new run's default, or the resumed run's own budget
+    assert search_config("--num-trials", "7").strategy.num_trials == 7
+    assert search_config("--smoke-test").strategy.num_trials == 6
+    assert search_config("--smoke-test", "--num-trials", "3").strategy.num_trials == 3
 
 
 def one_error_line(capsys) -> str:

@@ -334,8 +334,8 @@ def test_a_second_search_of_the_same_name_is_refused_while_the_first_runs(tmp_pa
 
 
 START_RAY = (
-    "import ray\nfrom orchestrator.search import SearchConfig\nfrom orchestrator.search.driver import start_ray\n"
-    "start_ray(SearchConfig(address={address!r}))\nprint(ray.get_runtime_context().gcs_address, flush=True)\n"
+    "import ray\nfrom orchestrator.search import Resources\nfrom orchestrator.search.driver import start_ray\n"
+    "start_ray(Resources(address={address!r}))\nprint(ray.get_runtime_context().gcs_address, flush=True)\n"
     "ray.shutdown()"
 )
 

@@ -25,6 +25,7 @@ from orchestrator.cli._parser import (
 )
 from orchestrator.cli._search import add_search_arguments, config_from_args, print_outcome
 from orchestrator.errors import UserError
+from orchestrator.search.config import DEFAULTS
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -151,7 +152,11 @@ def _add_measuring_commands(commands: argparse._SubParsersAction) -> None:
     )
     _add_workload_args(baseline)
     baseline.add_argument(
-        "--latency-batch-size", type=int, default=1, metavar="N", help="batch size of the latency measurements"
+        "--latency-batch-size",
+        type=int,
+        default=DEFAULTS["latency_batch_size"],
+        metavar="N",
+        help="batch size of the latency measurements",
     )
     add_target_argument(baseline)
     baseline.add_argument("--json", action="store_true", help="print the measurements as JSON")

@@ -10,7 +10,8 @@ from collections.abc import Iterable
 from importlib import metadata
 from typing import Any, NoReturn
 
-from orchestrator.measure.targets import DEFAULT_TARGET, TARGETS
+from orchestrator.measure.targets import TARGETS
+from orchestrator.search.config import DEFAULTS
 
 DISTRIBUTION = "compression-orchestrator"
 EXIT_CODES = """\
@@ -21,11 +22,14 @@ exit codes:
   130  interrupted (Ctrl-C; a search is resumable with --resume)
   143  stopped by SIGTERM (as by Ctrl-C: resumable with --resume)"""
 _NEGATIVE_NUMBER = re.compile(r"^-\d+$|^-\d*\.\d+$")  # a value, not an option (argparse's own test)
+Arguments = argparse.ArgumentParser | argparse._ArgumentGroup  # what takes add_argument: a parser or a help section
 
 
-def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
+def add_workload_arguments(parser: Arguments) -> None:
     """--workload, --data-dir, --weights: which workload, as every subcommand that builds one takes them."""
-    parser.add_argument("--workload", default="digits", help="digits, cifar10, text, lm, or package.module:function")
+    parser.add_argument(
+        "--workload", default=DEFAULTS["workload"], help="digits, cifar10, text, lm, or package.module:function"
+    )
     parser.add_argument(
         "--data-dir", metavar="DIR", help="data directory (default: none; cifar10 needs the CIFAR-10 python batches)"
     )
@@ -36,9 +40,7 @@ def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_target_argument(
-    parser: argparse.ArgumentParser, *, default: str | None = DEFAULT_TARGET, help: str = ""
-) -> None:
+def add_target_argument(parser: Arguments, *, default: str | None = DEFAULTS["target"], help: str = "") -> None:
     """--target: the runtime a model's size and latency are measured for."""
     parser.add_argument(
         "--target",

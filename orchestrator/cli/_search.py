@@ -8,32 +8,13 @@ import math
 import sys
 from pathlib import PurePosixPath as Path
 
-from orchestrator.cli._parser import add_target_argument, add_workload_arguments
+from orchestrator.cli._parser import Arguments, add_target_argument, add_workload_arguments
 from orchestrator.errors import UserError
-from orchestrator.search.config import (
-    DEFAULT_MAX_DROP,
-    DEFAULT_SENSITIVITY,
-    DEFAULT_TRIALS,
-    SAMPLERS,
-    SearchConfig,
-    SearchOutcome,
-)
+from orchestrator.search.config import DEFAULT_TRIALS, DEFAULTS, SAMPLERS, SearchConfig, SearchOutcome
 from orchestrator.search.space_options import GROUPINGS, SpaceOptions, check_families, load_space_file, searchable
 
 SMOKE_TRIALS = 6
-_SETTINGS = (
-    "workload",
-    "data_dir",
-    "weights",
-    "objectives",
-    "max_accuracy_drop",
-    "num_trials",
-    "sampler",
-    "seed",
-    "sensitivity",
-)
-_RESOURCES = ("cpus_per_trial", "gpus_per_trial", "concurrency", "asha", "storage_path", "name", "resume")
-_RUN = ("address", "max_failures", "latency_batch_size", "target", "report", "mlflow", "wandb")
+NOT_FLAGS = ("space", "extra_ray_init")  # settings no single flag sets: the space is the file and two flags
 
 
 def _csv(text: str) -> tuple[str, ...]:
@@ -54,38 +35,54 @@ def max_accuracy_drop(text: str) -> float | None:
 
 
 def add_search_arguments(parser: argparse.ArgumentParser) -> None:
-    """The search's flags: what to search, then where and how to run it."""
+    """The search's flags, one help section per part of SearchConfig: what to search and how, then where trials
+    run, where results go, how models are measured. Every default is `DEFAULTS`' (the config's dataclasses)."""
     _add_what_arguments(parser)
     _add_prior_argument(parser)
-    _add_how_arguments(parser)
-
-
-def _add_prior_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--asha", action="store_true", help="stop weak fine-tunes early (ASHA on epochs)")
     parser.add_argument(
-        "--sensitivity",
-        action=argparse.BooleanOptionalAction,
-        default=DEFAULT_SENSITIVITY,
-        help="before the trials, measure each layer group's metric drop under each setting alone (no fine-tuning; "
-        "Ray tasks, cached per workload), seed policies for 4x/6x/8x size budgets and stop proposing settings "
-        "that break --max-accuracy-drop on their own "
-        f"(default: {'on' if DEFAULT_SENSITIVITY else 'off'})",
+        "--smoke-test",
+        action="store_true",
+        help=f"a tiny search ({SMOKE_TRIALS} trials, 1 fine-tuning epoch) to check the set-up",
+    )
+    _add_resource_arguments(parser.add_argument_group("resources", "where trials run and what each takes"))
+    _add_run_arguments(parser.add_argument_group("run", "where the results go, resuming, tracking"))
+    measure = parser.add_argument_group("measurement", "how sizes and latencies are measured")
+    add_target_argument(measure, default=DEFAULTS["target"])
+    measure.add_argument(
+        "--latency-batch-size",
+        type=int,
+        default=DEFAULTS["latency_batch_size"],
+        metavar="N",
+        help="batch size of the latency measurements",
     )
 
 
-def _add_what_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_prior_argument(parser: Arguments) -> None:
+    parser.add_argument(
+        "--sensitivity",
+        action=argparse.BooleanOptionalAction,
+        default=DEFAULTS["sensitivity"],
+        help="before the trials, measure each layer group's metric drop under each setting alone (no fine-tuning; "
+        "Ray tasks, cached per workload), seed policies for 4x/6x/8x size budgets and stop proposing settings "
+        "that break --max-accuracy-drop on their own "
+        f"(default: {'on' if DEFAULTS['sensitivity'] else 'off'})",
+    )
+
+
+def _add_what_arguments(parser: Arguments) -> None:
     add_workload_arguments(parser)
     parser.add_argument(
         "--objectives",
         type=_csv,
         metavar="LIST",
-        default=("accuracy", "size"),
-        help="comma-separated, from accuracy, size, latency, flops (default: accuracy,size)",
+        default=DEFAULTS["objectives"],
+        help=f"comma-separated, from accuracy, size, latency, flops (default: {','.join(DEFAULTS['objectives'])})",
     )
-    add_target_argument(parser)
     parser.add_argument(
         "--max-accuracy-drop",
         type=max_accuracy_drop,
-        default=DEFAULT_MAX_DROP,
+        default=DEFAULTS["max_accuracy_drop"],
         metavar="FRACTION",
         help="trials losing more validation accuracy than this fraction of the baseline's (0.05 = five points) "
         "are infeasible: kept in the tables and plots, marked, never on the front; `none` disables the guard",
@@ -93,18 +90,23 @@ def _add_what_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--num-trials",
         type=int,
+        default=DEFAULTS["num_trials"],
         metavar="N",
         help=f"trial budget, baseline and references included (default: {DEFAULT_TRIALS} for a new run; "
         "with --resume, the run's own budget, which a larger value extends)",
     )
     parser.add_argument(
         "--sampler",
-        default="tpe",
+        default=DEFAULTS["sampler"],
         choices=SAMPLERS,
         help="how trials are proposed: Optuna's multi-objective TPE, NSGA-II, or random search",
     )
     parser.add_argument(
-        "--seed", type=int, default=0, metavar="N", help="seed of the sampler and of every trial's policy"
+        "--seed",
+        type=int,
+        default=DEFAULTS["seed"],
+        metavar="N",
+        help="seed of the sampler and of every trial's policy",
     )
     parser.add_argument(
         "--families",
@@ -126,32 +128,57 @@ def _add_what_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_how_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_resource_arguments(parser: Arguments) -> None:
+    """Where trials run and what each takes (`Resources`)."""
     parser.add_argument(
-        "--cpus-per-trial", type=float, default=1.0, metavar="N", help="CPU cores per trial, fractions allowed"
+        "--cpus-per-trial",
+        type=float,
+        default=DEFAULTS["cpus_per_trial"],
+        metavar="N",
+        help="CPU cores per trial, fractions allowed",
     )
     parser.add_argument(
-        "--gpus-per-trial", type=float, default=0.0, metavar="N", help="GPUs per trial, fractions allowed, e.g. 0.5"
+        "--gpus-per-trial",
+        type=float,
+        default=DEFAULTS["gpus_per_trial"],
+        metavar="N",
+        help="GPUs per trial, fractions allowed, e.g. 0.5",
     )
-    parser.add_argument("--concurrency", type=int, metavar="N", help="trials at once (default: cores / cpus-per-trial)")
-    parser.add_argument("--asha", action="store_true", help="stop weak fine-tunes early (ASHA on epochs)")
     parser.add_argument(
-        "--storage-path", default="runs", metavar="PATH", help="results root: a local path or s3://, gs://"
+        "--concurrency",
+        type=int,
+        default=DEFAULTS["concurrency"],
+        metavar="N",
+        help="trials at once (default: cores / cpus-per-trial)",
     )
-    parser.add_argument(
-        "--name", help="run name; the run directory is STORAGE/NAME (default: the workload and the time)"
-    )
-    parser.add_argument("--resume", action="store_true", help="continue the interrupted run --name")
     parser.add_argument(
         "--address",
+        default=DEFAULTS["address"],
         help="Ray cluster to join ('auto': the one on this node), or 'local' for a private Ray; default: "
         "RAY_ADDRESS when set (Ray Jobs, KubeRay and cluster.yaml's head set it), else a private local Ray",
     )
+
+
+def _add_run_arguments(parser: Arguments) -> None:
+    """Where results go, resuming, retries, the report and tracking (`RunSettings`)."""
     parser.add_argument(
-        "--max-failures", type=int, default=1, metavar="N", help="retries of a trial lost to a node or error"
+        "--storage-path",
+        default=DEFAULTS["storage_path"],
+        metavar="PATH",
+        help="results root: a local path or s3://, gs://",
     )
     parser.add_argument(
-        "--latency-batch-size", type=int, default=1, metavar="N", help="batch size of the latency measurements"
+        "--name",
+        default=DEFAULTS["name"],
+        help="run name; the run directory is STORAGE/NAME (default: the workload and the time)",
+    )
+    parser.add_argument("--resume", action="store_true", help="continue the interrupted run --name")
+    parser.add_argument(
+        "--max-failures",
+        type=int,
+        default=DEFAULTS["max_failures"],
+        metavar="N",
+        help="retries of a trial lost to a node or error",
     )
     parser.add_argument(
         "--no-report",
@@ -163,17 +190,13 @@ def _add_how_arguments(parser: argparse.ArgumentParser) -> None:
         "--mlflow",
         nargs="?",
         const="",
+        default=DEFAULTS["mlflow"],
         metavar="URI",
         help="log each trial's parameters, metrics and policy to MLflow (default store: mlruns/ beside the run "
         "directory); default: off",
     )
     parser.add_argument(
         "--wandb", action="store_true", help="log to Weights & Biases (offline mode unless WANDB_MODE is set)"
-    )
-    parser.add_argument(
-        "--smoke-test",
-        action="store_true",
-        help=f"a tiny search ({SMOKE_TRIALS} trials, 1 fine-tuning epoch) to check the set-up",
     )
 
 
@@ -201,10 +224,10 @@ def config_from_args(args: argparse.Namespace) -> SearchConfig:
     """The parsed flags as a SearchConfig."""
     if args.resume and not args.name:
         raise UserError("--resume needs the --name of the run to continue")
-    fields = {k: getattr(args, k) for k in (*_SETTINGS, *_RESOURCES, *_RUN)}
+    settings = {name: getattr(args, name) for name in DEFAULTS if name not in NOT_FLAGS}
     if args.smoke_test:
-        fields["num_trials"] = min(DEFAULT_TRIALS if args.num_trials is None else args.num_trials, SMOKE_TRIALS)
-    return SearchConfig(**fields, space=space_options(args))
+        settings["num_trials"] = min(DEFAULT_TRIALS if args.num_trials is None else args.num_trials, SMOKE_TRIALS)
+    return SearchConfig(**settings, space=space_options(args))
 
 
 def print_outcome(outcome: SearchOutcome) -> None:

@@ -1,6 +1,7 @@
 """The search: Ray Tune trials driven by an Optuna sampler over a space built from the technique registry.
 
-`run(SearchConfig(...))` runs or resumes one search and returns a `SearchOutcome`. The names load lazily, so
+`run(SearchConfig(...))` runs or resumes one search and returns a `SearchOutcome`; a SearchConfig is the workload
+and four parts (`SearchStrategy`, `Resources`, `RunSettings`, `MeasureSettings`). The names load lazily, so
 importing a light module of this package (`orchestrator.search.config`) does not start torch or Ray.
 """
 
@@ -10,7 +11,11 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
+    "MeasureSettings": "orchestrator.search.config",
+    "Resources": "orchestrator.search.config",
+    "RunSettings": "orchestrator.search.config",
     "SearchConfig": "orchestrator.search.config",
+    "SearchStrategy": "orchestrator.search.config",
     "SearchOutcome": "orchestrator.search.config",
     "SpaceOptions": "orchestrator.search.space_options",
     "load_space_file": "orchestrator.search.space_options",

@@ -175,9 +175,9 @@ def checkpoint_front(
     if not any(result.checkpoint is not None for result in results):
         return
     workload = prepared.workload
-    with torch_threads(max(1, int(config.cpus_per_trial))):
+    with torch_threads(max(1, int(config.resources.cpus_per_trial))):
         reference = measure_reference(
-            workload, prepared.baseline, prepared.device, latency_batch_size=config.latency_batch_size,
+            workload, prepared.baseline, prepared.device, latency_batch_size=config.measure.latency_batch_size,
             target=prepared.reference.target,
         )  # fmt: skip
         now_ms = reference.measurements.latency.median_ms
@@ -216,7 +216,7 @@ def _pareto_metrics(
     model = loaded.model.to(prepared.device)
     test = workload.evaluate(model, "test")
     timed = compressed_metrics(
-        model, workload, prepared.device, reference, prepared.baseline, config.latency_batch_size,
+        model, workload, prepared.device, reference, prepared.baseline, config.measure.latency_batch_size,
         policy=loaded.policy,
     )  # fmt: skip
     metrics = {**loaded.metrics, **{k: timed[k] for k in RETIMED if k in timed}}
@@ -263,7 +263,7 @@ def collect(grid: Any, *, config: SearchConfig, prepared: Prepared, run_info: Ru
     context = RowContext(
         prepared.space,
         prepared.reference.metric,
-        config.max_accuracy_drop,
+        config.strategy.max_accuracy_drop,
         run_info.complete,
         prepared.workload.metric_direction,
     )
@@ -284,7 +284,7 @@ def collect(grid: Any, *, config: SearchConfig, prepared: Prepared, run_info: Ru
     write_table(rows, TRIALS_SCHEMA, prepared.run_dir, TRIALS_FILE, run_info)
     write_table(pareto, PARETO_SCHEMA, prepared.run_dir, PARETO_FILE, run_info)
     outcome = SearchOutcome(prepared.run_dir, rows, pareto, run_info)
-    if config.report and outcome.finished:  # a report needs one finished trial
+    if config.run.report and outcome.finished:  # a report needs one finished trial
         from orchestrator.report import write_report
 
         outcome.report = str(write_report(prepared.run_dir).html)

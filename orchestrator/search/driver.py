@@ -49,17 +49,17 @@ LOG_FILE = "search.log"
 def run(config: SearchConfig) -> SearchOutcome:
     """Run (or resume) a search and leave trials.parquet, pareto.parquet, Pareto checkpoints and a report."""
     check_search(config)
-    target = ray_target(config.address)
+    target = ray_target(config.resources.address)
     if target.source == ADDRESS_VARIABLE:  # --address was checked with the other flags
         check_address(target.address, flag=ADDRESS_VARIABLE)
     _quiet()
     try:
         with directory_lock(run_directory(config)[2]), stop_requests() as requests:
             prepared = prepare(config)
-            target = start_ray(config, log_file=_log_file(prepared))
+            target = start_ray(config.resources, log_file=_log_file(prepared))
             requests.install()  # after Ray, whose driver's own SIGTERM handler prints a C++ stack dump
             print(where_trials_run(target), file=sys.stderr, flush=True)
-            check_trial_fits(config.cpus_per_trial, config.gpus_per_trial)
+            check_trial_fits(config.resources.cpus_per_trial, config.resources.gpus_per_trial)
             check_storage_writable(prepared.run_dir, address_given=not target.private)
             prepared = _with_prior(config, prepared)
             from orchestrator.search.stopping import StopOnFatalTrialError
@@ -177,16 +177,16 @@ def build_tuner(config: SearchConfig, prepared: Prepared, storage_guard: Any = N
         baseline_state={k: v.detach().cpu() for k, v in prepared.baseline.state_dict().items()},
         space=prepared.space,
         objectives=config.metric_keys,
-        cpus_per_trial=config.cpus_per_trial,
+        cpus_per_trial=config.resources.cpus_per_trial,
         run_dir=prepared.run_dir,
-        latency_batch_size=config.latency_batch_size,
-        target=config.target,
+        latency_batch_size=config.measure.latency_batch_size,
+        target=config.measure.target,
     )
     trainable = tune.with_resources(
         tune.with_parameters(run_checked_trial, setup=setup),
-        {"cpu": config.cpus_per_trial, "gpu": config.gpus_per_trial},
+        {"cpu": config.resources.cpus_per_trial, "gpu": config.resources.gpus_per_trial},
     )
-    if config.resume:
+    if config.run.resume:
         print(f"resuming {prepared.run_dir} from its journal and finished trials", file=sys.stderr)
     storage_guard = storage_guard if storage_guard is not None else StopOnFatalTrialError()
     mirror = [JournalMirror(prepared.journal, prepared.run_dir)] if is_uri(prepared.run_dir) else []
@@ -194,7 +194,7 @@ def build_tuner(config: SearchConfig, prepared: Prepared, storage_guard: Any = N
         name=prepared.name,
         storage_path=prepared.storage,
         stop=storage_guard,
-        failure_config=tune.FailureConfig(max_failures=config.max_failures),
+        failure_config=tune.FailureConfig(max_failures=config.run.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
         callbacks=[
             ProgressPrinter(prepared.num_trials, config.metric_keys),
@@ -204,7 +204,7 @@ def build_tuner(config: SearchConfig, prepared: Prepared, storage_guard: Any = N
         ],
         verbose=0,
     )
-    concurrency = config.concurrency or max(1, int((os.cpu_count() or 1) // config.cpus_per_trial))
+    concurrency = config.resources.concurrency or max(1, int((os.cpu_count() or 1) // config.resources.cpus_per_trial))
     tune_config = tune.TuneConfig(
         search_alg=_searcher(config, prepared, concurrency),
         scheduler=_scheduler(config, prepared.space, prepared.workload.metric_direction),
@@ -223,9 +223,9 @@ def _searcher(config: SearchConfig, prepared: Prepared, concurrency: int) -> Any
     from orchestrator.search.searcher import JournalSearcher
 
     constraint = None
-    if config.max_accuracy_drop is not None:
+    if config.strategy.max_accuracy_drop is not None:
         constraint = AccuracyDropConstraint(
-            prepared.reference.metric, config.max_accuracy_drop, direction=prepared.workload.metric_direction
+            prepared.reference.metric, config.strategy.max_accuracy_drop, direction=prepared.workload.metric_direction
         )
     fixed = prepared.space.fixed_points()  # the baseline runs outside the sampler: Optuna never proposes it
     unsampled = [params for _, role, params in fixed if role == "baseline"][: prepared.num_trials]
@@ -237,8 +237,8 @@ def _searcher(config: SearchConfig, prepared: Prepared, concurrency: int) -> Any
         space=prepared.space.define,
         metric=list(config.metric_keys),
         mode=["max" if d == "maximize" else "min" for d in config.directions(prepared.workload.metric_direction)],
-        sampler=sampler_recipe(config.sampler, num_trials=prepared.num_trials),
-        seed=config.seed,
+        sampler=sampler_recipe(config.strategy.sampler, num_trials=prepared.num_trials),
+        seed=config.strategy.seed,
         journal=prepared.journal,
         study_name=prepared.name,
         constraint=constraint,
@@ -257,12 +257,12 @@ def run_info(config: SearchConfig, prepared: Prepared) -> RunInfo:
         metric=prepared.workload.metric_name,
         objectives=config.metric_keys,
         directions=config.directions(prepared.workload.metric_direction),
-        max_accuracy_drop=config.max_accuracy_drop,
+        max_accuracy_drop=config.strategy.max_accuracy_drop,
         num_trials=prepared.num_trials,
-        sampler=config.sampler,
-        seed=config.seed,
-        asha=config.asha,
-        target=config.target,
+        sampler=config.strategy.sampler,
+        seed=config.strategy.seed,
+        asha=config.strategy.asha,
+        target=config.measure.target,
         space=prepared.space.describe(),
         device=str(prepared.device),
         threads=torch.get_num_threads(),
@@ -279,7 +279,7 @@ def trial_dirname(trial: Any) -> str:
 def _scheduler(config: SearchConfig, space: SearchSpace, metric_direction: str) -> Any:
     """ASHA on the fine-tuning epochs (optional): stops weak fine-tunes at 1, 2, 4… epochs."""
     epochs = space.max_epochs()
-    if not config.asha:
+    if not config.strategy.asha:
         return None
     if epochs is None:
         raise UserError("--asha stops fine-tunes by epoch, but this space fine-tunes by optimiser steps (epochs 0)")

@@ -166,9 +166,9 @@ def check_search(config: SearchConfig) -> None:
     """Raise UserError for a search that cannot run, before anything is created or Ray starts: the values
     first, then the storage path, then whether the cluster and the tracking server answer."""
     config.check()
-    check_storage_path(config.storage_path)
-    check_address(config.address)
-    check_tracking_uri(config.mlflow)
+    check_storage_path(config.run.storage_path)
+    check_address(config.resources.address)
+    check_tracking_uri(config.run.mlflow)
 
 
 class NodeCannotWrite(RuntimeError):

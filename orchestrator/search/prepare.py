@@ -52,9 +52,9 @@ class Prepared:
 
 def run_directory(config: SearchConfig) -> tuple[str, str, str]:
     """(storage path, experiment name, run directory); local paths are made absolute before trials start."""
-    storage = absolute(config.storage_path)
+    storage = absolute(config.run.storage_path)
     label = _workload_label(config)
-    name = config.name or f"{re.sub(r'[^A-Za-z0-9_-]+', '-', label)}-{dt.datetime.now():%Y%m%d-%H%M%S}"
+    name = config.run.name or f"{re.sub(r'[^A-Za-z0-9_-]+', '-', label)}-{dt.datetime.now():%Y%m%d-%H%M%S}"
     return storage, name, join(storage, name)
 
 
@@ -64,14 +64,14 @@ def prepare(config: SearchConfig) -> Prepared:
 
     started = time.time()
     storage, name, run_dir = run_directory(config)
-    if config.resume and not (tune.Tuner.can_restore(run_dir) or _experiment_exists(run_dir)):
+    if config.run.resume and not (tune.Tuner.can_restore(run_dir) or _experiment_exists(run_dir)):
         raise UserError(f"nothing to resume at {run_dir}")
-    if not config.resume and _experiment_exists(run_dir):
+    if not config.run.resume and _experiment_exists(run_dir):
         raise UserError(f"{run_dir} already holds a search; pass --resume to continue it, or a new --name")
     before = _recorded_run(run_dir, config)
     if is_uri(run_dir):
-        _local_journal(run_dir, resume=config.resume)
-    if config.resume:
+        _local_journal(run_dir, resume=config.run.resume)
+    if config.run.resume:
         _settle_journal(journal_path(run_dir))
     workload = (
         resolve_workload(config.workload, data_dir=config.data_dir, weights=config.weights)
@@ -81,12 +81,16 @@ def prepare(config: SearchConfig) -> Prepared:
     baseline = workload.load_baseline()
     device = resolve_device("auto")
     reference = measure_reference(
-        workload, baseline.to(device), device, latency_batch_size=config.latency_batch_size, target=config.target
+        workload,
+        baseline.to(device),
+        device,
+        latency_batch_size=config.measure.latency_batch_size,
+        target=config.measure.target,
     )
     space = build_space(
         baseline,
-        config.space,
-        seed=config.seed,
+        config.strategy.space,
+        seed=config.strategy.seed,
         defaults=workload.search_ranges,
         build_student=workload.build_student,
     )
@@ -97,9 +101,9 @@ def prepare(config: SearchConfig) -> Prepared:
 def _recorded_run(run_dir: str, config: SearchConfig) -> dict[str, Any]:
     """What a resumed run's run.json records ({} for a new run); its workload and deployment target must be
     the ones asked for, checked before any work (one front never mixes two workloads or two runtimes)."""
-    before = read_run_record(run_dir) if config.resume else {}
-    recorded = before.get("target", DEFAULT_TARGET) if before else config.target
-    if recorded != config.target:
+    before = read_run_record(run_dir) if config.run.resume else {}
+    recorded = before.get("target", DEFAULT_TARGET) if before else config.measure.target
+    if recorded != config.measure.target:
         raise UserError(f"this run measures for --target {recorded}; resume it with --target {recorded}")
     label = _workload_label(config)
     if before.get("workload", label) != label:
@@ -162,10 +166,15 @@ def _settle_journal(journal: str) -> None:
 def _run_record(run_dir: str, config: SearchConfig, before: dict[str, Any]) -> dict[str, Any]:
     """The budget in force and what changed since the run began (its place, its budget); record both, with
     the deployment target."""
-    budget = config.num_trials or before.get("num_trials") or DEFAULT_TRIALS
+    budget = config.strategy.num_trials or before.get("num_trials") or DEFAULT_TRIALS
     if budget < before.get("num_trials", 0):
         raise UserError(f"--num-trials {budget} is below this run's budget of {before['num_trials']} trials")
-    record = {"run_dir": run_dir, "num_trials": budget, "target": config.target, "workload": _workload_label(config)}
+    record = {
+        "run_dir": run_dir,
+        "num_trials": budget,
+        "target": config.measure.target,
+        "workload": _workload_label(config),
+    }
     if record != before:
         write_atomic(run_dir, RUN_FILE, json.dumps(record).encode())
     moved = before.get("run_dir") not in (None, run_dir)

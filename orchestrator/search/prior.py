@@ -56,9 +56,9 @@ def wanted(config: SearchConfig, prepared: Prepared) -> bool:
     """Whether this run uses the prior: the flag, or for a resumed study whether it started with one."""
     from orchestrator.search.sampler import study_exists
 
-    if config.resume and study_exists(prepared.journal, prepared.name):
+    if config.run.resume and study_exists(prepared.journal, prepared.name):
         return exists(prepared.run_dir, TABLE_FILE)
-    return config.sensitivity
+    return config.strategy.sensitivity
 
 
 def sensitivity_space(config: SearchConfig, prepared: Prepared) -> SearchSpace:
@@ -66,24 +66,30 @@ def sensitivity_space(config: SearchConfig, prepared: Prepared) -> SearchSpace:
     if not wanted(config, prepared):
         return prepared.space
     table = run_table(config, prepared)
-    removed = removals(table, config.max_accuracy_drop) if config.max_accuracy_drop is not None else {}
+    guard = config.strategy.max_accuracy_drop
+    removed = removals(table, guard) if guard is not None else {}
     pruned = prepared.space.refined(removed, ())
     seeds = budget_seeds(table, pruned)
     _say_removed(removed)
     _say_seeds(seeds, table)
-    facts = {"max_accuracy_drop": config.max_accuracy_drop, "seeds": [seed.name for seed in seeds]}
+    facts = {"max_accuracy_drop": guard, "seeds": [seed.name for seed in seeds]}
     write_parquet(table, prepared.run_dir, removed, facts)
     return pruned.refined(removed, [(seed.name, seed.values) for seed in seeds])
 
 
 def run_table(config: SearchConfig, prepared: Prepared) -> SensitivityTable:
     """The run's own table when it has one (a resume), else the profile (cached per workload), kept in the run."""
-    own = read_table(prepared.run_dir, TABLE_FILE) if config.resume else None
+    own = read_table(prepared.run_dir, TABLE_FILE) if config.run.resume else None
     if own is not None:
         say(f"sensitivity: the run's own table ({len(own.cells)} cells, {prepared.run_dir}/{TABLE_FILE})")
         return for_space(own, prepared.space)
+    resources = config.resources
     table, computed = profile(
-        prepared.space, prepared.workload, prepared.baseline, cpus=config.cpus_per_trial, gpus=config.gpus_per_trial
+        prepared.space,
+        prepared.workload,
+        prepared.baseline,
+        cpus=resources.cpus_per_trial,
+        gpus=resources.gpus_per_trial,
     )
     if computed < len(table.cells):
         say(f"sensitivity: {len(table.cells) - computed} of {len(table.cells)} cells from the cache (key {table.key})")

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.errors import UserError
+from orchestrator.search.config import Resources
 from orchestrator.search.preflight import connect_problem, parse_address
 
 ADDRESS_VARIABLE = "RAY_ADDRESS"
@@ -60,32 +61,33 @@ def ray_target(address: str | None, environ: Mapping[str, str] | None = None) ->
     return RayTarget(None)
 
 
-def start_ray(config: Any, *, log_file: Path | None = None) -> RayTarget:
-    """Join the cluster `config.address` or RAY_ADDRESS names, or start a private local Ray (saying so in one line
+def start_ray(resources: Resources, *, log_file: Path | None = None) -> RayTarget:
+    """Join the cluster `resources.address` or RAY_ADDRESS names, or start a private local Ray (saying so in one line
     when a cluster runs on this machine); Ray's own log lines, those it writes while starting included, go to
     `log_file` when one is given. Returns where the trials run."""
     import ray
 
-    target = ray_target(config.address)
+    target = ray_target(resources.address)
     if not ray.is_initialized():
         if target.private and not target.source:
             notice = cluster_notice()
             if notice:
                 print(notice, file=sys.stderr, flush=True)
         with _to_log(log_file):
-            _init_ray(config, target, log_file is None)
+            _init_ray(resources, target, log_file is None)
     if log_file is not None:
         route_ray_logs(log_file)
     return target
 
 
-def _init_ray(config: Any, target: RayTarget, configure_logging: bool) -> None:
+def _init_ray(resources: Resources, target: RayTarget, configure_logging: bool) -> None:
     import ray
 
     if target.address is not None:
         try:
             ray.init(
-                address=target.address, **{**_quiet_driver(target.address, configure_logging), **config.extra_ray_init}
+                address=target.address,
+                **{**_quiet_driver(target.address, configure_logging), **resources.extra_ray_init},
             )
         except ray.exceptions.AuthenticationError:
             raise UserError(f"{target.source} {target.address}: {TOKEN_HINT}") from None
@@ -106,7 +108,7 @@ def _init_ray(config: Any, target: RayTarget, configure_logging: bool) -> None:
         log_to_driver=False,
         configure_logging=configure_logging,
         logging_level="WARNING",  # type: ignore[arg-type]  # ray annotates int; its own default is "info"
-        **config.extra_ray_init,
+        **resources.extra_ray_init,
     )
 
 

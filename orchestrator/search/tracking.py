@@ -34,9 +34,9 @@ def default_mlflow_uri(prepared: Prepared) -> str:
 def tracking_callbacks(config: SearchConfig, prepared: Prepared) -> list[Any]:
     """The logger callbacks the configuration asks for (none by default)."""
     callbacks = []
-    if config.mlflow is not None:
-        callbacks.append(_mlflow_callback(config.mlflow or default_mlflow_uri(prepared), prepared.name))
-    if config.wandb:
+    if config.run.mlflow is not None:
+        callbacks.append(_mlflow_callback(config.run.mlflow or default_mlflow_uri(prepared), prepared.name))
+    if config.run.wandb:
         callbacks.append(_wandb_callback(prepared))
     return callbacks
 
