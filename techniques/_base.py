@@ -261,11 +261,14 @@ class SearchSettings:
     with only `globals` that fine-tunes (distillation, `Technique.fine_tunes`) joins every policy that
     compresses; one with only `globals` that does not fine-tune (student) is a family of its own, combined like
     the per-layer ones. Global parameters are named `{prefix}.{setting}` in the search space.
+    `attention_ranges` are the global settings' defaults for a model with attention, in bundles that apply whole
+    (setting → bounds or choices): a bundle is dropped when the user or the workload sets any of its settings.
     """
 
     per_layer: LayerSearch | None = None
     globals: tuple[GlobalSearch, ...] = ()
     prefix: str = ""
+    attention_ranges: tuple[Mapping[str, tuple[Any, ...]], ...] = field(default=(), hash=False)
 
 
 @dataclass(frozen=True)

@@ -450,6 +450,9 @@ register(
                 GlobalSearch("schedule", choices=("constant",), reference="constant"),
             ),
             prefix="distill",
+            # A transformer fine-tunes at a small learning rate for a budget of optimiser steps, not epochs
+            # (`epochs` 0: until the step budget is spent).
+            attention_ranges=({"lr": (1e-5, 1e-4)}, {"steps": (100, 200, 400), "epochs": (0,)}),
         ),
         fine_tunes=True,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import optuna
@@ -188,11 +189,8 @@ def bert():
 def test_a_transformer_gets_fine_tuning_defaults_and_a_cnn_keeps_the_declared_ones(bert):
     assert model_ranges(TinyCNN()) == {} and model_ranges(DigitsCNN()) == {}
     derived = model_ranges(bert)
-    assert derived["distill.lr"] == (1e-5, 1e-4)
-    if STEPS_DECLARED:  # a step budget, epochs 0 meaning "until it is spent"
-        assert derived["distill.steps"] == (100, 200, 400) and derived["distill.epochs"] == (0,)
-    else:  # the step bundle needs a declared `steps`; without it epochs 0 would be an empty budget
-        assert set(derived) == {"distill.lr"}
+    # distillation declares them: a small learning rate, a step budget with epochs 0 meaning "until it is spent"
+    assert derived == {"distill.lr": (1e-5, 1e-4), "distill.steps": (100, 200, 400), "distill.epochs": (0,)}
     space = build_space(bert, SpaceOptions(families=("quantization", "distillation")))
     assert {k: tuple(v) for k, v in space.ranges["distillation"].items()} == {**DECLARED, **{
         key.partition(".")[2]: value for key, value in derived.items()
@@ -202,6 +200,22 @@ def test_a_transformer_gets_fine_tuning_defaults_and_a_cnn_keeps_the_declared_on
     assert {k: tuple(v) for k, v in cnn.ranges["distillation"].items()} == DECLARED
     assert set(cnn.describe()["sources"]["distillation"].values()) == {"technique"}
     assert cnn.max_epochs() == max(DECLARED["epochs"])
+
+
+@pytest.fixture
+def redeclared_distillation():
+    """Distillation registered again with other attention defaults (restored afterwards)."""
+    search = dataclasses.replace(DISTILL.search, attention_ranges=({"lr": (2e-5, 3e-5)}, {"alpha": (0.5, 0.6)}))
+    techniques.unregister(DISTILL.name)
+    techniques.register(dataclasses.replace(DISTILL, search=search))
+    yield
+    techniques.unregister(DISTILL.name)
+    techniques.register(DISTILL)
+
+
+def test_the_model_defaults_are_what_the_technique_declares(bert, redeclared_distillation):
+    assert model_ranges(bert) == {"distill.lr": (2e-5, 3e-5), "distill.alpha": (0.5, 0.6)}
+    assert model_ranges(TinyCNN()) == {}
 
 
 def test_derived_ranges_make_valid_policies_and_a_step_budget_has_no_epoch_bound(bert):

@@ -11,9 +11,10 @@ technique picked (groups: `grouping.py`), and the global settings of the fine-tu
 sampler.
 
 Global settings' ranges, per setting, first found of: the user's options (search-space file, flags), the
-workload's `search_ranges` (`build_space(defaults=...)`), defaults that suit the model (`model_ranges`: a
-model with attention fine-tunes at lr 1e-5…1e-4 for 100/200/400 optimiser steps, `epochs` 0), and the
-technique's declaration. `describe()["sources"]` says which one each range came from.
+workload's `search_ranges` (`build_space(defaults=...)`), defaults that suit the model (`model_ranges`: the
+techniques' `attention_ranges` for a model with attention, e.g. distillation's lr 1e-5…1e-4 for 100/200/400
+optimiser steps, `epochs` 0), and the technique's declaration. `describe()["sources"]` says which one each range
+came from.
 
 A family is a technique with a per-layer setting, or one with only global settings that does not fine-tune
 (`student`: a lighter architecture, one `student.width` parameter). The student family is offered only when
@@ -55,13 +56,6 @@ from techniques.student import NAME as STUDENT
 
 COMBINATION = "families"  # the parameter naming the techniques a trial combines, joined by "+"
 NONE = "none"  # its value for the uncompressed baseline (never offered to the sampler)
-# Fine-tuning defaults for a model with attention (flat keys, as `Workload.search_ranges`), in bundles that
-# apply whole: a transformer fine-tunes at a small learning rate for a budget of optimiser steps, not epochs
-# (`epochs` 0: until the step budget is spent).
-TRANSFORMER_RANGES: tuple[Mapping[str, tuple[Any, ...]], ...] = (
-    {"distill.lr": (1e-5, 1e-4)},
-    {"distill.steps": (100, 200, 400), "distill.epochs": (0,)},
-)
 MAX_CHECKED = 4096  # combinations of global settings checked for validity when the space is built
 # Reference policies evaluated before the sampler starts: per-layer setting → the value every layer gets.
 REFERENCES: tuple[tuple[str, Mapping[str, Any]], ...] = (
@@ -75,7 +69,6 @@ __all__ = [
     "COMBINATION",
     "GROUPINGS",
     "NONE",
-    "TRANSFORMER_RANGES",
     "SearchSpace",
     "SpaceError",
     "SpaceOptions",
@@ -402,15 +395,20 @@ def _chosen(options: SpaceOptions, can_build_student: bool) -> list[techniques.T
 
 
 def _model_bundles(model: nn.Module) -> list[Mapping[str, tuple[Any, ...]]]:
-    """The default bundles that suit `model` whose settings some technique declares (others are left out
-    whole: `epochs` 0 means nothing without a declared step budget)."""
-    bundles = TRANSFORMER_RANGES if has_attention(model) else ()
-    return [bundle for bundle in bundles if all(global_setting(key) is not None for key in bundle)]
+    """The default bundles that suit `model`, under flat keys: each searchable technique's `attention_ranges`
+    for a model with attention, none otherwise."""
+    if not has_attention(model):
+        return []
+    return [
+        {_global_name(technique, setting): values for setting, values in bundle.items()}
+        for technique in searchable().values()
+        for bundle in settings_of(technique).attention_ranges
+    ]
 
 
 def model_ranges(model: nn.Module) -> dict[str, tuple[Any, ...]]:
-    """Default ranges of global settings that suit `model` (flat keys, as `Workload.search_ranges`):
-    transformer fine-tuning for a model with attention, none (the techniques' declarations) otherwise."""
+    """Default ranges of global settings that suit `model` (flat keys, as `Workload.search_ranges`): what the
+    techniques declare for a model with attention (distillation: transformer fine-tuning), none otherwise."""
     return {key: values for bundle in _model_bundles(model) for key, values in bundle.items()}
 
 
