@@ -130,7 +130,7 @@ def apply(
     model = copy.deepcopy(teacher)
     ctx = make_context(workload, teacher, seed, device, None)
     for index, step in enumerate(policy.steps, start=1):
-        if on_epoch is not None and step.technique == "distillation":
+        if on_epoch is not None and techniques.get(step.technique).fine_tunes:  # the step that owns training
             preview = finalized_copy(model).eval()
             artifact = preview_metrics(preview, workload, device, reference, teacher, latency_batch_size, policy)
             ctx.on_epoch = lambda epoch, value, artifact=artifact: on_epoch(epoch, value, artifact)
