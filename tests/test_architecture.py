@@ -40,7 +40,10 @@ LAYERS: dict[str, set[str]] = {
         *("executor", "report", "search"),
     },
     "orchestrator.__main__": {"cli"},
+    # the shipped contract suite for techniques' tests: it imports what it checks, and nothing imports it
+    "orchestrator.testing": {"artifacts", "measure"},
 }
+TEST_ONLY = {"pytest", "hypothesis"}  # the `test` extra: only orchestrator.testing may import them
 # Functions allowed to be longer, each with the reason in its docstring.
 LONG_FUNCTIONS: set[str] = set()
 
@@ -202,6 +205,22 @@ def test_the_cycle_finder_finds_a_cycle():
 def test_techniques_never_import_the_orchestrator():
     edges = graph()
     assert not [(a, b) for a, bs in edges.items() if a.startswith("techniques") for b in bs if b.startswith("orch")]
+
+
+def test_the_shipped_test_suite_stays_apart():
+    """Nothing imports `orchestrator.testing`, and only it imports pytest (a `test` extra, not a dependency)."""
+    edges = graph()
+    assert not [
+        (a, b) for a, bs in edges.items() for b in bs if package_of(b) == "orchestrator.testing" != package_of(a)
+    ]
+    offences = []
+    for name, path in modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            found = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            found += [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else []
+            if {m.partition(".")[0] for m in found} & TEST_ONLY and package_of(name) != "orchestrator.testing":
+                offences.append(f"{name} imports {found}")
+    assert offences == []
 
 
 def test_no_module_imports_another_packages_private_names():

@@ -20,12 +20,12 @@ import techniques
 from orchestrator.artifacts.store import STRUCTURE, WEIGHTS, CheckpointError, read_artifact, write_artifact
 from orchestrator.artifacts.structure import StructureError, describe, rebuild
 from orchestrator.search.space import build_space
+from orchestrator.testing import TechniqueContract
 from techniques.decoder_depth import DepthPruningSpec
 from techniques.decoder_ffn import FfnPruningSpec
 from techniques.decoder_heads import DecoderHeadPruningSpec
 from techniques.decoder_layout import SOURCE_LAYERS, decoder_layout
-from techniques.decoder_units import kept_counts
-from tests.technique_contract import TechniqueContract
+from techniques.decoder_units import MAX_RATIO, kept_counts
 from tests.tiny_models import tiny_bert
 
 VOCAB, HIDDEN, HEADS, KV_HEADS, FFN = 100, 32, 4, 2, 64
@@ -463,20 +463,23 @@ class TinyDecoder(nn.Module):
 
 
 class DecoderContract(TechniqueContract):
-    model_cls = TinyDecoder
+    """The contract on a tiny Llama fed token ids; each decoder technique subclasses it."""
 
-    def _apply(self, seed: int = 0):
-        torch.manual_seed(0)
-        base = TinyDecoder().eval()
-        ctx = context(seed)
-        torch.manual_seed(0)
-        model = TinyDecoder().eval()
+    def build_model(self, seed: int = 0) -> nn.Module:
         torch.manual_seed(seed)
-        return base, techniques.apply_spec(model, self.make_spec(), ctx), ctx
+        return TinyDecoder().eval()
+
+    def build_context(self, seed: int = 0, teacher: nn.Module | None = None) -> techniques.Context:
+        return context(seed)
 
 
 class TestDecoderHeadsContract(DecoderContract):
     bad_spec_data = BAD[DecoderHeadPruningSpec]
+    edge_spec_data = [
+        {"group_ratio": MAX_RATIO},
+        {"group_ratio": 0.0},
+        {"group_ratio": {"lm.model.layers.2.self_attn": MAX_RATIO}, "importance": "magnitude", "uniform": False},
+    ]
 
     def make_spec(self) -> techniques.TechniqueSpec:
         return DecoderHeadPruningSpec(group_ratio={"lm.model.layers.0.self_attn": 0.5, "_default": 0.0}, uniform=False)
@@ -484,6 +487,11 @@ class TestDecoderHeadsContract(DecoderContract):
 
 class TestFfnContract(DecoderContract):
     bad_spec_data = BAD[FfnPruningSpec]
+    edge_spec_data = [
+        {"ffn_ratio": MAX_RATIO},
+        {"ffn_ratio": 0.0},
+        {"ffn_ratio": {"re:.*layers.0.mlp": MAX_RATIO}, "importance": "magnitude", "uniform": False},
+    ]
 
     def make_spec(self) -> techniques.TechniqueSpec:
         return FfnPruningSpec(ffn_ratio={"re:.*mlp": 0.5})
@@ -491,6 +499,7 @@ class TestFfnContract(DecoderContract):
 
 class TestDepthContract(DecoderContract):
     bad_spec_data = BAD[DepthPruningSpec]
+    edge_spec_data = [{"depth_ratio": MAX_RATIO}, {"depth_ratio": 0.0}]
 
     def make_spec(self) -> techniques.TechniqueSpec:
         return DepthPruningSpec(depth_ratio={"lm.model.layers": 0.34})

@@ -15,13 +15,13 @@ from orchestrator import executor
 from orchestrator.artifacts import store
 from orchestrator.export import export_model
 from orchestrator.policy import Policy
+from orchestrator.testing import make_context
 from techniques.fake_quant import DynamicActivationFakeQuant
 from techniques.finalize import finalize, finalized_copy, integer_layers, kernel_report
 from techniques.packed import DEQUANT_KERNEL, INT_KERNEL, PackedConv2d, PackedLinear, row_scales
 from techniques.packed_embedding import PackedEmbedding
 from techniques.quantization import W8A8, W8A8_DYNAMIC, QuantizationSpec
 from tests.model_workloads import bert_workload
-from tests.technique_contract import make_context
 from tests.test_policy import policy_doc, step
 from tests.tiny_models import TinyCNN, seeded
 

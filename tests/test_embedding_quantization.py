@@ -19,6 +19,7 @@ import techniques
 import techniques.packed_embedding
 from orchestrator.artifacts.store import STRUCTURE, WEIGHTS, read_artifact, write_artifact
 from orchestrator.measure import measure_artifact
+from orchestrator.testing import TechniqueContract
 from techniques.fake_quant import ActivationFakeQuant, WeightFakeQuant
 from techniques.finalize import finalize, kernel_report
 from techniques.inputs import Inputs, call_model, first_rows
@@ -26,7 +27,6 @@ from techniques.packed import PackedLinear
 from techniques.packed_embedding import GATHER_KERNEL, PackedEmbedding
 from techniques.packing import packed_nbytes
 from techniques.quantization import QuantizationSpec
-from tests.technique_contract import TechniqueContract
 from tests.tiny_models import TINY_BERT, seeded, text_data, tiny_bert
 
 WORD = "bert.embeddings.word_embeddings"
@@ -51,6 +51,12 @@ class EmbeddingNet(nn.Module):
 class TestEmbeddingQuantizationContract(TechniqueContract):
     model_cls = EmbeddingNet
     bad_spec_data = [{"bits": {"emb": 7}}, {"bits": 4, "group_size": 0}, {"bits": {"emb": 4.0}}]
+    edge_spec_data = [
+        {"bits": 2},
+        {"bits": 16, "group_size": 1},
+        {"bits": {"emb": 2, "_default": 16}, "activation_bits": 8},
+        {"bits": {"emb": 16, "_default": 2}, "group_size": 32},
+    ]
 
     def make_spec(self) -> techniques.TechniqueSpec:
         return QuantizationSpec(bits={"emb": 3, "fc1": 4, "_default": 8}, activation_bits=8)

@@ -8,8 +8,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import techniques
+from orchestrator.testing import TechniqueContract, make_context
 from techniques._base import WeightMask
-from techniques.finalize import finalize
 from techniques.lowrank import (
     MAX_RANK,
     LowRankSpec,
@@ -18,8 +18,10 @@ from techniques.lowrank import (
     factor_conv_tucker,
     factor_linear,
 )
-from tests.technique_contract import TechniqueContract, make_context
 from tests.tiny_models import TinyCNN, seeded
+
+# the ends of each kind of rank: an int, a fraction of the parameters kept, an energy kept; one layer each
+EDGE_RANKS = [1, MAX_RANK, 1e-9, 0.999, "energy:1", "energy:1e-9", {"conv2": 1, "fc1": "energy:0.5", "_default": None}]
 
 
 class TestLowRankContract(TechniqueContract):
@@ -50,11 +52,15 @@ class TestLowRankContract(TechniqueContract):
         {"rank": 0.5, "colour": "red"},
     ]
 
+    edge_spec_data = [{"rank": rank, "conv_method": "tucker"} for rank in EDGE_RANKS]
+
     def make_spec(self) -> LowRankSpec:
         return LowRankSpec(rank={"conv2": 0.5, "fc1": 0.5, "_default": None})
 
 
 class TestLowRankCP(TestLowRankContract):
+    edge_spec_data = [{"rank": rank, "conv_method": "cp"} for rank in EDGE_RANKS]
+
     def make_spec(self) -> LowRankSpec:
         return LowRankSpec(rank=0.5, conv_method="cp")
 
@@ -224,16 +230,3 @@ def test_rank_bound_and_message() -> None:
         LowRankSpec(rank={"fc1": MAX_RANK + 1})
     with pytest.raises(techniques.SpecError, match=r"'conv2'.*got 8\.0"):
         LowRankSpec(rank={"conv2": 8.0})
-
-
-@pytest.mark.parametrize(
-    "rank",
-    [1, MAX_RANK, 1e-9, 0.999, "energy:1", "energy:1e-9", {"conv2": 1, "fc1": "energy:0.5", "_default": None}],
-)
-@pytest.mark.parametrize("method", ["tucker", "cp"])
-def test_boundary_values_apply_with_finite_outputs(rank: object, method: str) -> None:
-    ctx = make_context()
-    model = techniques.apply_spec(seeded(TinyCNN, width=16), LowRankSpec(rank=rank, conv_method=method), ctx)
-    with torch.no_grad():
-        assert torch.isfinite(model.eval()(ctx.example_inputs)).all()
-        assert torch.isfinite(finalize(model).eval()(ctx.example_inputs)).all()

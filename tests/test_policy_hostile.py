@@ -36,7 +36,7 @@ def test_seed_outside_what_the_generators_take_is_refused(seed):
 
 def test_largest_seed_applies():
     import techniques
-    from tests.technique_contract import make_context
+    from orchestrator.testing import make_context
 
     policy = Policy.loads(_policy(_quant({"_default": 4}), seed=MAX_SEED))
     ctx = make_context(seed=policy.seed)

@@ -21,12 +21,12 @@ from orchestrator.export._onnx import export_onnx
 from orchestrator.files.weights import load_weights, save_weights
 from orchestrator.policy import Policy
 from orchestrator.search.space import build_space
+from orchestrator.testing import make_context
 from techniques import smoothing
 from techniques.finalize import finalize
 from techniques.gptq import hessian_hooks
 from techniques.packed import PackedLinear, dequantize, fake_quantize_rows, weight_codes
 from techniques.quantization import QuantizationSpec
-from tests.technique_contract import make_context
 from tests.tiny_models import TinyCNN, seeded, text_data, tiny_bert
 
 # --------------------------------------------------------------------------- tiny layers with outlier inputs

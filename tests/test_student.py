@@ -16,12 +16,12 @@ from orchestrator.artifacts import store
 from orchestrator.policy import Policy, PolicyError, validate_for_model
 from orchestrator.search.space import COMBINATION, SpaceError, build_space
 from orchestrator.search.space_options import SpaceOptions
+from orchestrator.testing import TechniqueContract, make_context
 from orchestrator.workloads.digits import DigitsCNN
 from techniques.distillation import DistillationSpec
 from techniques.packed import INT_KERNEL, PackedConv2d
 from techniques.quantization import W8A8, QuantizationSpec
 from techniques.student import StudentSpec, copy_leading_slices, require_fine_tune
-from tests.technique_contract import TechniqueContract, make_context
 from tests.tiny_models import TinyCNN, seeded
 
 
@@ -49,15 +49,13 @@ class TestStudentContract(TechniqueContract):
         {"width": 0.5, "unknown": 1},
     ]
 
+    edge_spec_data = [{"width": 1e-9}, {"width": 0.999}, {"width": 1e-9, "init": "random"}]
+
     def make_spec(self) -> techniques.TechniqueSpec:
         return StudentSpec(width=0.5)
 
-    def _apply(self, seed: int = 0) -> tuple[nn.Module, nn.Module, techniques.Context]:
-        base = seeded(self.model_cls, seed=0)
-        ctx = _context(seed, teacher=seeded(self.model_cls, seed=0))
-        torch.manual_seed(seed)
-        model = techniques.apply_spec(seeded(self.model_cls, seed=0), self.make_spec(), ctx)
-        return base, model, ctx
+    def build_context(self, seed: int = 0, teacher: nn.Module | None = None) -> techniques.Context:
+        return _context(seed, teacher=teacher)
 
 
 def test_the_student_is_the_narrower_architecture_initialised_from_the_teachers_leading_slices():
