@@ -18,7 +18,7 @@ with tempfile.TemporaryDirectory() as tmp:
 print(f"compression ratio {checkpoint.metrics['compression_ratio']:.1f}x")
 print(f"validation accuracy {reloaded:.4f} (baseline {checkpoint.metrics['baseline_validation']:.4f})")
 
-# A search is one more call (Ray Tune + Optuna; SearchConfig's fields are search.py's flags):
+# A search is one more call (Ray Tune + Optuna; SearchConfig takes search.py's flags by name):
 #   from orchestrator import SearchConfig, SpaceOptions, run_search
 #   outcome = run_search(SearchConfig(num_trials=8, space=SpaceOptions(families=("quantization",))))
 #   print(outcome.run_dir, len(outcome.pareto))
