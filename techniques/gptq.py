@@ -158,7 +158,7 @@ class _Scales:
 @contextmanager
 def _one_cpu_thread(device: torch.device) -> Iterator[None]:
     """Run the per-column vector operations on one CPU thread: split across threads they spend longer waiting
-    for each other than computing (measured 15x slower with 2 threads on a busy 2-core machine)."""
+    for each other than computing (the vectors are a few hundred elements)."""
     threads = torch.get_num_threads()
     if device.type != "cpu" or threads == 1:
         yield

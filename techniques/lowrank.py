@@ -163,7 +163,7 @@ def _decompose(fn: Callable[..., Any], weight: torch.Tensor, **kwargs: Any) -> A
     """Run a TensorLy decomposition on a float64 numpy copy, with the numpy backend scoped to this call.
 
     BLAS gets as many threads as torch has (Ray sets it per trial): OpenBLAS's default of every core
-    oversubscribes shared machines and made CP up to 4× slower on two loaded cores.
+    oversubscribes a machine whose cores the trials already share, which slows CP most.
     """
     import tensorly as tl
     from threadpoolctl import threadpool_limits
