@@ -19,13 +19,13 @@ from orchestrator.cli._parser import (
     EXIT_CODES,
     CliParser,
     SubcommandParser,
+    add_latency_batch_argument,
     add_target_argument,
     add_workload_arguments,
     version_text,
 )
 from orchestrator.cli._search import add_search_arguments, config_from_args, print_outcome
 from orchestrator.errors import UserError
-from orchestrator.search.config import DEFAULTS
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -151,13 +151,7 @@ def _add_measuring_commands(commands: argparse._SubParsersAction) -> None:
         "baseline", help="train or load a workload's baseline and measure it", epilog=EXIT_CODES
     )
     _add_workload_args(baseline)
-    baseline.add_argument(
-        "--latency-batch-size",
-        type=int,
-        default=DEFAULTS["latency_batch_size"],
-        metavar="N",
-        help="batch size of the latency measurements",
-    )
+    add_latency_batch_argument(baseline)
     add_target_argument(baseline)
     baseline.add_argument("--json", action="store_true", help="print the measurements as JSON")
     baseline.set_defaults(handler=_baseline)

@@ -52,6 +52,17 @@ def add_target_argument(parser: Arguments, *, default: str | None = DEFAULTS["ta
     )
 
 
+def add_latency_batch_argument(parser: Arguments) -> None:
+    """--latency-batch-size: the batch the latency measurements time."""
+    parser.add_argument(
+        "--latency-batch-size",
+        type=int,
+        default=DEFAULTS["latency_batch_size"],
+        metavar="N",
+        help="batch size of the latency measurements",
+    )
+
+
 def version_text() -> str:
     """`compression-orchestrator X.Y.Z`, from the installed distribution's metadata."""
     try:

@@ -8,7 +8,7 @@ import math
 import sys
 from pathlib import PurePosixPath as Path
 
-from orchestrator.cli._parser import Arguments, add_target_argument, add_workload_arguments
+from orchestrator.cli._parser import Arguments, add_latency_batch_argument, add_target_argument, add_workload_arguments
 from orchestrator.errors import UserError
 from orchestrator.search.config import DEFAULT_TRIALS, DEFAULTS, SAMPLERS, SearchConfig, SearchOutcome
 from orchestrator.search.space_options import GROUPINGS, SpaceOptions, check_families, load_space_file, searchable
@@ -49,13 +49,7 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
     _add_run_arguments(parser.add_argument_group("run", "where the results go, resuming, tracking"))
     measure = parser.add_argument_group("measurement", "how sizes and latencies are measured")
     add_target_argument(measure, default=DEFAULTS["target"])
-    measure.add_argument(
-        "--latency-batch-size",
-        type=int,
-        default=DEFAULTS["latency_batch_size"],
-        metavar="N",
-        help="batch size of the latency measurements",
-    )
+    add_latency_batch_argument(measure)
 
 
 def _add_prior_argument(parser: Arguments) -> None:
