@@ -349,7 +349,7 @@ def test_a_local_search_joins_another_ray_cluster_only_when_told(tmp_path):
             sys.executable,
             "-c",
             "import ray, time\nray.init(address='local', num_cpus=1, include_dashboard=False)\n"
-            "print(ray.get_runtime_context().gcs_address, flush=True)\ntime.sleep(300)",
+            "print(ray.get_runtime_context().gcs_address, flush=True)\ntime.sleep(3600)",
         ],
         stdout=subprocess.PIPE,
         text=True,
