@@ -55,7 +55,7 @@ from orchestrator.search import SearchConfig, SpaceOptions
 from orchestrator.search import run as run_search
 from orchestrator.search.space_options import load_space_file
 from orchestrator.workloads import Workload, resolve_workload
-from techniques.inputs import Inputs
+from techniques.tools.inputs import Inputs
 
 THREADS = 1  # as a search trial computes (cpus_per_trial 1)
 BLOCK_S = 0.05  # seconds of baseline time per timed block (a batch of 256 digits takes ~25 ms on one thread)

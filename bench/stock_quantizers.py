@@ -44,7 +44,7 @@ from orchestrator.errors import UserError
 from orchestrator.measure import measure_artifact, measure_reference, time_latency, time_paired
 from orchestrator.policy import Policy
 from orchestrator.workloads import Workload, resolve_workload
-from techniques.inputs import Inputs
+from techniques.tools.inputs import Inputs
 
 WORKLOAD = "bench.minilm:make_workload"
 BLOCK_S = 0.1  # seconds of baseline time per timed block

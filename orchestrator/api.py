@@ -28,7 +28,7 @@ from orchestrator.search import SearchConfig, SearchOutcome, SpaceOptions
 from orchestrator.search import run as run_search
 from orchestrator.search.config import MeasureSettings, Resources, RunSettings, SearchStrategy
 from orchestrator.workloads import LoaderSplit, Split, Workload, accuracy, split_of
-from techniques.inputs import Inputs, OutputFn, main_output
+from techniques.tools.inputs import Inputs, OutputFn, main_output
 
 Metric = Callable[[torch.Tensor, torch.Tensor], float]
 CALIBRATION_EXAMPLES = 256  # taken from the training data when no calibration data is given

@@ -31,9 +31,9 @@ from orchestrator.measure import (
 )
 from orchestrator.policy import Policy, PolicyError, validate_for_model
 from orchestrator.workloads import Workload
-from techniques.finalize import finalize, finalized_copy
-from techniques.inputs import Inputs, to_device
+from techniques.packed.finalize import finalize, finalized_copy
 from techniques.student import require_fine_tune
+from techniques.tools.inputs import Inputs, to_device
 
 TRACE_BATCH = 2
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from techniques.inputs import Inputs, OutputFn, call_model, main_output, to_device
+from techniques.tools.inputs import Inputs, OutputFn, call_model, main_output, to_device
 
 LAYER_DEFAULT = "_default"
 REGEX_PREFIX = "re:"
@@ -189,7 +189,7 @@ class Context:
     Data come as callables so nothing is materialised unless a technique needs it:
     `calibration()` yields input batches; `train_batches(epoch)` yields (inputs, targets) batches in a
     deterministic order for that epoch; `evaluate(model)` returns the validation metric (higher is better).
-    Inputs are a tensor, tuple or dict of tensors (`techniques.inputs`); `run(model, inputs)` calls the model
+    Inputs are a tensor, tuple or dict of tensors (`techniques.tools.inputs`); `run(model, inputs)` calls the model
     on them and reduces its output with `output_fn`; `distill_loss(student_out, teacher_out, inputs)`, when
     given, is the workload's own distillation loss; `build_student(width)`, when given, builds the workload's
     lighter student architecture (untrained) for the student technique.
@@ -416,8 +416,8 @@ def _load_builtin() -> None:
     order = ("student", "lowrank", "head_pruning", "decoder_heads", "channel_pruning", "decoder_ffn", "decoder_depth")
     for module in (*order, "pruning", "quantization", "distillation"):
         importlib.import_module(f"techniques.{module}")
-    for module in ("packed", "packed_embedding"):
-        importlib.import_module(f"techniques.{module}")
+    for module in ("layers", "embedding"):
+        importlib.import_module(f"techniques.packed.{module}")
 
 
 # --------------------------------------------------------------------------- rebuildable modules

@@ -37,7 +37,8 @@ from techniques._base import (
     resolve_layers,
 )
 from techniques.decoder_layout import decoder_stacks
-from techniques.head_pruning import Traced, attention_layer_names, check_outputs, projection_layers, trace
+from techniques.head_pruning import attention_layer_names, projection_layers
+from techniques.tools.tracing import Traced, check_outputs, trace
 
 NAME = "structured_pruning"
 LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear)

@@ -47,8 +47,9 @@ from techniques._base import (
     set_module,
 )
 from techniques.decoder_layout import sync_config, widths
-from techniques.head_pruning import Traced, check_outputs, heads_to_remove
-from techniques.inputs import call_model, output_tensors, to_device
+from techniques.head_pruning import heads_to_remove
+from techniques.tools.inputs import call_model, output_tensors, to_device
+from techniques.tools.tracing import Traced, check_outputs
 
 IMPORTANCES = ("activation", "magnitude")
 MAX_RATIO = 0.9  # never every unit: at least one stays

@@ -40,7 +40,7 @@ from techniques._base import (
     is_number,
     register,
 )
-from techniques.inputs import Inputs, main_output, to_device
+from techniques.tools.inputs import Inputs, main_output, to_device
 
 NAME = "distillation"
 LOSSES = ("kl", "cosine", "mse")  # the built-in output losses, by `DistillationSpec.loss`

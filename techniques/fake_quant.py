@@ -3,7 +3,7 @@
 `WeightFakeQuant` is the parametrisation on a quantised layer's weight (symmetric codes times scales, recomputed
 on every forward or frozen by a calibrated algorithm), `ActivationFakeQuant` the static per-tensor 8-bit input
 quantiser (observing max|x| during calibration), `DynamicActivationFakeQuant` the per-row one; gradients pass
-straight through all of them. The arithmetic is `techniques.packed`'s, so `finalize` reproduces them bitwise;
+straight through all of them. The arithmetic is `techniques.packed.layers`'s, so `finalize` reproduces them bitwise;
 `techniques.quantization` attaches them.
 """
 
@@ -15,7 +15,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from techniques.packed import ACT_QMAX, dequantize, fake_quantize_rows, quantize_activation, weight_codes
+from techniques.packed.layers import ACT_QMAX, dequantize, fake_quantize_rows, quantize_activation, weight_codes
 
 
 class _StraightThrough(torch.autograd.Function):

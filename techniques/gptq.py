@@ -7,7 +7,7 @@ quantised; updates are applied lazily, `block_size` columns at a time. `techniqu
 the quantization technique (`algorithm: "gptq"`); this module is the arithmetic and the Hessians.
 
 Decisions:
-- The grid is the project's symmetric one (`techniques.packed`: scale = max|w| / (2^(b-1)-1), codes clamped to
+- The grid is the project's symmetric one (`techniques.packed.layers`: scale = max|w| / (2^(b-1)-1), codes clamped to
   +-(2^(b-1)-1)), not the reference's `Quantizer(sym=True)` (scale 2·max|w| / (2^b-1) around zero point
   2^(b-1)): GPTQ does not depend on the grid, and the packed format and ONNX Runtime's MatMulNBits (zero point 8)
   take the project's. The result is codes and scales, so fake-quant and `finalize` reproduce it exactly.
@@ -44,8 +44,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from techniques._base import base_type
-from techniques.packed import symmetric_scale
-from techniques.packing import code_range
+from techniques.packed.bits import code_range
+from techniques.packed.layers import symmetric_scale
 
 DAMP = 0.01  # the reference's percdamp
 BLOCK_SIZE = 128  # the reference's blocksize

@@ -50,7 +50,7 @@ from techniques._base import (
     resolve_layers,
 )
 from techniques.decoder_layout import attention_of, init_names
-from techniques.inputs import Inputs, call_model, output_tensors, to_device
+from techniques.tools.tracing import Traced, check_outputs, trace
 
 NAME = "head_pruning"
 MAX_RATIO = 0.9  # never every head; an attention module always keeps at least one
@@ -193,50 +193,6 @@ def attention_layer_names(layers: Sequence[tuple[str, nn.Module]]) -> tuple[set[
                 owned.update(name for name, _ in stems.get(layer, ()))
             hidden = hidden or getattr(members[0][1], "in_features", None)
     return owned, hidden
-
-
-# --------------------------------------------------------------------------- tracing (shared with channel pruning)
-
-
-@dataclass
-class Traced:
-    """A dependency graph traced on example inputs, with what the model returned for them."""
-
-    graph: Any
-    example: Inputs
-    output_fns: set[Any]  # grad_fns of the output tensors: the nodes whose channels are the model's output
-    shapes: list[torch.Size]
-
-
-def trace(model: nn.Module, ctx: Context) -> Traced:
-    """Torch-Pruning's dependency graph of `model` on the context's example inputs (tensor, tuple or dict)."""
-    import torch_pruning as tp
-
-    parameter = next(model.parameters(), None)
-    example = to_device(ctx.example_inputs, parameter.device if parameter is not None else ctx.device)
-    outputs: list[torch.Tensor] = []
-
-    def forward(module: nn.Module, inputs: Inputs) -> Any:
-        found = list(output_tensors(call_model(module, inputs)))
-        outputs.extend(found)
-        return found  # the tensors alone: Torch-Pruning cannot walk a ModelOutput holding a key/value cache
-
-    with torch.enable_grad():
-        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example, forward_fn=forward)
-    output_fns = {t.grad_fn for t in outputs if t.grad_fn is not None}
-    return Traced(graph, example, output_fns, [t.shape for t in outputs])
-
-
-def check_outputs(model: nn.Module, traced: Traced, technique: str) -> None:
-    """Raise RuntimeError unless the pruned model still runs on the example and returns the same shapes."""
-    try:
-        with torch.no_grad():
-            shapes = [t.shape for t in output_tensors(call_model(model, traced.example))]
-    except (RuntimeError, ValueError, IndexError) as exc:
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise RuntimeError(f"{technique}: the pruned model no longer runs ({reason}); not supported") from None
-    if shapes != traced.shapes:
-        raise RuntimeError(f"{technique}: pruning changed the model's output shapes; this graph is not supported")
 
 
 # --------------------------------------------------------------------------- pruning

@@ -7,7 +7,7 @@ Decisions:
   WeightMask, so pruned weights stay zero). Its scales are recomputed from the current weight on every
   forward, so fine-tuning is quantisation-aware; gradients pass straight through (identity STE) to
   `parametrizations.weight.original`. bits=16 rounds weights through float16.
-- Arithmetic (symmetric per-channel or per-group scales) lives in techniques.packed and is shared with the
+- Arithmetic (symmetric per-channel or per-group scales) lives in techniques.packed.layers and is shared with the
   packed deployment layers, so `finalize` reproduces the fake-quant weights bitwise.
 - activation_bits=8 attaches an `ActivationFakeQuant` submodule (`input_quant`) and a forward pre-hook to
   each quantised Linear/Conv2d. Its static per-tensor scale is max|x| / 127 over the inputs seen while running the
@@ -39,12 +39,12 @@ Decisions:
   model-aware range or a search-space file (`"quantization": {"group_size": [null, 32, 128]}`).
 - bits "w8a8" (W8A8) on a layer means 8-bit weights *and* 8-bit activations on that layer (calibrated as for
   activation_bits=8, whatever the spec's global `activation_bits`): the one setting that reaches the integer
-  kernel, a Linear running `torch._int_mm` once finalized (techniques.packed: static per-tensor activation
+  kernel, a Linear running `torch._int_mm` once finalized (techniques.packed.layers: static per-tensor activation
   scale, per-channel weight scales, `kernel="auto"`, no group size). A string beside the integer bit-widths
   rather than a second per-layer setting, because the search offers one setting per technique and "which
   kernel" is a choice about the same layer's numbers. Where the kernel cannot run (a Conv2d, a group size,
   `kernel="dequantize"`, CUDA shapes that are not multiples of 8) the layer runs decoded float32 and
-  `techniques.finalize.kernel_report` says so; an embedding takes ids, so "w8a8" there is 8-bit rows.
+  `techniques.packed.finalize.kernel_report` says so; an embedding takes ids, so "w8a8" there is 8-bit rows.
 - bits "w8a8-dynamic" (W8A8_DYNAMIC) is W8A8 with *dynamic per-row* activations: at run time each row of a
   Linear's input (each token of a transformer) gets its own scale max|row| / 127, so an outlier token costs
   only its own row's precision (a static per-tensor scale is set by the largest activation anywhere, which
@@ -103,9 +103,9 @@ from techniques.fake_quant import (
     per_tensor_scale,
     quantize_input_hook,
 )
-from techniques.inputs import call_model, to_device
-from techniques.packed import dequantize, fake_quantize_rows, quantize_activation, weight_codes
+from techniques.packed.layers import dequantize, fake_quantize_rows, quantize_activation, weight_codes
 from techniques.smoothing import ALPHA, AWQ, SMOOTHQUANT
+from techniques.tools.inputs import call_model, to_device
 
 RTN, GPTQ = "rtn", "gptq"
 ALGORITHMS = (RTN, GPTQ)  # how weight codes are chosen: round to nearest, or GPTQ (techniques.gptq)

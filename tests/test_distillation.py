@@ -28,7 +28,7 @@ from techniques.distillation import (
     kd_loss,
     output_loss,
 )
-from techniques.inputs import first_rows, take_rows
+from techniques.tools.inputs import first_rows, take_rows
 from tests.tiny_models import DictInputNet, TinyCNN, dict_data, seeded, text_data, tiny_bert, tiny_data
 
 

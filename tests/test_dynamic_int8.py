@@ -17,9 +17,9 @@ from orchestrator.export import export_model
 from orchestrator.policy import Policy
 from orchestrator.testing import make_context
 from techniques.fake_quant import DynamicActivationFakeQuant
-from techniques.finalize import finalize, finalized_copy, integer_layers, kernel_report
-from techniques.packed import DEQUANT_KERNEL, INT_KERNEL, PackedConv2d, PackedLinear, row_scales
-from techniques.packed_embedding import PackedEmbedding
+from techniques.packed.embedding import PackedEmbedding
+from techniques.packed.finalize import finalize, finalized_copy, integer_layers, kernel_report
+from techniques.packed.layers import DEQUANT_KERNEL, INT_KERNEL, PackedConv2d, PackedLinear, row_scales
 from techniques.quantization import W8A8, W8A8_DYNAMIC, QuantizationSpec
 from tests.model_workloads import bert_workload
 from tests.test_policy import policy_doc, step

@@ -16,17 +16,17 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import techniques
-import techniques.packed_embedding
+import techniques.packed.embedding
 from orchestrator.artifacts.store import STRUCTURE, WEIGHTS, read_artifact, write_artifact
 from orchestrator.measure import measure_artifact
 from orchestrator.testing import TechniqueContract
 from techniques.fake_quant import ActivationFakeQuant, WeightFakeQuant
-from techniques.finalize import finalize, kernel_report
-from techniques.inputs import Inputs, call_model, first_rows
-from techniques.packed import PackedLinear
-from techniques.packed_embedding import GATHER_KERNEL, PackedEmbedding
-from techniques.packing import packed_nbytes
+from techniques.packed.bits import packed_nbytes
+from techniques.packed.embedding import GATHER_KERNEL, PackedEmbedding
+from techniques.packed.finalize import finalize, kernel_report
+from techniques.packed.layers import PackedLinear
 from techniques.quantization import QuantizationSpec
+from techniques.tools.inputs import Inputs, call_model, first_rows
 from tests.tiny_models import TINY_BERT, seeded, text_data, tiny_bert
 
 WORD = "bert.embeddings.word_embeddings"
@@ -135,9 +135,9 @@ def test_a_lookup_decodes_only_the_rows_it_gathers(monkeypatch: pytest.MonkeyPat
     packed = finalize(nn.Sequential(table))[0]
     assert isinstance(packed, PackedEmbedding) and packed.scale.shape == (1000, 3)
     decoded: list[int] = []
-    real = techniques.packed_embedding.unpack_rows
+    real = techniques.packed.embedding.unpack_rows
     monkeypatch.setattr(
-        techniques.packed_embedding, "unpack_rows", lambda rows, *a: decoded.append(len(rows)) or real(rows, *a)
+        techniques.packed.embedding, "unpack_rows", lambda rows, *a: decoded.append(len(rows)) or real(rows, *a)
     )
     ids = torch.tensor([[7, 999, 7], [0, 500, 3]], dtype=torch.int32)
     out = packed(ids)

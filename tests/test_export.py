@@ -21,9 +21,9 @@ from orchestrator.export import export_checkpoint, export_model
 from orchestrator.export._check import QUANTIZED_ACTIVATIONS_TOLERANCE, compare, onnx_outputs, reference_outputs
 from orchestrator.export._onnx import export_onnx
 from orchestrator.policy import Policy
-from techniques.finalize import finalize
-from techniques.packed import PackedConv2d, PackedLinear
-from techniques.packed_embedding import PackedEmbedding
+from techniques.packed.embedding import PackedEmbedding
+from techniques.packed.finalize import finalize
+from techniques.packed.layers import PackedConv2d, PackedLinear
 from tests.model_workloads import bert_workload, dict_workload
 from tests.test_policy import policy_doc, step
 
@@ -346,7 +346,7 @@ def test_an_artifacts_flat_outputs_go_back_into_the_structure_the_model_returns(
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
     from orchestrator.export._check import structure_of, with_tensors
-    from techniques.inputs import output_tensors
+    from techniques.tools.inputs import output_tensors
 
     pair = namedtuple("pair", "first second")
     hidden, pooled, extra = torch.randn(2, 3, 4), torch.randn(2, 4), torch.randn(5)

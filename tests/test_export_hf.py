@@ -21,8 +21,8 @@ from orchestrator.cli import main
 from orchestrator.errors import UserError
 from orchestrator.export import export_checkpoint, export_model
 from orchestrator.policy import Policy
-from techniques.finalize import finalize
-from techniques.packed import PackedLinear
+from techniques.packed.finalize import finalize
+from techniques.packed.layers import PackedLinear
 from tests import lm_workloads
 from tests.test_cli import run_cli
 

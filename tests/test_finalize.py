@@ -13,8 +13,8 @@ import techniques
 from orchestrator.files.weights import load_weights, save_weights
 from orchestrator.measure import count_weights, measure_artifact
 from orchestrator.testing import make_context
-from techniques.finalize import finalize, integer_layers, kernel_report
-from techniques.packed import PackedConv2d, PackedLinear
+from techniques.packed.finalize import finalize, integer_layers, kernel_report
+from techniques.packed.layers import PackedConv2d, PackedLinear
 from techniques.quantization import QuantizationSpec
 from tests.tiny_models import TinyCNN, seeded
 

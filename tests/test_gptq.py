@@ -23,9 +23,9 @@ from orchestrator.search.space import build_space
 from orchestrator.search.space_options import options_from_json
 from orchestrator.testing import make_context
 from techniques.fake_quant import WeightFakeQuant
-from techniques.finalize import finalize
 from techniques.gptq import gptq_quantize, hessian_hooks
-from techniques.packed import PackedLinear, weight_codes
+from techniques.packed.finalize import finalize
+from techniques.packed.layers import PackedLinear, weight_codes
 from techniques.quantization import QuantizationSpec, fitted_group_size, fitting_group_sizes
 from tests.tiny_models import TinyCNN, seeded
 

@@ -22,7 +22,7 @@ from orchestrator.measure import measure_reference, onnx_session
 from orchestrator.policy import Policy
 from orchestrator.workloads._reduction import takes_batch
 from orchestrator.workloads._unused import unused_layers
-from techniques.finalize import INT_KERNEL, kernel_report
+from techniques.packed.finalize import INT_KERNEL, kernel_report
 
 CPU = torch.device("cpu")
 

@@ -22,8 +22,8 @@ from orchestrator.artifacts import store
 from orchestrator.artifacts.store import STRUCTURE, WEIGHTS, read_artifact, write_artifact
 from orchestrator.cli import main
 from orchestrator.policy import Policy
-from techniques.finalize import finalize
 from techniques.head_pruning import HeadPruningSpec
+from techniques.packed.finalize import finalize
 from techniques.quantization import QuantizationSpec
 from tests.test_checkpoint_hostile import TINY, make_tiny, tamper
 from tests.test_policy import policy_doc, step

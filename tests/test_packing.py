@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from techniques.packing import (
+from techniques.packed.bits import (
     code_range,
     pack_bits,
     pack_mask,

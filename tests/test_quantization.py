@@ -10,7 +10,7 @@ from torch.nn.utils import parametrize
 import techniques
 from orchestrator.testing import TechniqueContract, make_context
 from techniques.fake_quant import ActivationFakeQuant, WeightFakeQuant
-from techniques.finalize import finalize
+from techniques.packed.finalize import finalize
 from techniques.quantization import MAX_GROUP_SIZE, QuantizationSpec
 from tests.tiny_models import DictInputNet, TinyCNN, dict_data, seeded
 
@@ -163,8 +163,8 @@ def test_the_search_offers_the_integer_kernel_as_a_per_layer_bits_choice(tmp_pat
     from orchestrator.artifacts.store import STRUCTURE, WEIGHTS, read_artifact, write_artifact
     from orchestrator.search.space import build_space
     from orchestrator.search.space_options import options_from_json
-    from techniques.finalize import kernel_report
-    from techniques.packed import DEQUANT_KERNEL, INT_KERNEL
+    from techniques.packed.finalize import kernel_report
+    from techniques.packed.layers import DEQUANT_KERNEL, INT_KERNEL
     from techniques.quantization import W8A8
 
     assert W8A8 in techniques.get("quantization").search.per_layer.choices

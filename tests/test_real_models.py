@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from orchestrator import Policy, apply, load_checkpoint, save_checkpoint
 from orchestrator.workloads import resolve_workload
-from techniques.inputs import call_model
+from techniques.tools.inputs import call_model
 from tests.waiting import HANG_S
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,7 +54,7 @@ import sys, torch
 from safetensors.torch import save_file
 from orchestrator import load_checkpoint
 from orchestrator.workloads import resolve_workload
-from techniques.inputs import call_model
+from techniques.tools.inputs import call_model
 workload = resolve_workload(sys.argv[1])
 model = load_checkpoint(sys.argv[2], workload).model.eval()
 with torch.inference_mode():

@@ -25,7 +25,7 @@ from orchestrator.search import SearchConfig, run
 from orchestrator.search.sampler import journal_storage
 from orchestrator.search.space_options import options_from_json
 from orchestrator.workloads import Workload, resolve_workload
-from techniques.packed import PackedLayer
+from techniques.packed.layers import PackedLayer
 from tests.test_report import NETWORK_PATTERNS, table_rows
 from tests.waiting import HANG_S, simulated_cluster, wait_for
 

@@ -23,9 +23,9 @@ from orchestrator.policy import Policy
 from orchestrator.search.space import build_space
 from orchestrator.testing import make_context
 from techniques import smoothing
-from techniques.finalize import finalize
 from techniques.gptq import hessian_hooks
-from techniques.packed import PackedLinear, dequantize, fake_quantize_rows, weight_codes
+from techniques.packed.finalize import finalize
+from techniques.packed.layers import PackedLinear, dequantize, fake_quantize_rows, weight_codes
 from techniques.quantization import QuantizationSpec
 from tests.tiny_models import TinyCNN, seeded, text_data, tiny_bert
 

@@ -19,7 +19,7 @@ from orchestrator.search.space_options import SpaceOptions
 from orchestrator.testing import TechniqueContract, make_context
 from orchestrator.workloads.digits import DigitsCNN
 from techniques.distillation import DistillationSpec
-from techniques.packed import INT_KERNEL, PackedConv2d
+from techniques.packed.layers import INT_KERNEL, PackedConv2d
 from techniques.quantization import W8A8, QuantizationSpec
 from techniques.student import StudentSpec, copy_leading_slices, require_fine_tune
 from tests.tiny_models import TinyCNN, seeded

@@ -7,7 +7,7 @@ import torch
 
 from orchestrator.workloads import BUILTIN, resolve_workload
 from orchestrator.workloads import text as T
-from techniques.inputs import call_model, main_output
+from techniques.tools.inputs import call_model, main_output
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from orchestrator.errors import UserError
-from techniques.inputs import Inputs, call_model, output_tensors, tensors
+from techniques.tools.inputs import Inputs, call_model, output_tensors, tensors
 
 TOLERANCE = 1e-4  # of max(1, largest |reference output|), for exports computing in float32
 QUANTIZED_ACTIVATIONS_TOLERANCE = 1e-2  # the same, where an exported graph quantises activations

@@ -21,14 +21,14 @@ from onnx.defs import OpSchema
 from torch import nn
 
 from techniques import set_module
-from techniques.packed import (
+from techniques.packed.embedding import PackedEmbedding
+from techniques.packed.layers import (
     INT_KERNEL,
     PackedConv2d,
     PackedLinear,
     fake_quantize_rows,
     quantize_activation,
 )
-from techniques.packed_embedding import PackedEmbedding
 
 DOMAIN = "orchestrator.export"
 PackedModule = PackedLinear | PackedConv2d | PackedEmbedding

@@ -40,9 +40,9 @@ from orchestrator.export._trace import (
     output_names,
 )
 from techniques import set_module
-from techniques.inputs import Inputs, call_model
-from techniques.packed import PackedConv2d, PackedLinear
-from techniques.packed_embedding import PackedEmbedding
+from techniques.packed.embedding import PackedEmbedding
+from techniques.packed.layers import PackedConv2d, PackedLinear
+from techniques.tools.inputs import Inputs, call_model
 
 OPSET = 21
 MSFT_OPSET = 1

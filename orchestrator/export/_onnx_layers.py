@@ -44,9 +44,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from techniques.packed import ACT_QMAX, FLOAT_BITS, INT_KERNEL, PackedConv2d, PackedLayer, PackedLinear
-from techniques.packed_embedding import PackedEmbedding
-from techniques.packing import unpack_rows
+from techniques.packed.bits import unpack_rows
+from techniques.packed.embedding import PackedEmbedding
+from techniques.packed.layers import ACT_QMAX, FLOAT_BITS, INT_KERNEL, PackedConv2d, PackedLayer, PackedLinear
 
 MSFT = "com.microsoft"
 GATHER_WIDTHS = (2, 4, 8)  # what GatherBlockQuantized takes

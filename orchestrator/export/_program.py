@@ -24,9 +24,9 @@ from orchestrator.export._trace import (
     first_line,
     output_names,
 )
-from techniques.inputs import Inputs, call_model
-from techniques.packed import INT_KERNEL, PackedLayer
-from techniques.packed_embedding import PackedEmbedding
+from techniques.packed.embedding import PackedEmbedding
+from techniques.packed.layers import INT_KERNEL, PackedLayer
+from techniques.tools.inputs import Inputs, call_model
 
 DECODED = "no low-bit kernel: decoded to fp32 in the graph on every call"
 

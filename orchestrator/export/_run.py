@@ -46,9 +46,9 @@ from orchestrator.export._program import export_program
 from orchestrator.export._trace import ExportError, Written
 from orchestrator.files.fs import is_uri, resolve, write_atomic, write_problem
 from orchestrator.workloads import Workload, resolve_workload, unused_layers
-from techniques.inputs import batch_length
-from techniques.packed import PackedLayer
-from techniques.packed_embedding import PackedEmbedding
+from techniques.packed.embedding import PackedEmbedding
+from techniques.packed.layers import PackedLayer
+from techniques.tools.inputs import batch_length
 
 TRACE_BATCH = 2
 CHECK_BATCH = 8

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from orchestrator.errors import UserError
-from techniques.inputs import Inputs, tensors
+from techniques.tools.inputs import Inputs, tensors
 
 
 class ExportError(UserError):

@@ -18,7 +18,7 @@ from torch import nn
 
 from orchestrator.measure.size import count_flops, count_weights, measure_artifact
 from orchestrator.measure.timing import Clock, Deployed, Latency, Speedup, Timed, time_latency, time_paired
-from techniques.inputs import Inputs, device_of, first_rows
+from techniques.tools.inputs import Inputs, device_of, first_rows
 
 
 @dataclass(frozen=True)

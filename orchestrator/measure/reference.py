@@ -35,7 +35,7 @@ from orchestrator.measure.targets import DEFAULT_TARGET, OnnxSession, deploy
 from orchestrator.measure.timing import Timed
 from orchestrator.policy import Policy
 from orchestrator.workloads import Workload
-from techniques.finalize import kernel_report
+from techniques.packed.finalize import kernel_report
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from orchestrator.artifacts.store import write_artifact
-from techniques.inputs import Inputs, call_model
+from techniques.tools.inputs import Inputs, call_model
 
 
 def measure_artifact(model: nn.Module, base: nn.Module | None = None) -> int:

@@ -37,7 +37,7 @@ from torch import nn
 
 from orchestrator.errors import UserError
 from orchestrator.workloads import Workload
-from techniques.inputs import Inputs, call_model, tensors
+from techniques.tools.inputs import Inputs, call_model, tensors
 
 TARGETS = ("torch", "onnxruntime")
 SESSION_DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)  # slower than what it replaces (see Decisions)

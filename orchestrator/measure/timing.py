@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from techniques.inputs import Inputs, batch_length, call_model, device_of
+from techniques.tools.inputs import Inputs, batch_length, call_model, device_of
 
 # The same pair re-timed in another process (other memory layout, other moment) moves by more than its rounds
 # disagree within one process: a recorded spread is therefore never narrower than this fraction either side of

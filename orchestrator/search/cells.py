@@ -31,8 +31,8 @@ from orchestrator.policy import Policy
 from orchestrator.search.space import SearchSpace
 from orchestrator.search.space_options import per_layer_of
 from orchestrator.workloads import Workload
-from techniques.finalize import finalize
-from techniques.inputs import Inputs, to_device
+from techniques.packed.finalize import finalize
+from techniques.tools.inputs import Inputs, to_device
 
 Batches = list[tuple[Inputs, torch.Tensor]]
 

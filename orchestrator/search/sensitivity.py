@@ -43,7 +43,7 @@ from orchestrator.pareto import shortfall
 from orchestrator.search.cells import Batches, Cell, jobs_of, outputs, run_jobs, score, scored_batches, state_bytes
 from orchestrator.search.space import SearchSpace
 from orchestrator.workloads import METRIC_DIRECTIONS, Workload
-from techniques.inputs import tensors
+from techniques.tools.inputs import tensors
 
 PROFILE_VERSION = 2  # bump when what a cell measures changes, so older cached tables are not reused
 SUBSET_EXAMPLES = 1024  # validation examples a cell is scored on (whole batches, at least this many or all)

@@ -28,7 +28,7 @@ import techniques
 from orchestrator.artifacts.store import STRUCTURE, WEIGHTS, read_artifact, write_artifact
 from orchestrator.measure.size import count_weights, measure_artifact
 from orchestrator.testing.models import TinyCNN, seeded, tiny_data
-from techniques.finalize import finalize
+from techniques.packed.finalize import finalize
 
 
 def make_context(seed: int = 0, teacher: nn.Module | None = None) -> techniques.Context:

@@ -18,7 +18,7 @@ from orchestrator.files.fs import cache_root
 from orchestrator.files.weights import load_weights, save_weights
 from orchestrator.workloads._reduction import OutputFn, reduce_output, takes_batch
 from orchestrator.workloads.data import DataSplit
-from techniques.inputs import Inputs, call_model, main_output
+from techniques.tools.inputs import Inputs, call_model, main_output
 
 
 def cache_dir() -> Path:

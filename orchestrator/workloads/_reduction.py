@@ -22,7 +22,7 @@ from typing import Any, TypeAlias
 import torch
 
 from orchestrator.errors import UserError
-from techniques.inputs import Inputs
+from techniques.tools.inputs import Inputs
 
 OutputFn: TypeAlias = Callable[..., torch.Tensor]  # (outputs) -> tensor, or (outputs, batch) -> tensor
 _POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)

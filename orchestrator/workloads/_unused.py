@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from techniques.inputs import Inputs, call_model, output_tensors
+from techniques.tools.inputs import Inputs, call_model, output_tensors
 
 Hook = Callable[[str, torch.Tensor], torch.Tensor | None]
 

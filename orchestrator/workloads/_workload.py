@@ -12,7 +12,7 @@ from torch import nn
 from orchestrator.workloads._reduction import OutputFn, reduce_output, takes_batch
 from orchestrator.workloads._unused import unused_layers
 from orchestrator.workloads.data import DataSplit
-from techniques.inputs import Inputs, call_model, main_output, to_device
+from techniques.tools.inputs import Inputs, call_model, main_output, to_device
 
 SPLITS = ("train", "calibration", "validation", "test")
 METRIC_DIRECTIONS = ("maximize", "minimize")

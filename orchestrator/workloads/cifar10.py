@@ -21,7 +21,7 @@ from orchestrator.files.digest import tensor_digest
 from orchestrator.workloads._baseline import cached_baseline, progress, recipe_hash, recipe_trainer
 from orchestrator.workloads._workload import Workload
 from orchestrator.workloads.data import Split
-from techniques.inputs import Inputs
+from techniques.tools.inputs import Inputs
 
 TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_FILE = "test_batch"

@@ -1,7 +1,7 @@
 """Data splits: in-memory tensors (`Split`) or a user's own re-iterable batches (`LoaderSplit`), batched
 deterministically.
 
-Inputs are a tensor, a tuple of tensors or a dict of tensors (`techniques.inputs`), batch on dim 0.
+Inputs are a tensor, a tuple of tensors or a dict of tensors (`techniques.tools.inputs`), batch on dim 0.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from techniques.inputs import Inputs, batch_length, first_rows, take_rows, tensors, to_device
+from techniques.tools.inputs import Inputs, batch_length, first_rows, take_rows, tensors, to_device
 
 Batch = tuple[Inputs, torch.Tensor]
 

@@ -41,7 +41,7 @@ from orchestrator.workloads._baseline import cached_baseline, recipe_hash, recip
 from orchestrator.workloads._workload import Workload
 from orchestrator.workloads.data import Split
 from orchestrator.workloads.text import CORPUS_PACKAGE, CORPUS_VERSION, LANGUAGES, load_corpus, split_corpus
-from techniques.inputs import main_output
+from techniques.tools.inputs import main_output
 
 WINDOW = 128  # bytes of context a window gives the model (and targets it scores)
 EVAL_WINDOWS = 256  # windows kept of the validation and test streams (32,768 scored bytes each)

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from orchestrator.errors import UserError
-from techniques.packed import FLOAT_BITS, PackedLinear
+from techniques.packed.layers import FLOAT_BITS, PackedLinear
 
 FORMAT = "pack-quantized"
 

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from orchestrator.errors import UserError
-from techniques.packed import PackedLayer
+from techniques.packed.layers import PackedLayer
 
 
 class ShapeError(UserError):

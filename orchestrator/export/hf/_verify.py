@@ -25,7 +25,7 @@ from torch import nn
 from orchestrator.errors import UserError
 from orchestrator.export._check import TOLERANCE, compare
 from orchestrator.workloads import Workload
-from techniques.inputs import Inputs, batch_length, call_model, main_output
+from techniques.tools.inputs import Inputs, batch_length, call_model, main_output
 
 if TYPE_CHECKING:
     from transformers import GenerationConfig

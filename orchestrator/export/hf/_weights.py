@@ -25,9 +25,9 @@ from torch import nn
 
 from orchestrator.errors import UserError
 from techniques import set_module
-from techniques.finalize import finalized_copy
-from techniques.packed import PackedConv2d, PackedLayer
-from techniques.packed_embedding import PackedEmbedding
+from techniques.packed.embedding import PackedEmbedding
+from techniques.packed.finalize import finalized_copy
+from techniques.packed.layers import PackedConv2d, PackedLayer
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel

@@ -1,7 +1,7 @@
 """PackedEmbedding: an embedding table stored as b-bit rows, of which a lookup decodes only the rows it gathers.
 
 Decisions:
-- The table is b-bit codes (2-8 bits; float16 at bits=16) with the symmetric scales of `techniques.packed`, one
+- The table is b-bit codes (2-8 bits; float16 at bits=16) with the symmetric scales of `techniques.packed.layers`, one
   per row (or per group of a row): an embedding row is quantised as a Linear's output row is. Rows are packed
   separately (`pack_rows`), so a lookup gathers the packed bytes and scales of the ids it is given and decodes
   only those rows, never the whole table (no decode cache either: a vocabulary-sized float32 copy would undo
@@ -9,7 +9,7 @@ Decisions:
   padding row); `max_norm` is refused by quantization, and `sparse`/`scale_grad_by_freq` only shape
   gradients, which a packed table has none of.
 - Export hooks (`decode_rows`, `export_forward`) redo the lookup with tensor operations only, as
-  `techniques.packed` does for its layers.
+  `techniques.packed.layers` does for its layers.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from typing import Any
 import torch
 
 from techniques._base import RebuildableModule, rebuildable
-from techniques.packed import dequantize, weight_codes
-from techniques.packing import pack_rows, packed_nbytes, split_bytes, unpack_rows
+from techniques.packed.bits import pack_rows, packed_nbytes, split_bytes, unpack_rows
+from techniques.packed.layers import dequantize, weight_codes
 
 GATHER_KERNEL = "gathered-rows-dequantized-fp32"  # a packed embedding decodes the rows each lookup gathers
 EMBEDDING_BITS = (2, 3, 4, 5, 6, 7, 8, 16)

@@ -1,5 +1,5 @@
 """Packed Linear/Conv2d layers as deployed, and the quantisation arithmetic they, fake-quant and
-`techniques.packed_embedding` share.
+`techniques.packed.embedding` share.
 
 Decisions:
 - Weights are quantised symmetrically: per output channel, or per group of `group_size` consecutive
@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from techniques._base import RebuildableModule, rebuildable
-from techniques.packing import (
+from techniques.packed.bits import (
     code_range,
     pack_bits,
     pack_mask,

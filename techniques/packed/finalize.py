@@ -32,8 +32,8 @@ from torch.nn.utils import parametrize, prune
 
 from techniques._base import WeightMask, base_type, bias_of, parametrizations_of, set_module, weight_of
 from techniques.fake_quant import ActivationFakeQuant, DynamicActivationFakeQuant, WeightFakeQuant, quantize_input_hook
-from techniques.packed import INT_KERNEL, PackedConv2d, PackedLayer, PackedLinear
-from techniques.packed_embedding import PackedEmbedding
+from techniques.packed.embedding import PackedEmbedding
+from techniques.packed.layers import INT_KERNEL, PackedConv2d, PackedLayer, PackedLinear
 from techniques.quantization import LAYER_TYPES, is_embedding
 from techniques.smoothing import InputSmoothing, smooth_input_hook
 
