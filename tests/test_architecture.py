@@ -239,6 +239,60 @@ def test_no_module_imports_another_packages_private_names():
     assert offences == []
 
 
+# Our dependencies' private modules and attributes, which a release may move without notice: none, except these,
+# each with the reason there is no public way.
+DEPENDENCIES = ("ray", "optuna")
+PRIVATE_USES_ALLOWED = {
+    # the node types an autoscaler may still start (KubeRay, autoscaler v2): Ray publishes them only there, and Ray
+    # Data reads them the same way (ray/data/_internal/cluster_autoscaler/util.py); guarded, [] when it moves
+    ("orchestrator.search.preflight", "ray._private"),  # ray._private.state.state.get_cluster_config()
+}
+
+
+def private_uses(name: str, source: str) -> set[tuple[str, str]]:
+    """(module, what) for each private name of `DEPENDENCIES` that `source` imports or reaches by attribute, and
+    each `_ot_*` attribute (Ray's OptunaSearch internals)."""
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        dotted: list[str] = []
+        if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            dotted = [f"{node.module}.{alias.name}" for alias in node.names]
+        elif isinstance(node, ast.Import):
+            dotted = [alias.name for alias in node.names]
+        elif isinstance(node, ast.Attribute):
+            if node.attr.startswith("_ot_"):
+                found.add((name, node.attr))
+            chain, base = [node.attr], node.value
+            while isinstance(base, ast.Attribute):
+                chain.append(base.attr)
+                base = base.value
+            dotted = [".".join([base.id, *reversed(chain)])] if isinstance(base, ast.Name) else []
+        for path in dotted:
+            parts = path.split(".")
+            if parts[0] in DEPENDENCIES and any(p.startswith("_") for p in parts[1:]):
+                cut = next(i for i, p in enumerate(parts) if i and p.startswith("_"))
+                found.add((name, ".".join(parts[: cut + 1])))  # up to the first private name
+    return found
+
+
+def test_no_private_names_of_ray_or_optuna_beyond_the_listed_ones():
+    used = set().union(*(private_uses(name, path.read_text()) for name, path in modules().items()))
+    assert used <= PRIVATE_USES_ALLOWED, sorted(used - PRIVATE_USES_ALLOWED)
+
+
+def test_the_private_name_check_sees_imports_attributes_and_tunes_optuna_internals():
+    source = (
+        "import ray\nfrom ray._common.utils import f\nfrom optuna import _x\n"
+        "def g(s):\n    ray._private.worker._global_node\n    s._ot_study\n    ray.init()\n"
+    )
+    assert private_uses("m", source) == {
+        ("m", "ray._common"),
+        ("m", "optuna._x"),
+        ("m", "ray._private"),
+        ("m", "_ot_study"),
+    }
+
+
 def test_the_folders_show_where_things_live():
     folders = {p.name for p in (ROOT / "orchestrator").iterdir() if p.is_dir() and p.name != "__pycache__"}
     assert {"cli", "search", "artifacts", "workloads", "report"} <= folders

@@ -31,6 +31,7 @@ from orchestrator.search.preflight import connect_problem, parse_address
 ADDRESS_VARIABLE = "RAY_ADDRESS"
 AUTH_MODE_VARIABLE = "RAY_AUTH_MODE"
 NOTICE_TIMEOUT_S = 1.0  # a cluster on this machine that is up accepts a connection at once
+_STARTED_HERE: set[str] = set()  # GCS addresses of the private Rays this process started
 TOKEN_HINT = (
     "this cluster uses token authentication: give this process its token (~/.ray/auth_token, RAY_AUTH_TOKEN or "
     "RAY_AUTH_TOKEN_PATH) with RAY_AUTH_MODE=token; `ray get-auth-token` on the head prints it"
@@ -100,7 +101,7 @@ def _init_ray(resources: Resources, target: RayTarget, configure_logging: bool) 
                 "--head), fix the address, or run privately with --address local"
             ) from None
         return
-    ray.init(
+    context = ray.init(
         address="local",
         _temp_dir=tempfile.mkdtemp(prefix="ray-"),
         dashboard_host="127.0.0.1",
@@ -110,6 +111,7 @@ def _init_ray(resources: Resources, target: RayTarget, configure_logging: bool) 
         logging_level="WARNING",  # type: ignore[arg-type]  # ray annotates int; its own default is "info"
         **resources.extra_ray_init,
     )
+    _STARTED_HERE.add(context.address_info["gcs_address"])
 
 
 def _quiet_driver(address: str, configure_logging: bool) -> dict[str, Any]:
@@ -124,13 +126,19 @@ def local_cluster(timeout_s: float = NOTICE_TIMEOUT_S) -> str | None:
     """The address of the cluster a bare `ray.init()` would join on this machine (the one `ray start` last
     recorded in Ray's temp dir), when it accepts a connection; else None."""
     try:
-        from ray._common.utils import get_ray_address_file
-
-        address = Path(get_ray_address_file(None)).read_text().strip()
+        address = _ray_address_file().read_text().strip()
         host, port = parse_address(address)
-    except Exception:  # noqa: BLE001 - no record, an unreadable one, or a private API that moved: no notice
+    except Exception:  # noqa: BLE001 - no record or an unreadable one: no notice
         return None
     return None if connect_problem(host, port, timeout_s) else address
+
+
+def _ray_address_file() -> Path:
+    """Where `ray start` records the cluster's address: `<temp>/ray/ray_current_cluster`, the temp directory being
+    RAY_TMPDIR, else TMPDIR, else /tmp (Ray 2.60's `ray._common.utils.get_ray_address_file`, read without importing
+    Ray's private modules)."""
+    temp = os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"
+    return Path(temp) / "ray" / "ray_current_cluster"
 
 
 def cluster_notice() -> str:
@@ -185,13 +193,7 @@ def _gcs_address() -> str | None:
 
 def _started_here() -> bool:
     """Whether this process started the Ray it is connected to (a private one) rather than joining one."""
-    import ray
-
-    try:
-        node = ray._private.worker._global_node  # `ray.init` that joins makes a connect-only, non-head node
-        return bool(node is not None and node.head)
-    except Exception:  # noqa: BLE001 - a private API that may move: then say "cluster"
-        return False
+    return _gcs_address() in _STARTED_HERE
 
 
 class _LogFileHandler(logging.FileHandler):
