@@ -101,7 +101,7 @@ def _init_ray(resources: Resources, target: RayTarget, configure_logging: bool) 
                 "--head), fix the address, or run privately with --address local"
             ) from None
         return
-    context = ray.init(
+    ray.init(
         address="local",
         _temp_dir=tempfile.mkdtemp(prefix="ray-"),
         dashboard_host="127.0.0.1",
@@ -111,7 +111,7 @@ def _init_ray(resources: Resources, target: RayTarget, configure_logging: bool) 
         logging_level="WARNING",  # type: ignore[arg-type]  # ray annotates int; its own default is "info"
         **resources.extra_ray_init,
     )
-    _STARTED_HERE.add(context.address_info["gcs_address"])
+    _STARTED_HERE.add(ray.get_runtime_context().gcs_address)
 
 
 def _quiet_driver(address: str, configure_logging: bool) -> dict[str, Any]:
