@@ -300,7 +300,7 @@ def retimed_as_evaluate(run_dir: str, rows: list[dict[str, Any]]) -> list[dict[s
         checks.append({"trial_id": row["trial_id"], "recorded": again.get("recorded_speedup"),
                        "evaluate": [again.get("speedup_low"), again["speedup"], again.get("speedup_high")],
                        "baseline_latency_ms": again.get("baseline_latency_ms"),
-                       "inside": again.get("reproduced", False)})  # fmt: skip
+                       "agrees": again.get("agrees", False)})  # fmt: skip
     return checks
 
 

@@ -59,7 +59,6 @@ TIMED = (
     ("orchestrator.measure.measurements", "measure_artifact", "checkpoint bytes (size)", False),
     ("orchestrator.executor", "finalized_copy", "finalize (preview copy)", False),
     ("orchestrator.executor", "finalize", "finalize", False),
-    ("orchestrator.measure.latency_log", "append", "latency log", False),
     ("orchestrator.artifacts.store", "save", "checkpoint save", False),
 )
 

@@ -122,5 +122,5 @@ def check_retime(deployed: dict, out: Path) -> None:
     checks = json.loads(out.read_text())["runs"][run]
     assert [c["trial_id"] for c in checks] == [c["trial_id"] for c in deployed["evaluate_retiming"]]
     for check in checks:
-        low, median, high = check["recorded"]
-        assert low <= median <= high and check["inside"] == (low <= check["evaluate"][1] <= high)
+        (low, median, high), (now_low, _, now_high) = check["recorded"], check["evaluate"]
+        assert low <= median <= high and check["agrees"] == (now_low <= high and low <= now_high)

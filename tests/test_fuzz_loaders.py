@@ -1,8 +1,8 @@
 """A fuzzer over everything the project loads from a user: policy documents, search-space files, checkpoints,
-finished trial records and the latency log. Only the project's own errors (UserError and its kinds) may come out,
+finished trial records and run.json. Only the project's own errors (UserError and its kinds) may come out,
 and what a loader accepts must work: an accepted policy applies to the digits model, an accepted space builds,
 samples and gives policies that validate, an accepted checkpoint rebuilds a model that runs, an accepted finished
-record carries its checkpoint's numbers, an accepted latency log holds only plausible latencies."""
+record carries its checkpoint's numbers."""
 
 from __future__ import annotations
 
@@ -259,7 +259,7 @@ def test_forged_checkpoints_load_or_are_refused_in_one_line(data, saved, digits,
         assert out.shape == (2, 10)
 
 
-# ----------------------------------------------------------------------------- finished records and the latency log
+# ----------------------------------------------------------------------------- finished records
 
 # JSON text json.dumps never writes, and numbers past what a float or Python's parser takes
 RAW_NUMBERS = [b"NaN", b"-Infinity", b"1e400", b"-1e400", b"9" * 400, b"9" * 5000, b"[" * 1000 + b"]" * 1000]
@@ -312,34 +312,6 @@ def test_an_accepted_finished_record_carries_its_checkpoints_numbers(data, recor
     assert set(result) == set(true)
     assert {k: v for k, v in result.items() if k not in free} == {k: v for k, v in true.items() if k not in free}
     assert math.isfinite(result["wall_s"]) and isinstance(result["device"], str)
-
-
-@st.composite
-def latency_logs(draw) -> bytes:
-    """Logs of [time, ms] pairs, mostly sensible numbers, now and then anything (raw numbers, strings, lists);
-    one in ten is any JSON."""
-    if draw(st.integers(0, 9)) == 9:
-        return with_raw(draw(JSON), draw(st.sampled_from(RAW_NUMBERS)))
-    sensible = st.one_of(st.floats(1e-7, 1e8), st.integers(1, 10**6), st.floats(0.5, 50.0))
-    value = st.one_of(sensible, sensible, SCALARS, st.just("@raw@"))
-    pair = st.one_of(st.lists(value, min_size=2, max_size=2), st.lists(value, max_size=3), JSON)
-    return with_raw({"baseline": {}, "samples": draw(st.lists(pair, max_size=8))}, draw(st.sampled_from(RAW_NUMBERS)))
-
-
-@settings(max_examples=300, deadline=None)
-@given(text=latency_logs())
-def test_a_latency_log_reads_as_plausible_latencies_or_none(text):
-    from orchestrator.measure import latency_log
-
-    described = {"fuzz": True}
-    path = latency_log.log_dir() / f"{latency_log.key_of(described)}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(text)
-    found = latency_log.observed(described)
-    low, high = latency_log.PLAUSIBLE_MS
-    assert all(isinstance(ms, float) and low <= ms <= high for ms in found)
-    assert not found or max(found) <= min(found) * latency_log.SPREAD
-    assert all(ms in found for ms in latency_log.observed(described, near=10.0))
 
 
 @st.composite

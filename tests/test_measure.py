@@ -13,8 +13,6 @@ from orchestrator.measure import (
     REPRODUCIBILITY,
     count_flops,
     count_weights,
-    drift_widened,
-    latency_range,
     measure,
     measure_artifact,
     time_latency,
@@ -154,19 +152,6 @@ def test_re_timing_uses_the_recorded_thread_count_and_restores_it():
     assert torch.get_num_threads() == before
 
 
-def test_a_spread_is_widened_by_how_far_the_baseline_moved_at_other_moments():
-    # timed beside a baseline at 12 ms that ran anywhere from 9 to 14 ms over the run (twenty moments)
-    moved = latency_range([9.0, 9.1, 13.0, None, float("nan"), 9.2, 13.5, 12.8, 9.0, 14.0, 13.1, 9.3] * 2)
-    assert moved == (9.0, 14.0)  # the fastest and the 95th percentile; missing and non-finite times are ignored
-    # a quiet machine's speed counts however rarely it was seen; slow moments rarer than one in twenty do not
-    assert latency_range([8.0, 30.0] + [10.0] * 20) == (8.0, 10.0)
-    low, high = drift_widened(9.5, 10.5, 12.0, moved)
-    assert (low, high) == (9.5 * 9.0 / 12.0, 10.5 * 14.0 / 12.0)  # the ratios beside its faster and slower times
-    assert drift_widened(9.5, 10.5, 12.0, (12.0, 12.0)) == (9.5, 10.5)  # a baseline that never moved
-    assert drift_widened(9.5, 10.5, 8.0, (9.0, 10.0)) == (9.5, 10.5 * 10.0 / 8.0)  # never narrower than timed
-    assert latency_range([None, 0.0]) is None
-
-
 def test_a_timed_block_lasts_long_enough_for_one_busy_moment_to_miss_most_rounds():
     from orchestrator.measure.timing import MIN_BLOCK_S, _block_runs
 
@@ -175,20 +160,40 @@ def test_a_timed_block_lasts_long_enough_for_one_busy_moment_to_miss_most_rounds
     assert _block_runs([], 7) == 7
 
 
-def test_evaluate_compares_its_re_timing_with_the_recorded_spread_and_the_baselines_range():
+def paired_metrics(model_s: float, baseline_s: float) -> dict:
+    """The metrics of a model whose forward takes `model_s` timed beside a baseline taking `baseline_s`, on a fake
+    clock (as `evaluate` and a search's collect time them: paired rounds)."""
+    clock = FakeClock()
+    model = clock.charge(nn.Linear(16, 8), model_s, "model")
+    baseline = clock.charge(nn.Linear(16, 8), baseline_s, "baseline")
+    reference = measure(baseline, torch.randn(4, 16), clock=clock)
+    measured = measure(model, torch.randn(4, 16), beside=baseline, clock=clock)
+    return {**measured.metrics(reference), "target": "torch"}
+
+
+def test_evaluate_says_whether_its_paired_re_timing_agrees_with_the_recorded_one():
     from orchestrator.measure import against_recorded
 
-    recorded = {"target": "torch", "latency_batch_size": 256, "speedup_low": 7.0, "speedup": 9.2,
-                "speedup_high": 13.2, "baseline_latency_range_ms": [10.5, 14.7]}  # fmt: skip
-    now = {"target": "torch", "latency_batch_size": 256, "speedup": 14.8, "baseline_latency_ms": 16.1}
-    assert against_recorded(recorded, now) == {
-        "recorded_speedup": [7.0, 9.2, 13.2],
-        "reproduced": False,  # the baseline runs slower than it ever did during the search
-        "recorded_baseline_latency_range_ms": [10.5, 14.7],
+    recorded = paired_metrics(FAST_S, SLOW_S)  # 8x faster, spread +-5%
+    assert against_recorded(recorded, paired_metrics(FAST_S, SLOW_S)) == {
+        "recorded_speedup": [recorded["speedup_low"], 8.0, recorded["speedup_high"]],
+        "agrees": True,
     }
-    assert against_recorded(recorded, {**now, "speedup": 9.0})["reproduced"]
-    assert against_recorded(recorded, {**now, "latency_batch_size": 1}) == {}  # timed for another batch size
-    assert against_recorded({**recorded, "speedup_low": None}, now) == {}  # recorded without a spread
+    # the same checkpoint made 2x slower (or a machine that slows it alone): 4x, its spread apart from 8x's
+    slower = paired_metrics(2 * FAST_S, SLOW_S)
+    assert slower["speedup"] == 4.0 and slower["speedup_high"] < recorded["speedup_low"]
+    assert against_recorded(recorded, slower)["agrees"] is False
+    assert against_recorded(slower, recorded)["agrees"] is False
+    # spreads that touch agree: 8x recorded as 7.0-13.2, re-timed 13.2-14.6
+    touching = {**recorded, "speedup_low": 13.2, "speedup": 14.0, "speedup_high": 14.6}
+    assert against_recorded({**recorded, "speedup_low": 7.0, "speedup_high": 13.2}, touching)["agrees"] is True
+    assert against_recorded(recorded, {**slower, "latency_batch_size": 2}) == {}  # timed for another batch size
+    assert against_recorded({**recorded, "speedup_low": None}, slower) == {}  # recorded without a spread
+    assert against_recorded(recorded, {**slower, "speedup_high": None}) == {}  # re-timed without pairing
+    from orchestrator.cli._format import _recorded
+
+    said = _recorded({**slower, **against_recorded(recorded, slower)})
+    assert said == [f"recorded speedup     8.00x, {recorded['speedup_low']:.2f}–8.40x; the two spreads DISAGREE"]
 
 
 def test_every_name_the_measure_package_offers_resolves_lazily():

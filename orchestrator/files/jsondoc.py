@@ -1,5 +1,5 @@
 """The one place JSON the tool reads is parsed: a policy, a space file, a manifest, metrics, a finished
-record, run.json, the latency log. Whatever the bytes hold, the caller gets a value or one `UserError` line.
+record, run.json. Whatever the bytes hold, the caller gets a value or one `UserError` line.
 
 Decisions: `json.loads` raises `ValueError` (not `JSONDecodeError`) for an integer of more than 4,300 digits
 and `RecursionError` for deep nesting, and it accepts `NaN`/`Infinity`, which are not JSON: all three are

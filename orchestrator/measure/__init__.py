@@ -5,11 +5,11 @@
 
 Modules, one job each: `timing` (forward passes timed alone or paired with a baseline: `time_latency`,
 `time_paired`, `Speedup`), `size` (artifact bytes, parameters, FLOPs), `measurements` (the `Measurements` record
-and `measure`, which builds it), `targets` (torch or an ONNX Runtime session), `latency_log` (how fast this
-machine has run a baseline across runs), `reference` (the baseline measured once; a model's scores and
-measurements against it) and `evaluate` (re-measuring a baseline or a saved checkpoint). The executor applies
-policies and calls these; nothing here applies a policy. Names load lazily (as `orchestrator.export`'s do), so
-the command line can import a constant without loading the checkpoint store and the packed format.
+and `measure`, which builds it), `targets` (torch or an ONNX Runtime session), `reference` (the baseline measured
+once; a model's scores and measurements against it) and `evaluate` (re-measuring a baseline or a saved
+checkpoint). The executor applies policies and calls these; nothing here applies a policy. Names load lazily (as
+`orchestrator.export`'s do), so the command line can import a constant without loading the checkpoint store and
+the packed format.
 """
 
 from __future__ import annotations
@@ -46,8 +46,6 @@ if TYPE_CHECKING:
         Latency,
         Speedup,
         Timed,
-        drift_widened,
-        latency_range,
         time_latency,
         time_paired,
         torch_threads,
@@ -76,9 +74,7 @@ __all__ = [
     "count_flops",
     "count_weights",
     "deploy",
-    "drift_widened",
     "evaluate_checkpoint",
-    "latency_range",
     "measure",
     "measure_artifact",
     "measure_baseline",

@@ -6,8 +6,10 @@ nothing a checkpoint names is ever imported; measurements go through `reference.
 trial's. A checkpoint is re-measured for the deployment target and at the latency batch size its metrics
 record (unless told otherwise): for onnxruntime it is exported again and timed beside the baseline's fp32 ONNX
 session, so the speedup is comparable with the one the search recorded; and with the torch thread count they
-record (at most this machine's cores), as the search re-timed its Pareto checkpoints; the result says
-whether the re-timed speedup falls inside the spread the checkpoint recorded. Metrics are scored as trials score
+record (at most this machine's cores), as the search re-timed its Pareto checkpoints. Both speeds are paired
+ratios (the median of per-round ratios, 10th–90th percentile spread, at least ±5%), and the result says whether
+the two agree: whether their spreads overlap. Nothing widens a recorded spread: a paired ratio already cancels
+what the machine does to both models alike. Metrics are scored as trials score
 them (`reference.scores`): for onnxruntime, the ONNX session's validation and test metrics, PyTorch's beside them.
 """
 
@@ -89,15 +91,16 @@ def evaluate_checkpoint(
     }
 
 
+SPREAD_KEYS = ("speedup_low", "speedup", "speedup_high")
+
+
 def against_recorded(recorded: dict[str, Any], measured: dict[str, Any]) -> dict[str, Any]:
-    """The speedup the checkpoint recorded (`[low, median, high]`) and whether this re-timing falls inside that
-    spread; nothing when it records none, or was timed for another target or batch size than this one."""
-    spread = [recorded.get(key) for key in ("speedup_low", "speedup", "speedup_high")]
+    """The speedup the checkpoint recorded (`[low, median, high]`) and whether this re-timing agrees with it:
+    whether the two paired spreads overlap. Nothing when either has no spread, or they were timed for another
+    target or batch size."""
+    spreads = [[side.get(key) for key in SPREAD_KEYS] for side in (recorded, measured)]
     same = all(recorded.get(key) == measured.get(key) for key in ("target", "latency_batch_size"))
-    if not same or not all(isinstance(value, int | float) for value in spread):
+    if not same or not all(isinstance(value, int | float) for spread in spreads for value in spread):
         return {}
-    found = {"recorded_speedup": spread, "reproduced": spread[0] <= measured["speedup"] <= spread[2]}
-    moved = recorded.get("baseline_latency_range_ms")
-    if isinstance(moved, list) and len(moved) == 2:  # how fast the baseline ran on this machine up to the search
-        found["recorded_baseline_latency_range_ms"] = moved
-    return found
+    (low, _, high), (now_low, _, now_high) = ([float(value or 0) for value in spread] for spread in spreads)
+    return {"recorded_speedup": spreads[0], "agrees": now_low <= high and low <= now_high}

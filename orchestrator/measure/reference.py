@@ -29,7 +29,6 @@ import torch
 from torch import nn
 
 from orchestrator.artifacts.store import base_architecture
-from orchestrator.measure import latency_log
 from orchestrator.measure.measurements import Measurements, measure
 from orchestrator.measure.targets import DEFAULT_TARGET, OnnxSession, deploy
 from orchestrator.measure.timing import Timed
@@ -46,7 +45,6 @@ class Reference:
     metric: float
     measurements: Measurements
     deployed: OnnxSession | None = field(default=None, repr=False, compare=False)
-    timings: dict[str, Any] | None = field(default=None, repr=False, compare=False)  # its `latency_log` entry
     unused_layers: tuple[str, ...] = ()  # layers the baseline's outputs never depend on
 
     @property
@@ -71,16 +69,10 @@ def measure_reference(
     _say_unused(workload, unused)
     deployed = deploy(baseline, workload, target)
     measured = measure_on(baseline, workload, device, latency_batch_size, deployed=deployed)
-    timings = latency_log.describe(
-        baseline, target=target, batch_size=latency_batch_size, threads=measured.environment.threads,
-        device=measured.environment.device,
-    )  # fmt: skip
-    latency_log.append(timings, [measured.latency.median_ms])
     return Reference(
         metric=scores(baseline, workload, device, deployed)["validation"],
         measurements=measured,
         deployed=deployed,
-        timings=timings,
         unused_layers=unused,
     )
 
@@ -177,8 +169,6 @@ def compressed_metrics(
     deployed = deploy(model, workload, reference.target)
     beside = reference.beside(baseline)
     measured = measure_on(model, workload, device, latency_batch_size, beside=beside, policy=policy, deployed=deployed)
-    if reference.timings is not None and measured.paired is not None:
-        latency_log.append(reference.timings, [measured.paired[0].median_ms])
     unused = reference.unused_layers
     return {
         **scores(model, workload, device, deployed, splits),

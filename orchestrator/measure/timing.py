@@ -17,9 +17,9 @@ import contextlib
 import math
 import statistics
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -191,24 +191,3 @@ def time_paired(
     speedup = Speedup(median, low, high, rounds)
     size = batch_length(inputs)
     return _latency_of(ours, warmup, size), _latency_of(theirs, warmup, size), speedup
-
-
-def latency_range(observed_ms: Iterable[Any]) -> tuple[float, float] | None:
-    """How fast and how slow a model ran, timed at different moments (None without any): the fastest (a quiet
-    machine, which it returns to) and the 95th percentile of the rest (a busy one; the rarest slow moments left
-    out)."""
-    observed = sorted(ms for ms in observed_ms if isinstance(ms, int | float) and math.isfinite(ms) and ms > 0)
-    return (observed[0], _percentile(observed, 0.95)) if observed else None
-
-
-def drift_widened(low: float, high: float, baseline_ms: float, moved: tuple[float, float]) -> tuple[float, float]:
-    """A speedup's spread (`low`, `high`, timed beside a baseline that ran at `baseline_ms`) widened by how far
-    that baseline's own latency moved when timed at other moments on this machine (`moved`: its `latency_range`):
-    the ratios the model would have had beside the baseline at its faster and slower times.
-
-    Paired rounds cancel what both models feel alike, not a change that slows only one of them (a cache shared
-    with other tenants slows a large baseline more than a small model: docs/BENCHMARKS.md, "Deployment")."""
-    if not baseline_ms > 0:
-        return low, high
-    faster, slower = moved
-    return low * min(1.0, faster / baseline_ms), high * max(1.0, slower / baseline_ms)

@@ -27,9 +27,6 @@ from orchestrator.files.fs import exists, join
 from orchestrator.measure import (
     Reference,
     compressed_metrics,
-    drift_widened,
-    latency_log,
-    latency_range,
     measure_reference,
     torch_threads,
 )
@@ -159,19 +156,15 @@ RETIMED = ("latency_ms", "latency_p10_ms", "latency_p90_ms", "baseline_latency_m
            "speedup_high", "speedup_rounds", "relative_latency")  # fmt: skip
 
 
-def checkpoint_front(
-    rows: list[TrialRow], results: list[Any], prepared: Prepared, config: SearchConfig, baseline_ms: list[Any]
-) -> None:
+def checkpoint_front(rows: list[TrialRow], results: list[Any], prepared: Prepared, config: SearchConfig) -> None:
     """Verify each Pareto trial's checkpoint, measure it once on the test split, re-time it, and keep it in the
     run.
 
     Trials are timed while other trials train on the same cores, which moves a paired ratio; the front is chosen on
     those numbers, then each Pareto checkpoint is re-timed beside the baseline with nothing else running and the
     trial's thread count, as `orchestrator evaluate` re-times it, and that is the speed its row and metrics keep
-    (the trial's own ratio as `search_speedup`). Its spread is widened by how far the baseline's latency moved over
-    the run and every earlier timing of it on this machine (`baseline_ms`, every trial's; the baseline timed again
-    here; its `latency_log`: `drift_widened`): a later re-timing on this machine falls inside it while the machine
-    runs the baseline at a speed it has shown before."""
+    (the trial's own ratio as `search_speedup`), with the paired rounds' own spread: `evaluate` re-times the same
+    way and says whether its spread and this one agree."""
     if not any(result.checkpoint is not None for result in results):
         return
     workload = prepared.workload
@@ -180,17 +173,12 @@ def checkpoint_front(
             workload, prepared.baseline, prepared.device, latency_batch_size=config.measure.latency_batch_size,
             target=prepared.reference.target,
         )  # fmt: skip
-        now_ms = reference.measurements.latency.median_ms
-        earlier: list[float] = []
-        if reference.timings:  # the baseline's earlier speeds on this machine, if they are plausible beside now's
-            earlier = latency_log.observed(reference.timings, before=prepared.started, near=now_ms)
-        moved = latency_range([*baseline_ms, now_ms, *earlier])
         for row, result in zip(rows, results, strict=True):
             if result.checkpoint is None:  # interrupted before Tune registered it: a resume collects it again
                 continue
             row.checkpoint = f"{PARETO_DIR}/{row.trial_id}"
             destination = join(prepared.run_dir, row.checkpoint)
-            metrics = _pareto_metrics(result, destination, prepared, reference, config, moved)
+            metrics = _pareto_metrics(result, destination, prepared, reference, config)
             row.test = metrics["test"]
             row.search_speedup = metrics.get("search_speedup")
             for key in RETIMED:
@@ -204,10 +192,9 @@ def _pareto_metrics(
     prepared: Prepared,
     reference: Reference,
     config: SearchConfig,
-    moved: tuple[float, float] | None,
 ) -> dict[str, Any]:
-    """The metrics of the Pareto checkpoint at `destination`: written now (test metric and re-timed speed, its
-    spread widened by the baseline's drift `moved`, added to the trial's), or as an earlier collect wrote them."""
+    """The metrics of the Pareto checkpoint at `destination`: written now (test metric and re-timed speed added
+    to the trial's), or as an earlier collect wrote them."""
     workload = prepared.workload
     if exists(destination, store.MANIFEST):  # written by an earlier collect of this run: keep it
         return store.load(destination, workload).metrics
@@ -221,10 +208,6 @@ def _pareto_metrics(
     )  # fmt: skip
     metrics = {**loaded.metrics, **{k: timed[k] for k in RETIMED if k in timed}}
     metrics |= {"search_speedup": loaded.metrics.get("speedup"), "test": test}
-    if moved is not None and "speedup_low" in timed:
-        spread = metrics["speedup_low"], metrics["speedup_high"]
-        metrics["speedup_low"], metrics["speedup_high"] = drift_widened(*spread, timed["baseline_latency_ms"], moved)
-        metrics["baseline_latency_range_ms"] = list(moved)
     try:
         store.save(loaded.model, loaded.policy, metrics, workload, destination)
     except store.CheckpointExistsError:  # another collect wrote it meanwhile: keep that one
@@ -269,9 +252,8 @@ def collect(grid: Any, *, config: SearchConfig, prepared: Prepared, run_info: Ru
     )
     rows = trial_rows(results, context)
     front = mark_front(rows, run_info.objectives, run_info.directions)
-    baseline_ms = [(result.metrics or {}).get("baseline_latency_ms") for result in results]
     if run_info.complete:  # a stopped run ends promptly: its resume re-times and checkpoints the front
-        checkpoint_front([rows[i] for i in front], [results[i] for i in front], prepared, config, baseline_ms)
+        checkpoint_front([rows[i] for i in front], [results[i] for i in front], prepared, config)
     pause_point("collect")  # Pareto checkpoints written, tables not yet
     run_info = dataclasses.replace(
         run_info,
