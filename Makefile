@@ -25,16 +25,17 @@ browser:
 	  else echo "note: chromium is not installed; the report rendering tests will be skipped"; fi; }
 
 # Test files run side by side in TEST_WORKERS processes (pytest-xdist, one file per process at a time, so a
-# file's fixtures are built once): most slow tests wait on a search's processes more than they compute.
+# file's fixtures are built once; in the order tests/conftest.py gives, longest first, not xdist's by test count):
+# most slow tests wait on a search's processes more than they compute.
 TEST_WORKERS ?= 3
 
 test: $(STAMP) browser
-	@$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile; rc=$$?; \
+	@$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
 
 # Everything not marked slow (no Ray searches, no benchmarks): a few minutes.
 test-fast: $(STAMP)
-	@$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not slow"; rc=$$?; \
+	@$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not slow"; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
 
 lint: $(STAMP)
