@@ -81,16 +81,21 @@ def _node_ports(ports: list[int]) -> list[str]:
     return [f"--{name}-port={port}" for name, port in zip(names, ports, strict=True)]
 
 
-def _start(args: list[str], environ: dict[str, str]) -> subprocess.Popen:
+def _start(args: list[str], environ: dict[str, str], log: Path) -> subprocess.Popen:
     """`ray start … --block` in its own process group: the node's processes are its children, stopped with it
-    (never `ray stop`, which stops every Ray on the machine)."""
-    return subprocess.Popen(
-        [RAY, "start", "--block", "--disable-usage-stats", "--node-ip-address=127.0.0.1", "--num-gpus=0", *args],
-        env=environ,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    (never `ray stop`, which stops every Ray on the machine). What it prints goes to `log`."""
+    with open(log, "ab") as output:
+        return subprocess.Popen(
+            [RAY, "start", "--block", "--disable-usage-stats", "--node-ip-address=127.0.0.1", "--num-gpus=0", *args],
+            env=environ,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def _said(log: Path) -> str:
+    return log.read_text(errors="replace")[-3000:] if log.exists() else ""
 
 
 def _stop(process: subprocess.Popen) -> None:
@@ -132,22 +137,28 @@ def _start_cluster(root: Path, processes: list[subprocess.Popen]) -> LocalCluste
     made = subprocess.run([RAY, "get-auth-token", "--generate"], env=environ, capture_output=True, timeout=HANG_S)
     assert made.returncode == 0 and (home / ".ray" / "auth_token").is_file()
     started = {**environ, "RAY_AUTH_MODE": "token"}  # as cluster.yaml's start commands set it on every node
-    gcs, dashboard, client, *ports = free_ports(15)
+    gcs, dashboard, client, *ports = free_ports(9)
     head_flags = ["--head", f"--port={gcs}", "--num-cpus=1", "--dashboard-host=127.0.0.1"]
     head_flags += [f"--dashboard-port={dashboard}", f"--ray-client-server-port={client}", *_node_ports(ports[:6])]
-    processes.append(_start(head_flags, started))
+    processes.append(_start(head_flags, started, root / "head.log"))
     recorded = root / "ray" / "ray_current_cluster"
     wait_for(lambda: recorded.is_file() or processes[0].poll() is not None, "the head to start")
-    assert processes[0].poll() is None, "ray start --head failed"
+    assert processes[0].poll() is None, f"ray start --head failed: {_said(root / 'head.log')}"
     address = recorded.read_text().strip()  # as Ray names it (the node's address, for 127.0.0.1)
     assert address.endswith(f":{gcs}")
-    # its own temp dir, as a machine of its own has: nodes sharing one would share (and delete) unpacked job files
-    worker = [f"--address={address}", "--num-cpus=1", f"--temp-dir={root / 'worker'}", *_node_ports(ports[6:])]
-    processes.append(_start(worker, started))
     found = LocalCluster(address, f"http://127.0.0.1:{dashboard}", started, home, frozenset())
-    wait_for(lambda: len(found.nodes()) == 2 or processes[1].poll() is not None, "the worker to join")
-    assert processes[1].poll() is None, "ray start (the worker) failed"
-    return LocalCluster(address, found.dashboard, started, home, frozenset(found.nodes()))
+    # The worker's ports were free when probed; a Ray that other tests start meanwhile may take one (`make test` runs
+    # files side by side), so a worker that fails to start is started again on new ports, its output kept.
+    for attempt in range(3):
+        # its own temp dir, as a machine of its own has: nodes sharing one would share (and delete) job files
+        flags = [f"--address={address}", "--num-cpus=1", f"--temp-dir={root / f'worker{attempt}'}"]
+        log = root / f"worker{attempt}.log"
+        processes.append(_start([*flags, *_node_ports(free_ports(6))], started, log))
+        wait_for(lambda: len(found.nodes()) == 2 or processes[-1].poll() is not None, "the worker to join")
+        if processes[-1].poll() is None:
+            return LocalCluster(address, found.dashboard, started, home, frozenset(found.nodes()))
+        print(f"ray start (the worker) failed, attempt {attempt + 1}: {_said(log)}", file=sys.stderr)
+    raise AssertionError(f"ray start (the worker) failed three times: {_said(log)}")
 
 
 def _run(command: list[str], environ: dict[str, str], cwd: Path = ROOT) -> subprocess.CompletedProcess:
