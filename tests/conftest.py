@@ -20,6 +20,15 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory):
         os.environ["COMPRESSION_CACHE"] = previous
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads_restored():
+    """Each test leaves torch's thread count as it found it (a trial run in-process sets it): results compared
+    bitwise with a fresh process depend on it, and `make test` runs many files in one process."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def digits():
     """The real digits workload (its baseline trains once per test session, in about 10 s)."""
