@@ -24,9 +24,10 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory):
 def _torch_threads_restored():
     """Each test leaves torch's thread count as it found it (a trial run in-process sets it): results compared
     bitwise with a fresh process depend on it, and `make test` runs many files in one process."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
+    from orchestrator.measure import torch_threads
+
+    with torch_threads(None):  # sets nothing, restores the count on the way out
+        yield
 
 
 @pytest.fixture(scope="session")
